@@ -1,0 +1,109 @@
+"""The `ddpm` command: train, sample, benchmark, fetch-data. Each parses, loads config, calls one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ddpm.data import DEBIAN_DATASET_DIR
+
+log = logging.getLogger("ddpm")
+
+
+def train(args: argparse.Namespace) -> None:
+    from ddpm.config import load_config
+    from ddpm.train import fit
+
+    config = load_config(args.params, args.set)
+    result = fit(config, resume=args.resume)
+    log.info("trained %d epochs (%d steps); checkpoint %s", result.epochs, result.global_step, result.checkpoint)
+
+
+def sample(args: argparse.Namespace) -> None:
+    from ddpm.images import save_grid
+    from ddpm.sampling import load_sampler
+
+    sampler = load_sampler(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
+    images = sampler.draw(args.num, args.seed, args.sampler, args.steps, args.eta, progress=True)
+    log.info("wrote %s", save_grid(images, args.out))
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    from ddpm.benchmark import run_benchmark
+    from ddpm.config import load_config
+
+    config = load_config(args.params, args.set)
+    batches = tuple(int(b) for b in args.train_batch.split(","))
+    for record in run_benchmark(config, batches, args.sample_batch, args.repeats):
+        sys.stdout.write(json.dumps(record) + "\n")
+
+
+def fetch_data(args: argparse.Namespace) -> None:
+    from ddpm.data import install_dataset, verify_dataset
+
+    install_dataset(args.source, args.root)
+    verify_dataset(args.root)
+    log.info("Fashion-MNIST verified in %s", args.root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) from params.yaml")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue after the last complete epoch")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("sample", help="draw a PNG grid from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the checkpoint's config")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's config)")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=sample)
+
+    p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")
+    p.add_argument("--params", default=None, help="default: the built-in (tutorial) model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--train-batch", default="16,128")
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=benchmark)
+
+    p = sub.add_parser("fetch-data", help="install and verify the Fashion-MNIST IDX files")
+    p.add_argument("--source", default=DEBIAN_DATASET_DIR, help="directory or base URL of the .gz files")
+    p.add_argument("--root", default="data/fashion-mnist")
+    p.set_defaults(func=fetch_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ddpm.checkpoint import CheckpointError
+    from ddpm.config import ConfigError
+    from ddpm.data import DataError
+    from ddpm.runtime import DeviceError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        with logging_redirect_tqdm():
+            args.func(args)
+    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

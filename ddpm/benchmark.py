@@ -1,0 +1,103 @@
+"""`ddpm benchmark`: training and sampling throughput of the configured U-Net, as JSON.
+
+Reports the same figures as the PyTorch reference in ../shared/bench (img_s_best, img_s_med,
+ms_min, the other processes' share of the CPU while timing) so the two can be compared.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+import mindspore as ms
+import numpy as np
+
+from ddpm.config import Config
+from ddpm.diffusion import make_noise_predictor
+from ddpm.runtime import runtime_settings, select_device
+from ddpm.train import Trainer
+
+TARGET_SECONDS = 4.0  # each timed repeat runs about this long
+MAX_STEPS = 200
+
+
+def cpu_busy_seconds() -> float:
+    """Seconds of CPU time all processes have used (from /proc/stat); 0 where it is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def time_calls(fn: Callable[[int], object], repeats: int, warmup: int) -> dict:
+    """Time `fn(i)` per call over `repeats` repeats, after compiling and warming up."""
+    started = time.perf_counter()
+    fn(0)
+    first = time.perf_counter() - started
+    for i in range(warmup):
+        fn(i + 1)
+    started = time.perf_counter()
+    fn(0)
+    steps = max(2, min(MAX_STEPS, int(TARGET_SECONDS / max(time.perf_counter() - started, 1e-4))))
+    per_call, foreign = [], []
+    for _ in range(repeats):
+        busy0, own0, t0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        wall = time.perf_counter() - t0
+        other = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
+        per_call.append(wall / steps)
+        foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
+    per_call = np.array(per_call)
+    return {"steps": steps, "repeats": repeats, "first_call_s": round(first, 2),
+            "ms_min": round(per_call.min() * 1e3, 2), "ms_med": round(float(np.median(per_call)) * 1e3, 2),
+            "foreign_frac": foreign, "_best": float(per_call.min()), "_med": float(np.median(per_call))}
+
+
+def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
+    trainer = Trainer(config)
+    rng = np.random.default_rng(0)
+    pool = [(ms.Tensor(rng.uniform(-1, 1, (batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
+             ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
+             ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32))
+            for _ in range(4)]
+    decay = ms.Tensor(0.0, ms.float32)
+    result = time_calls(lambda i: trainer.train_step(*pool[i % 4], decay).asnumpy(), repeats, warmup)
+    return {"what": "train", "batch": batch, **result,
+            "img_s_best": round(batch / result.pop("_best"), 1), "img_s_med": round(batch / result.pop("_med"), 1)}
+
+
+def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
+    """U-Net evaluations per second in inference mode: one sampling step of `batch` images."""
+    trainer = Trainer(config)
+    predict = make_noise_predictor(trainer.net)
+    rng = np.random.default_rng(0)
+    x_t = rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)).astype(np.float32)
+    ts = [np.full((batch,), trainer.diffusion.timesteps - 1 - i, np.int32) for i in range(4)]
+    result = time_calls(lambda i: predict(x_t, ts[i % 4]), repeats, warmup)
+    best, med = result.pop("_best"), result.pop("_med")
+    return {"what": "sample", "batch": batch, **result, "evals_s_best": round(1 / best, 2),
+            "evals_s_med": round(1 / med, 2), "img_s_best": round(batch / best, 1)}
+
+
+def run_benchmark(config: Config, train_batches=(16, 128), sample_batch: int = 64, repeats: int = 3,
+                  warmup: int = 3) -> list[dict]:
+    """One JSON-ready record per measurement, each carrying the settings in force."""
+    select_device(config.train.device)
+    from ddpm.unet import build_unet, count_parameters
+
+    settings = {**runtime_settings(), "python": platform.python_version(), "numpy": np.__version__,
+                "cpus": os.cpu_count(), "params": count_parameters(build_unet(config.model)),
+                "model": config.to_dict()["model"]}
+    records = [bench_train(config, b, repeats, warmup) for b in train_batches]
+    records.append(bench_sample(config, sample_batch, repeats, warmup))
+    return [{**settings, **r} for r in records]

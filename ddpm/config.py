@@ -1,0 +1,256 @@
+"""Typed, frozen configuration loaded once from params.yaml.
+
+Every section is a frozen dataclass; `load_config` rejects unknown keys, wrong types and
+out-of-range values, listing every bad field in one error before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Device = Literal["auto", "CPU", "GPU", "Ascend"]
+Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
+LossType = Literal["l1", "l2", "huber"]
+LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
+Sampler = Literal["ddpm", "ddim"]
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not describe a valid configuration."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/fashion-mnist"  # directory holding the four decompressed IDX files
+    limit: int = 0  # use only the first N training images; 0 means all 60,000
+    flip: bool = True  # random horizontal flip, as the tutorial does
+    num_workers: int = 2  # dataset map workers
+
+    def check(self) -> list[str]:
+        return _at_least(self, limit=0, num_workers=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 28
+    channels: int = 1
+    dim: int = 28
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    convnext_mult: int = 2
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, image_size=4, channels=1, dim=2, convnext_mult=1)
+        if not self.dim_mults or any(m < 1 for m in self.dim_mults):
+            errors.append(f"model.dim_mults: must be a non-empty list of positive ints, got {list(self.dim_mults)}")
+        downsamplings = len(self.dim_mults) - 1
+        if self.image_size % (2 ** downsamplings):
+            errors.append(f"model.image_size: {self.image_size} is not divisible by 2**{downsamplings}")
+        if self.dim % 2:
+            errors.append(f"model.dim: must be even (sinusoidal embedding halves it), got {self.dim}")
+        return errors
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 200
+    schedule: Schedule = "scaled_linear"  # the tutorial's "linear" leaves alpha_bar_T = 0.132
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    loss: LossType = "huber"
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, timesteps=2)
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            errors.append(f"diffusion.beta_start/beta_end: need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}")
+        return errors
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-4
+    lr_schedule: LrSchedule = "tutorial_cosine"
+    min_lr: float = 1e-7
+    warmup_steps: int = 0
+    ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
+    seed: int = 0
+    device: Device = "auto"
+    checkpoint_dir: str = "checkpoints"
+    sample_every: int = 1  # draw a sample grid every N epochs for the callbacks; 0 never
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, epochs=1, batch_size=1, warmup_steps=0, seed=0, sample_every=0)
+        if not 0.0 < self.lr < 1.0:
+            errors.append(f"train.lr: must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            errors.append(f"train.min_lr: must be in [0, lr], got {self.min_lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            errors.append(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        return errors
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: Sampler = "ddim"
+    steps: int = 50  # DDIM steps; DDPM always walks the full chain
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] before the posterior step
+    num: int = 64  # images per grid
+    seed: int = 0
+    batch_size: int = 64
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, steps=1, num=1, seed=0, batch_size=1)
+        if not 0.0 <= self.eta <= 1.0:
+            errors.append(f"sample.eta: must be in [0, 1], got {self.eta}")
+        return errors
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def check(self) -> list[str]:
+        """Cross-section constraints; each section checks its own ranges."""
+        errors = []
+        if self.sample.steps > self.diffusion.timesteps:
+            errors.append(f"sample.steps: {self.sample.steps} exceeds diffusion.timesteps {self.diffusion.timesteps}")
+        return errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe data (tuples become lists)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                     for k, v in items})
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                extra_sections: typing.Collection[str] = ()) -> Config:
+    """Read params.yaml (or defaults), apply `key=value` overrides, validate everything.
+
+    Sections named in `extra_sections` belong to other readers of the same file (the
+    pipeline's) and are left to them; any other unknown section is an error.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"params file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(raw, overrides, extra_sections)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = (),
+                     extra_sections: typing.Collection[str] = ()) -> Config:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    errors = apply_overrides(raw, overrides)
+    sections = {}
+    for name, value in raw.items():
+        if name in extra_sections:
+            continue
+        if name not in SECTIONS:
+            errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+        elif not isinstance(value, dict):
+            errors.append(f"{name}: must be a mapping, got {value!r}")
+    for f in dataclasses.fields(Config):
+        values = raw.get(f.name)
+        section_errors, section = _build_section(f.name, f.default_factory, values if isinstance(values, dict) else {})
+        errors += section_errors + section.check()  # ranges of the values that parsed
+        sections[f.name] = section
+    if not errors:
+        config = Config(**sections)
+        errors = config.check()
+        if not errors:
+            return config
+    raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> list[str]:
+    """Apply `section.key=value` strings in place (values parsed as YAML); return errors."""
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            errors.append(f"--set {item!r}: expected section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section][name] = value
+    return errors
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[list[str], Any]:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    errors = [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})" for k in values if k not in known]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if ok:
+            kwargs[key] = coerced
+        else:
+            errors.append(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+    return errors, cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_coerce(v, item) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _at_least(section: Any, **minimums: int) -> list[str]:
+    prefix = _SECTION_OF[type(section)]
+    return [f"{prefix}.{k}: must be >= {m}, got {getattr(section, k)}"
+            for k, m in minimums.items() if getattr(section, k) < m]
+
+
+_SECTION_OF = {f.default_factory: f.name for f in dataclasses.fields(Config)}

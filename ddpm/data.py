@@ -1,0 +1,120 @@
+"""Fashion-MNIST: verify the IDX files, then FashionMnistDataset -> flip -> [-1, 1] -> shuffle -> batch."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# SHA-256 of the decompressed IDX files. Mirrors ship different gzip bytes; these never differ.
+FILES = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+DEBIAN_DATASET_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+TRAIN_SIZE = 60_000
+TEST_SIZE = 10_000
+PIXEL_MAX = 255.0
+HASH_CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """The dataset is missing, truncated or altered."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_dataset(root: str | Path) -> None:
+    """Check every IDX file against its known SHA-256; raise one DataError naming each bad file."""
+    root = Path(root)
+    problems = []
+    for name, expected in FILES.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: missing (expected sha256 {expected})")
+            continue
+        actual = sha256_of(path)
+        if actual != expected:
+            problems.append(f"{path}: sha256 {actual}, expected {expected} "
+                            f"({path.stat().st_size} bytes; truncated or altered)")
+    if problems:
+        raise DataError("Fashion-MNIST check failed:\n  " + "\n  ".join(problems) +
+                        f"\nFetch a clean copy: `ddpm fetch-data --root {root}` "
+                        "(or `python -m flows.data` to pull it through DVC).")
+
+
+def install_dataset(source: str, root: str | Path) -> None:
+    """Copy the four files from `source` (a directory or base URL of `.gz` or raw IDX files) into
+    `root`, decompressing, and verify them before they replace anything already there."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for name, expected in FILES.items():
+        tmp = root / f".{name}.partial"
+        _fetch_one(source, name, tmp)
+        actual = sha256_of(tmp)
+        if actual != expected:
+            tmp.unlink()
+            raise DataError(f"{source}: {name} has sha256 {actual}, expected {expected}; not installed")
+        staged.append((tmp, root / name))
+    for tmp, final in staged:
+        tmp.replace(final)
+    log.info("installed Fashion-MNIST from %s into %s", source, root)
+
+
+def _fetch_one(source: str, name: str, dest: Path) -> None:
+    if "://" in source:
+        with urllib.request.urlopen(f"{source.rstrip('/')}/{name}.gz") as response, open(dest, "wb") as out:
+            shutil.copyfileobj(gzip.GzipFile(fileobj=response), out)
+        return
+    base = Path(source)
+    if (base / f"{name}.gz").is_file():
+        with gzip.open(base / f"{name}.gz", "rb") as f, open(dest, "wb") as out:
+            shutil.copyfileobj(f, out)
+    elif (base / name).is_file():
+        shutil.copyfile(base / name, dest)
+    else:
+        raise DataError(f"{source}: neither {name}.gz nor {name} is there")
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled image indices of one epoch, a pure function of (seed, epoch) so resume replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limit: int = 0,
+                  flip: bool = True, num_workers: int = 1, usage: str = "train"):
+    """One epoch of (B, 1, 28, 28) float32 batches in [-1, 1], drop_remainder like the tutorial."""
+    import mindspore.dataset as ds
+    from mindspore.dataset import vision
+
+    size = TRAIN_SIZE if usage == "train" else TEST_SIZE
+    num_images = min(limit, size) if limit else size
+    # Flip draws come from MindSpore's dataset seed; tying it to (seed, epoch) makes epochs replayable.
+    ds.config.set_seed(seed * 100_003 + epoch)
+    dataset = ds.FashionMnistDataset(str(root), usage=usage, sampler=ds.SubsetSampler(
+        epoch_order(num_images, seed, epoch).tolist()))
+    dataset = dataset.project(["image"])
+    ops = [vision.RandomHorizontalFlip()] if flip else []
+    ops += [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
+    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_workers)
+    return dataset.batch(batch_size, drop_remainder=True)
+
+
+def steps_per_epoch(limit: int, batch_size: int) -> int:
+    num_images = min(limit, TRAIN_SIZE) if limit else TRAIN_SIZE
+    return num_images // batch_size

@@ -1,0 +1,266 @@
+"""The one training loop: `fit(config, callbacks)`, used by the CLI, the DVC stage and the Prefect flow.
+
+Side effects (tracking, progress, early stopping) enter through callbacks; checkpointing and
+resume live here because they decide which epochs run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+from tqdm import tqdm
+
+from ddpm import checkpoint as ckpt
+from ddpm.config import Config
+from ddpm.data import build_dataset, steps_per_epoch, verify_dataset
+from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
+from ddpm.runtime import select_device
+from ddpm.sampling import draw_samples
+from ddpm.unet import build_unet
+
+log = logging.getLogger(__name__)
+
+EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
+KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
+
+
+LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
+# Settings a resumed run may change: how long it runs and how it reports, never what it learns.
+RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "data.num_workers"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or Inf loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What callbacks see at the end of an epoch."""
+    epoch: int  # 0-based index of the epoch that just finished
+    global_step: int
+    metrics: dict[str, float]
+    checkpoint: Path
+    draw_samples: Callable[..., np.ndarray]  # (num, seed) -> (num, C, H, W) in [-1, 1], EMA weights if any
+
+
+class Callback:
+    """Hooks called by `fit`; override what you need."""
+
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None: ...
+
+    def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, end: EpochEnd) -> None: ...
+
+    def on_train_end(self, result: "FitResult") -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    checkpoint: Path
+    epochs: int
+    global_step: int
+    metrics: dict[str, float]
+
+
+def learning_rates(train, steps_per_epoch: int) -> np.ndarray:
+    """The learning rate of every step, float32 (total_steps,)."""
+    total = train.epochs * steps_per_epoch
+    step = np.arange(total, dtype=np.float64)
+    if train.lr_schedule == "tutorial_cosine":
+        # mindspore.nn.cosine_decay_lr with decay_epoch = epochs: constant within an epoch.
+        epoch = np.floor(step / steps_per_epoch)
+        lr = train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + np.cos(np.pi * epoch / train.epochs))
+    elif train.lr_schedule == "cosine":
+        progress = np.clip((step - train.warmup_steps) / max(1, total - train.warmup_steps), 0.0, 1.0)
+        lr = train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + np.cos(np.pi * progress))
+    else:
+        lr = np.full(total, train.lr)
+    if train.warmup_steps:
+        lr = np.minimum(lr, train.lr * (step + 1) / train.warmup_steps)
+    return lr.astype(np.float32)
+
+
+class EMA(nn.Cell):
+    """Shadow copies of the weights, updated after every optimizer step."""
+
+    def __init__(self, params: Sequence[ms.Parameter]):
+        super().__init__()
+        self.shadow = ms.ParameterTuple([ms.Parameter(p.value().copy(), name="ema." + p.name, requires_grad=False) for p in params])
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, params, decay):
+        return self.hyper_map(ops.partial(_ema_update, decay), self.shadow, params)
+
+    def copy_to(self, net: nn.Cell) -> None:
+        """Load the averaged weights into `net` (another instance of the trained network)."""
+        ms.load_param_into_net(net, {s.name[len("ema."):]: ms.Parameter(s.value().copy()) for s in self.shadow},
+                               strict_load=True)
+
+
+def _ema_update(decay, shadow, param):
+    return ops.assign(shadow, shadow * decay + param * (1.0 - decay))
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    return min(max_decay, (1 + step) / (EMA_RAMP + step))
+
+
+def make_train_step(net: nn.Cell, diffusion: GaussianDiffusion, optimizer: nn.Optimizer, ema: EMA | None):
+    """A jitted step: loss, gradients, Adam update, EMA update; returns the loss."""
+    def forward_fn(x0, t, noise):
+        return diffusion.training_loss(net, x0, t, noise)
+
+    grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
+
+    @ms.jit
+    def train_step(x0, t, noise, ema_decay):
+        loss, grads = grad_fn(x0, t, noise)
+        loss = ops.depend(loss, optimizer(grads))
+        if ema is not None:
+            loss = ops.depend(loss, ema(optimizer.parameters, ema_decay))
+        return loss
+
+    return train_step
+
+
+class Trainer:
+    """The network, optimizer and EMA of one training run, and their checkpointed state."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch(config.data.limit, config.train.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.limit={config.data.limit} gives no full batch of {config.train.batch_size}")
+        ms.set_seed(config.train.seed)  # weight init
+        self.net = build_unet(config.model)
+        self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        self.lr = learning_rates(config.train, self.steps_per_epoch)
+        self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
+        self.ema = EMA(self.net.trainable_params()) if config.train.ema_decay > 0 else None
+        self.train_step = make_train_step(self.net, self.diffusion, self.optimizer, self.ema)
+        self._sampling_net, self._predict = None, None
+
+    def parameters(self) -> list[ms.Parameter]:
+        """Everything a resume needs: weights, Adam moments and step, EMA shadows (deduplicated)."""
+        params = {p.name: p for p in self.optimizer.get_parameters()}
+        params.update({p.name: p for p in self.ema.shadow} if self.ema is not None else {})
+        params.pop(LR_PARAM)  # derived from the config, which may extend the run
+        return list(params.values())
+
+    def restore(self, state: ckpt.Checkpoint) -> None:
+        changed = resume_conflicts(state.config, self.config)
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{state.path} was trained with different settings ({', '.join(changed)}); "
+                "resume with the same params or train into a new train.checkpoint_dir")
+        missing = [p.name for p in self.parameters() if p.name not in state.params]
+        if missing:
+            raise ckpt.CheckpointError(f"{state.path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        for p in self.parameters():
+            p.set_data(state.params[p.name].value())
+
+    def noise_predictor(self):
+        """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
+        if self._predict is None:
+            self._sampling_net = build_unet(self.config.model) if self.ema is not None else self.net
+            self._predict = make_noise_predictor(self._sampling_net)
+        if self.ema is not None:
+            self.ema.copy_to(self._sampling_net)
+        return self._predict
+
+
+def resume_conflicts(saved: Config, current: Config) -> list[str]:
+    """Settings that differ between a checkpoint and the current config and forbid resuming it."""
+    a, b = saved.to_dict(), current.to_dict()
+    return [f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
+            for section in a if section != "sample" for key in a[section]
+            if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES]
+
+
+def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:
+    """Train `config.train.epochs` epochs, checkpointing each; with `resume`, continue after the
+    last complete epoch in `train.checkpoint_dir`."""
+    select_device(config.train.device)
+    verify_dataset(config.data.root)
+    trainer = Trainer(config)
+    directory = Path(config.train.checkpoint_dir)
+    start_epoch, global_step = 0, 0
+    latest = ckpt.latest_checkpoint(directory)
+    if resume and latest is not None:
+        state = ckpt.load_checkpoint(latest)
+        trainer.restore(state)
+        start_epoch, global_step = state.epoch, state.global_step
+        log.info("resuming from %s: %d epochs done", latest, start_epoch)
+    elif latest is not None:
+        raise FileExistsError(f"{directory} already holds checkpoints ({latest.name}); pass --resume "
+                              "to continue that run, or set train.checkpoint_dir to a new directory")
+    for cb in callbacks:
+        cb.on_train_start(config, start_epoch, trainer.steps_per_epoch)
+
+    metrics: dict[str, float] = {}
+    path = latest
+    for epoch in range(start_epoch, config.train.epochs):
+        metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress)
+        path = ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS)
+        end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
+        for cb in callbacks:
+            cb.on_epoch_end(end)
+    if path is None:
+        raise ValueError(f"nothing to train: train.epochs={config.train.epochs} and no checkpoint in {directory}")
+    result = FitResult(path, config.train.epochs, global_step, metrics)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequence[Callback],
+              progress: bool) -> tuple[dict[str, float], int]:
+    """One pass over the data; returns the epoch's metrics and the new global step."""
+    config = trainer.config
+    data, train = config.data, config.train
+    rng = np.random.default_rng([train.seed, epoch, 1])  # t and noise, replayable per epoch
+    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit, data.flip, data.num_workers)
+    trainer.net.set_train(True)
+    losses = []
+    started = time.perf_counter()
+    batches = dataset.create_tuple_iterator(num_epochs=1)
+    bar = tqdm(batches, total=trainer.steps_per_epoch, desc=f"epoch {epoch + 1}/{train.epochs}",
+               unit="step", disable=not progress, leave=False)
+    for (x0,) in bar:
+        t = rng.integers(0, trainer.diffusion.timesteps, size=(x0.shape[0],), dtype=np.int32)
+        noise = rng.standard_normal(x0.shape, dtype=np.float32)
+        decay = ema_decay_at(global_step, train.ema_decay)
+        loss = float(trainer.train_step(x0, ms.Tensor(t), ms.Tensor(noise), ms.Tensor(decay, ms.float32)).asnumpy())
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss} at epoch {epoch + 1}, step {global_step + 1}; no checkpoint was written for "
+                f"this epoch. Lower train.lr (now {train.lr}) or check the data, then rerun with --resume.")
+        lr = float(trainer.lr[global_step])
+        global_step += 1
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        for cb in callbacks:
+            cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
+    seconds = time.perf_counter() - started
+    images = len(losses) * train.batch_size
+    metrics = {"train_loss_epoch": float(np.mean(losses)), "epoch_seconds": seconds,
+               "images_per_second": images / seconds, "lr": lr}
+    log.info("epoch %d/%d: loss %.4f, %.0f s, %.1f img/s", epoch + 1, train.epochs,
+             metrics["train_loss_epoch"], seconds, metrics["images_per_second"])
+    return metrics, global_step
+
+
+def make_sampler(trainer: Trainer) -> Callable[..., np.ndarray]:
+    """A function drawing images with the trainer's sampling weights and the config's sampler."""
+    def draw(num: int | None = None, seed: int | None = None, progress: bool = False) -> np.ndarray:
+        return draw_samples(trainer.noise_predictor(), trainer.diffusion, trainer.config, num, seed, progress)
+    return draw
+

@@ -1,0 +1,42 @@
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+import ddpm  # noqa: F401  (sets MindSpore's environment before anything imports it)
+from ddpm.config import config_from_dict
+from ddpm.data import DEBIAN_DATASET_DIR
+
+DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
+TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
+
+
+@pytest.fixture(scope="session")
+def fashion_root(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST IDX files, decompressed from Debian's dataset-fashion-mnist."""
+    if not DEBIAN_DATASET.is_dir():
+        pytest.fail(f"{DEBIAN_DATASET} missing: run `apt-get install -y dataset-fashion-mnist`")
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    for gz in DEBIAN_DATASET.glob("*.gz"):
+        with gzip.open(gz, "rb") as src, open(root / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
+
+
+@pytest.fixture
+def tiny_config(fashion_root, tmp_path):
+    """A small, fast configuration over real images; keyword overrides as {"section": {...}}."""
+    def make(**sections):
+        raw = {
+            "data": {"root": str(fashion_root), "limit": 64, "num_workers": 1},
+            "model": dict(TINY_MODEL),
+            "diffusion": {"timesteps": 50, "schedule": "scaled_linear"},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "lr_schedule": "constant", "device": "CPU",
+                      "checkpoint_dir": str(tmp_path / "ckpt")},
+            "sample": {"steps": 5, "num": 4, "batch_size": 4},
+        }
+        for name, values in sections.items():
+            raw[name] = {**raw.get(name, {}), **values}
+        return config_from_dict(raw)
+    return make

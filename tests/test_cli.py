@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ddpm(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_train_then_sample_a_grid(fashion_root, tmp_path):
+    sets = ["--set", f"data.root={fashion_root}", "--set", "data.limit=32", "--set", "train.epochs=1",
+            "--set", "model.dim=8", "--set", "model.dim_mults=[1,2]", "--set", "train.device=CPU",
+            "--set", "train.checkpoint_dir=ck"]
+    trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *sets, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "[WARNING]" not in trained.stderr  # MindSpore's warnings stay quiet
+    assert (tmp_path / "ck" / "epoch_0001.ckpt").is_file()
+
+    again = ddpm("train", "--params", str(ROOT / "params.yaml"), *sets, cwd=tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    sampled = ddpm("sample", "--checkpoint", "ck/epoch_0001.ckpt", "--num", "9", "--steps", "5",
+                   "--out", "grid.png", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 30 + 2, 3 * 30 + 2) and grid.mode == "L"
+
+
+def test_bad_config_exits_with_every_problem_named(tmp_path):
+    result = ddpm("train", "--params", str(ROOT / "params.yaml"), "--set", "train.epochs=0", "--set", "train.bogus=1",
+                  cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.epochs: must be >= 1" in result.stderr and "train.bogus: unknown key" in result.stderr
+
+
+def test_missing_data_names_the_fix(tmp_path):
+    result = ddpm("train", "--params", str(ROOT / "params.yaml"), "--set", f"data.root={tmp_path / 'none'}",
+                  "--set", "train.device=CPU", cwd=tmp_path)
+    assert result.returncode == 2 and "missing" in result.stderr and "ddpm fetch-data" in result.stderr
+
+
+def test_fetch_data_installs_verified_files(tmp_path):
+    result = ddpm("fetch-data", "--root", "fm", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "fm").iterdir()) == sorted(
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+
+
+@pytest.mark.slow
+def test_benchmark_prints_json_per_measurement(tmp_path):
+    result = ddpm("benchmark", "--set", "model.dim=8", "--set", "model.dim_mults=[1,2]", "--train-batch", "4",
+                  "--sample-batch", "4", "--repeats", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["what"], r["batch"]) for r in records] == [("train", 4), ("sample", 4)]
+    assert all(r["img_s_best"] > 0 and r["ONEDNN_MAX_CPU_ISA"] == "AVX2" for r in records)
+    assert records[1]["evals_s_best"] > 0

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from ddpm.config import Config, ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_shipped_params_files_load():
+    assert load_config() == Config()
+    params = load_config(ROOT / "params.yaml")
+    tutorial = load_config(ROOT / "configs" / "tutorial.yaml")
+    assert params.model == tutorial.model
+    assert tutorial.diffusion.schedule == "linear" and tutorial.train.ema_decay == 0.0
+    assert params.diffusion.schedule == "scaled_linear"
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(ROOT / "params.yaml", ["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"])
+    assert config.train.epochs == 2
+    assert config.model.dim_mults == (1, 2)
+    assert config.data.flip is False
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert config_from_dict({"train": {"lr": 1}}, ["train.lr=0.5"]).train.lr == 0.5
+
+
+@pytest.mark.parametrize("raw, overrides, message", [
+    ({"train": {"epochs": 0}}, [], "train.epochs: must be >= 1"),
+    ({"train": {"lr": 2.0}}, [], "train.lr: must be in (0, 1)"),
+    ({"train": {"bogus": 1}}, [], "train.bogus: unknown key"),
+    ({"nosuch": {}}, [], "nosuch: unknown section"),
+    ({"train": {"epochs": "ten"}}, [], "train.epochs: expected int"),
+    ({"train": {"epochs": True}}, [], "train.epochs: expected int"),
+    ({"diffusion": {"schedule": "zigzag"}}, [], "diffusion.schedule: expected one of"),
+    ({"model": {"dim_mults": [1, 2, 4, 8]}}, [], "not divisible"),
+    ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, [], "need 0 < start < end < 1"),
+    ({"sample": {"steps": 500}}, [], "exceeds diffusion.timesteps"),
+    ({}, ["trainepochs=2"], "expected section.key=value"),
+    ({}, ["train.epochs"], "expected section.key=value"),
+])
+def test_bad_values_are_errors(raw, overrides, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        config_from_dict(raw, overrides)
+    assert message in str(info.value)
+
+
+def test_every_bad_field_is_listed_in_one_error():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"train": {"lr": "fast", "bogus": 1}, "model": {"dim": 3}, "extra": {}}, ["x=1"])
+    text = str(info.value)
+    for fragment in ("train.lr", "train.bogus", "model.dim", "extra: unknown section", "'x=1'"):
+        assert fragment in text
+
+
+def test_extra_sections_are_left_to_their_reader():
+    config = config_from_dict({"registry": {"name": "m"}}, extra_sections={"registry"})
+    assert config == Config()
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        Config().train.epochs = 3
+
+
+def test_missing_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_to_dict_round_trips():
+    config = load_config(ROOT / "params.yaml")
+    assert config_from_dict(config.to_dict()) == config

@@ -1,0 +1,85 @@
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ddpm.config import DiffusionConfig
+from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
+from ddpm.schedule import NoiseSchedule, make_betas
+from ddpm.unet import Unet
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return GaussianDiffusion.from_config(DiffusionConfig(timesteps=200, schedule="scaled_linear"))
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    ms.set_seed(0)
+    return make_noise_predictor(Unet(8, 1, (1, 2)))
+
+
+def test_q_sample_statistics(diffusion):
+    """x_t | x0 ~ N(sqrt(abar_t) x0, (1 - abar_t) I): check mean and std per t."""
+    n = 20000
+    x0 = np.full((n, 1, 2, 2), 0.7, np.float32)
+    rng = np.random.default_rng(0)
+    for t in (0, 50, 199):
+        noise = rng.standard_normal(x0.shape).astype(np.float32)
+        x_t = diffusion.q_sample(ms.Tensor(x0), ms.Tensor(np.full((n,), t), ms.int32), ms.Tensor(noise)).asnumpy()
+        abar = diffusion.schedule.alphas_cumprod[t]
+        assert x_t.mean() == pytest.approx(np.sqrt(abar) * 0.7, abs=0.01)
+        assert x_t.std() == pytest.approx(np.sqrt(1 - abar), rel=0.01)
+
+
+def test_losses_on_known_errors():
+    schedule = NoiseSchedule(make_betas("linear", 10, 1e-4, 0.02))
+    eps = ms.Tensor(np.array([0.0, 0.5, 3.0], np.float32))
+    noise = ms.Tensor(np.zeros(3, np.float32))
+    expected = {"l1": 3.5 / 3, "l2": 9.25 / 3, "huber": (0.125 + 2.5) / 3}  # huber: 0.5e^2 below 1, |e|-0.5 above
+    for name, value in expected.items():
+        assert float(GaussianDiffusion(schedule, name).loss_fn(eps, noise).asnumpy()) == pytest.approx(value, rel=1e-6)
+
+
+def test_ddpm_step_without_clipping_is_the_tutorials_formula(diffusion):
+    s = diffusion.schedule
+    rng = np.random.default_rng(1)
+    x_t, eps, z = (rng.standard_normal((2, 1, 4, 4)) for _ in range(3))
+    t = 120
+    tutorial = np.sqrt(1 / s.alphas[t]) * (x_t - s.betas[t] * eps / s.sqrt_one_minus_alphas_cumprod[t]) \
+        + np.sqrt(s.posterior_variance[t]) * z
+    np.testing.assert_allclose(diffusion.ddpm_step(x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
+
+
+def test_ddim_with_exact_noise_recovers_x0(diffusion):
+    """With eta=0 and the true noise, one DDIM jump from any t lands on x0 (eq. 12 with t_prev = -1)."""
+    rng = np.random.default_rng(2)
+    x0 = rng.uniform(-1, 1, (2, 1, 4, 4))
+    noise = rng.standard_normal(x0.shape)
+    t = 150
+    x_t = diffusion.schedule.sqrt_alphas_cumprod[t] * x0 + diffusion.schedule.sqrt_one_minus_alphas_cumprod[t] * noise
+    np.testing.assert_allclose(diffusion.ddim_step(x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0, atol=1e-10)
+
+
+def test_ddim_timesteps(diffusion):
+    ts = diffusion.ddim_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 199 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+    assert diffusion.ddim_timesteps(200) == diffusion.ddpm_timesteps()
+    with pytest.raises(ValueError):
+        diffusion.ddim_timesteps(201)
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0)])
+def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
+    d = GaussianDiffusion.from_config(DiffusionConfig(timesteps=20))
+    draw = lambda seed: d.sample(tiny_predictor, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)  # noqa: E731
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (3, 1, 28, 28) and a.dtype == np.float32
+    assert np.abs(a).max() <= 1.0 + 1e-6  # the last step returns the clipped x0 (DDIM) or its posterior mean
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_unknown_sampler(tiny_predictor):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        GaussianDiffusion.from_config(DiffusionConfig(timesteps=5)).sample(tiny_predictor, (1, 1, 28, 28), 0, "euler")

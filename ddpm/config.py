@@ -114,18 +114,37 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    num_images: int = 1000  # test images for the held-out denoising loss
+    t_points: int = 10  # evenly spaced timesteps at which every image is noised
+    seed: int = 0  # fixes the noise, so candidates are scored on identical inputs
+    batch_size: int = 100
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1)
+        if self.num_images > 10_000:
+            errors.append(f"evaluate.num_images: the test split has 10,000 images, got {self.num_images}")
+        if self.num_images % self.batch_size:
+            errors.append(f"evaluate.num_images: {self.num_images} is not a multiple of batch_size {self.batch_size}")
+        return errors
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def check(self) -> list[str]:
         """Cross-section constraints; each section checks its own ranges."""
         errors = []
         if self.sample.steps > self.diffusion.timesteps:
             errors.append(f"sample.steps: {self.sample.steps} exceeds diffusion.timesteps {self.diffusion.timesteps}")
+        if self.evaluate.t_points > self.diffusion.timesteps:
+            errors.append(f"evaluate.t_points: {self.evaluate.t_points} exceeds diffusion.timesteps")
         return errors
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,7 +190,7 @@ def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = (),
             errors.append(f"{name}: must be a mapping, got {value!r}")
     for f in dataclasses.fields(Config):
         values = raw.get(f.name)
-        section_errors, section = _build_section(f.name, f.default_factory, values if isinstance(values, dict) else {})
+        section_errors, section = build_section(f.name, f.default_factory, values if isinstance(values, dict) else {})
         errors += section_errors + section.check()  # ranges of the values that parsed
         sections[f.name] = section
     if not errors:
@@ -201,7 +220,9 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> lis
     return errors
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[list[str], Any]:
+def build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[list[str], Any]:
+    """Type-check `values` against the dataclass `cls`; return errors and the section built from
+    the values that parsed (defaults elsewhere)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     errors = [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})" for k in values if k not in known]
@@ -248,7 +269,7 @@ def _type_name(hint: Any) -> str:
 
 
 def _at_least(section: Any, **minimums: int) -> list[str]:
-    prefix = _SECTION_OF[type(section)]
+    prefix = _SECTION_OF.get(type(section), type(section).__name__)
     return [f"{prefix}.{k}: must be >= {m}, got {getattr(section, k)}"
             for k, m in minimums.items() if getattr(section, k) < m]
 

@@ -8,14 +8,11 @@ import mindspore as ms
 import numpy as np
 from tqdm import tqdm
 
-from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
 from ddpm.config import Config
 from ddpm.diffusion import GaussianDiffusion, NoisePredictor, make_noise_predictor
 from ddpm.runtime import select_device
 from ddpm.unet import build_unet
-
-EMA_PREFIX = "ema."
-
 
 @dataclasses.dataclass
 class CheckpointSampler:
@@ -37,11 +34,7 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
     select_device(device)
     state = load_checkpoint(path)
     net = build_unet(state.config.model)
-    has_ema = any(name.startswith(EMA_PREFIX) for name in state.params)
-    prefix = EMA_PREFIX if use_ema and has_ema else ""
-    weights = {name[len(prefix):]: p for name, p in state.params.items() if name.startswith(prefix)} if prefix \
-        else {name: p for name, p in state.params.items() if not name.startswith(EMA_PREFIX)}
-    not_loaded, _ = ms.load_param_into_net(net, weights, strict_load=True)
+    not_loaded, _ = ms.load_param_into_net(net, sampling_weights(state, use_ema), strict_load=True)
     if not_loaded:
         raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")
     return CheckpointSampler(state.config, GaussianDiffusion.from_config(state.config.diffusion),

@@ -1,0 +1,1 @@
+"""Prefect flows, DVC stages and MLflow tracking around the `ddpm` package."""

@@ -1,0 +1,111 @@
+"""The pipeline's own sections of params.yaml (fetch, tracking, registry), beside ddpm's.
+
+Where a setting names a service (tracking URI, DVC remote), the environment wins over the file:
+MLFLOW_TRACKING_URI, DDPM_DVC_REMOTE. Prefect's API comes from PREFECT_API_URL as Prefect reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    # Where to bootstrap Fashion-MNIST when the DVC remote lacks it, tried in order.
+    sources: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",
+                                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com")
+    remote: str = ""  # DVC remote name; "" = the repository's default (see .dvc/config)
+
+    def check(self) -> list[str]:
+        return [] if self.sources else ["fetch.sources: list at least one source"]
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides this
+    experiment: str = "ddpm-fashion-mnist"
+    log_every: int = 1  # log train_loss every N steps
+    connect_timeout: float = 5.0  # seconds to wait for a tracking server before failing
+
+    def check(self) -> list[str]:
+        errors = [] if self.log_every >= 1 else [f"tracking.log_every: must be >= 1, got {self.log_every}"]
+        if self.connect_timeout <= 0:
+            errors.append(f"tracking.connect_timeout: must be > 0, got {self.connect_timeout}")
+        return errors
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "ddpm-fashion-mnist"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    metric: str = "eval_loss"  # the gate compares this run metric
+    greater_is_better: bool = False
+
+    def check(self) -> list[str]:
+        return [] if self.model_name else ["registry.model_name: must not be empty"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+
+    @property
+    def dvc_remote(self) -> str:
+        return os.environ.get("DDPM_DVC_REMOTE") or self.fetch.remote
+
+
+PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:
+    """Both halves of params.yaml, validated together: one error lists every bad field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    return params_from_dict(raw, overrides)
+
+
+def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    errors = apply_overrides(raw, [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS])
+    sections = {}
+    for f in dataclasses.fields(PipelineConfig):
+        section_errors, section = build_section(f.name, f.default_factory, raw.get(f.name) or {})
+        errors += section_errors + section.check()
+        sections[f.name] = section
+    ml_overrides = [o for o in overrides if o.split(".", 1)[0] not in PIPELINE_SECTIONS]
+    try:
+        config = config_from_dict(raw, ml_overrides, extra_sections=PIPELINE_SECTIONS)
+    except ConfigError as e:
+        errors += str(e).splitlines()[1:]
+        config = None
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.strip() for e in errors))
+    return config, PipelineConfig(**sections)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: MLflow params and DVC's params view alike."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

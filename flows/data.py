@@ -1,0 +1,100 @@
+"""DVC-versioned Fashion-MNIST: pull it from the DVC remote, or bootstrap it from an upstream
+source, verify it against both our SHA-256 list and data.dvc, and push it to the remote.
+
+`python -m flows.data` is the command to run first on a fresh clone (`dvc repro` needs the data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from ddpm.data import DataError, install_dataset, verify_dataset
+
+from flows.config import load_params
+
+log = logging.getLogger(__name__)
+
+DATA_DVC = "data.dvc"
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the DVC of this environment (not whatever `dvc` is on PATH)."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def workspace_matches_dvc(repo: Path) -> bool:
+    """True when the files on disk are exactly the ones data.dvc records (cached or not yet)."""
+    result = dvc("status", "--json", DATA_DVC, cwd=repo)
+    if result.returncode != 0:
+        raise DataError(f"`dvc status {DATA_DVC}` failed in {repo}: {result.stderr.strip()}")
+    states = {state for entry in json.loads(result.stdout or "{}").get(DATA_DVC, [])
+              for state in entry.get("changed outs", {}).values()}
+    return states <= {"not in cache"}
+
+
+def dvc_data_hash(repo: Path) -> str:
+    """The directory hash data.dvc records (tagged on every MLflow run)."""
+    import yaml
+
+    return yaml.safe_load((repo / DATA_DVC).read_text())["outs"][0]["md5"]
+
+
+def fetch_data(repo: str | Path, data_root: str, sources: tuple[str, ...], remote: str = "") -> str:
+    """Make `data_root` hold the verified files data.dvc records; return how they were obtained."""
+    repo = Path(repo).resolve()
+    root = repo / data_root
+    remote_args = ("-r", remote) if remote else ()
+    if _verified(root) and workspace_matches_dvc(repo):
+        return "workspace"
+    pulled = dvc("pull", *remote_args, DATA_DVC, cwd=repo)
+    if pulled.returncode == 0 and _verified(root) and workspace_matches_dvc(repo):
+        return "dvc-remote"
+    log.info("not on the DVC remote (%s); bootstrapping from upstream", pulled.stderr.strip().splitlines()[-1:])
+    errors = []
+    for source in sources:
+        try:
+            install_dataset(source, root)
+            break
+        except (DataError, OSError) as e:
+            errors.append(f"{source}: {e}")
+    else:
+        raise DataError("could not get Fashion-MNIST from the DVC remote or any source:\n  " + "\n  ".join(errors))
+    if not workspace_matches_dvc(repo):
+        raise DataError(f"{root} passed its SHA-256 checks but does not match {DATA_DVC}; "
+                        f"was {DATA_DVC} edited? Restore it with `git checkout {DATA_DVC}`")
+    for step in (("commit", "-f", "-q", DATA_DVC), ("push", *remote_args, DATA_DVC)):
+        result = dvc(*step, cwd=repo)
+        if result.returncode != 0:
+            raise DataError(f"`dvc {' '.join(step)}` failed: {result.stderr.strip()}")
+    return "upstream"
+
+
+def _verified(root: Path) -> bool:
+    try:
+        verify_dataset(root)
+        return True
+    except DataError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fetch Fashion-MNIST through DVC")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config, pipeline = load_params(args.params)
+    try:
+        origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
+    except DataError as e:
+        log.error("%s", e)
+        return 2
+    log.info("Fashion-MNIST ready in %s (from %s)", config.data.root, origin)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

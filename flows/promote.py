@@ -1,0 +1,29 @@
+"""`python -m flows.promote [--version N]`: move @champion to a version that passes the gate."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flows.config import load_params
+from flows.registry import promote
+from flows.tracking import connect
+
+log = logging.getLogger("flows.promote")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--version", help="model version to promote (default: the @candidate)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _, pipeline = load_params(args.params)
+    connect(pipeline)
+    decision = promote(pipeline.registry, args.version)
+    log.info("%s", decision.reason)
+    return 0 if decision.promoted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The registered model: logging the pyfunc, registering versions, aliases and the promotion gate."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from ddpm.checkpoint import export_weights
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from flows.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
+MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
+# One row: how many images, which sampler, how many DDIM steps, which seed. Output (num, 1, 28, 28).
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
+                   ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)]),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    run_id: str
+
+
+def register_model(run_id: str, checkpoint: str, registry: RegistryConfig) -> Registration:
+    """Log the slim sampling checkpoint as a pyfunc model in `run_id`, register it, alias it candidate."""
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(slim)},
+            code_paths=[str(DDPM_PACKAGE)], pip_requirements=MODEL_REQUIREMENTS, signature=SIGNATURE,
+            registered_model_name=registry.model_name)
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
+    log.info("registered %s version %s as @%s", registry.model_name, version, registry.candidate_alias)
+    return Registration(registry.model_name, version, run_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reason: str
+    version: str
+    previous_champion: str | None
+
+
+def metric_of(client: MlflowClient, name: str, version: str, metric: str) -> float:
+    run_id = client.get_model_version(name, version).run_id
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        raise MlflowException(f"{name} v{version} (run {run_id}) has no metric {metric!r}; evaluate it first")
+    return metrics[metric]
+
+
+def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
+    """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
+    client = MlflowClient()
+    name, metric = registry.model_name, registry.metric
+    version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version
+    value = metric_of(client, name, version, metric)
+    try:
+        champion = client.get_model_version_by_alias(name, registry.champion_alias).version
+    except MlflowException:
+        champion = None
+    if champion == version:
+        return GateDecision(False, f"v{version} is already @{registry.champion_alias}", version, champion)
+    if champion is not None:
+        best = metric_of(client, name, champion, metric)
+        better = value > best if registry.greater_is_better else value < best
+        if not better:
+            direction = "higher" if registry.greater_is_better else "lower"
+            return GateDecision(False, f"refused: v{version} has {metric}={value:.6g}, champion v{champion} has "
+                                       f"{best:.6g}; {direction} is better", version, champion)
+        reason = f"v{version} {metric}={value:.6g} beats champion v{champion} ({best:.6g})"
+    else:
+        reason = f"v{version} {metric}={value:.6g}; there was no champion"
+    client.set_registered_model_alias(name, registry.champion_alias, version)
+    return GateDecision(True, "promoted: " + reason, version, champion)

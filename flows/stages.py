@@ -1,0 +1,45 @@
+"""DVC stage entry points: `python -m flows.stages train|evaluate|register`. Each parses params.yaml
+(with the values `dvc exp run -S` set there) and calls the one step that does the work."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.config import ConfigError
+from ddpm.data import DataError
+
+from flows import steps
+from flows.config import load_params
+from flows.tracking import TrackingError, connect
+
+log = logging.getLogger("flows.stages")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("stage", choices=("train", "evaluate", "register"))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    repo = Path.cwd()
+    try:
+        config, pipeline = load_params(args.params)
+        connect(pipeline)
+        if args.stage == "train":
+            steps.train(config, pipeline, repo)
+        elif args.stage == "evaluate":
+            steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
+        else:
+            steps.register(pipeline, repo, steps.Trained.load(repo))
+    except (ConfigError, DataError, CheckpointError, TrackingError, FileNotFoundError, FloatingPointError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

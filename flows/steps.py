@@ -1,0 +1,107 @@
+"""The pipeline's steps, one implementation each, shared by the DVC stages (flows.stages), the
+Prefect flow (flows.pipeline) and the CLI. Steps exchange paths and ids through small files in
+outputs/, never tensors."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+from ddpm.config import Config
+from ddpm.evaluate import evaluate_checkpoint
+from ddpm.train import Callback, fit
+
+from flows.config import PipelineConfig
+from flows.data import dvc_data_hash
+from flows.registry import Registration, register_model
+from flows.tracking import MlflowLogger, git_commit, start_run
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = Path("outputs")
+TRAIN_JSON = OUTPUTS / "train.json"  # run id and checkpoint, read by evaluate and register
+METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics
+LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
+REGISTERED_JSON = OUTPUTS / "registered.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    run_id: str
+    checkpoint: str
+    metrics: dict
+
+    def save(self, repo: Path) -> None:
+        _write_json(repo / TRAIN_JSON, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, repo: Path) -> "Trained":
+        path = repo / TRAIN_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: run the train step first (`dvc repro train`)")
+        return cls(**json.loads(path.read_text()))
+
+
+class LossCsv(Callback):
+    """Appends step,train_loss rows for `dvc plots`; a fresh run starts a fresh file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_epoch == 0 or not self.path.is_file():
+            self.path.write_text("step,train_loss\n")
+
+    def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}"])
+
+
+def train(config: Config, pipeline: PipelineConfig, repo: Path, resume: bool = False,
+          flow_run_id: str | None = None, progress: bool = True) -> Trained:
+    """Train with MLflow tracking; a failure ends the run FAILED with the reason as a tag."""
+    tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo)}
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = flow_run_id
+    run_id = start_run(config, pipeline, tags, resume)
+    callbacks = [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.sample.num,
+                              config.sample.seed), LossCsv(repo / LOSS_CSV)]
+    try:
+        result = fit(config, callbacks, resume=resume, progress=progress)
+    except BaseException as e:
+        mlflow.set_tag("failure", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run()
+    trained = Trained(run_id, str(result.checkpoint), result.metrics)
+    trained.save(repo)
+    return trained
+
+
+def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trained, progress: bool = True) -> dict:
+    """Held-out denoising loss into the run and the DVC metrics file."""
+    metrics = evaluate_checkpoint(trained.checkpoint, config.data.root, config.train.device, progress)
+    with mlflow.start_run(run_id=trained.run_id):
+        mlflow.log_metrics(metrics)
+    summary = {"eval_loss": metrics["eval_loss"], "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
+               "images_per_second": trained.metrics.get("images_per_second"), "per_t": {
+                   k: v for k, v in metrics.items() if k.startswith("eval_loss_t")}}
+    _write_json(repo / METRICS_JSON, summary)
+    return metrics
+
+
+def register(pipeline: PipelineConfig, repo: Path, trained: Trained) -> Registration:
+    registration = register_model(trained.run_id, trained.checkpoint, pipeline.registry)
+    _write_json(repo / REGISTERED_JSON, dataclasses.asdict(registration))
+    return registration
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

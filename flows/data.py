@@ -1,7 +1,7 @@
 """DVC-versioned Fashion-MNIST: pull it from the DVC remote, or bootstrap it from an upstream
 source, verify it against both our SHA-256 list and data.dvc, and push it to the remote.
 
-`python -m flows.data` is the command to run first on a fresh clone (`dvc repro` needs the data).
+`python -m flows.data` is the first stage of dvc.yaml and the first task of the Prefect flow.
 """
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ddpm.data import DataError, install_dataset, verify_dataset
+from ddpm.data import FILES, DataError, install_dataset, verify_dataset
 
 from flows.config import load_params
 
 log = logging.getLogger(__name__)
 
 DATA_DVC = "data.dvc"
+DATA_JSON = "outputs/data.json"  # the data version, as a plain file DVC stages can depend on
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -44,9 +45,17 @@ def dvc_data_hash(repo: Path) -> str:
 
 
 def fetch_data(repo: str | Path, data_root: str, sources: tuple[str, ...], remote: str = "") -> str:
-    """Make `data_root` hold the verified files data.dvc records; return how they were obtained."""
+    """Make `data_root` hold the verified files data.dvc records, record their version in
+    outputs/data.json (what the train stage depends on), and return where they came from."""
     repo = Path(repo).resolve()
-    root = repo / data_root
+    origin = _obtain(repo, repo / data_root, sources, remote)
+    record = repo / DATA_JSON
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"dvc_md5": dvc_data_hash(repo), "sha256": FILES}, indent=2) + "\n")
+    return origin
+
+
+def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> str:
     remote_args = ("-r", remote) if remote else ()
     if _verified(root) and workspace_matches_dvc(repo):
         return "workspace"

@@ -154,10 +154,12 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+# Sections of params.yaml that the pipeline (flows/) reads and validates; ddpm leaves them alone.
+PIPELINE_SECTIONS = ("fetch", "tracking", "registry")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                extra_sections: typing.Collection[str] = ()) -> Config:
+                extra_sections: typing.Collection[str] = PIPELINE_SECTIONS) -> Config:
     """Read params.yaml (or defaults), apply `key=value` overrides, validate everything.
 
     Sections named in `extra_sections` belong to other readers of the same file (the

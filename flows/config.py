@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
 
 
@@ -69,6 +70,7 @@ class PipelineConfig:
 
 
 PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
+assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must skip exactly these sections"
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from ddpm.checkpoint import export_weights
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -26,6 +27,8 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
                    ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]))
+# MLflow loads the logged model and predicts this before registering: a broken model never registers.
+INPUT_EXAMPLE = pd.DataFrame({"num": [2], "sampler": ["ddim"], "steps": [2], "seed": [0]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,7 @@ def register_model(run_id: str, checkpoint: str, registry: RegistryConfig) -> Re
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(slim)},
             code_paths=[str(DDPM_PACKAGE)], pip_requirements=MODEL_REQUIREMENTS, signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,
             registered_model_name=registry.model_name)
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(registry.model_name, registry.candidate_alias, version)

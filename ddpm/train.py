@@ -243,7 +243,7 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
             raise NonFiniteLossError(
                 f"loss is {loss} at epoch {epoch + 1}, step {global_step + 1}; no checkpoint was written for "
                 f"this epoch. Lower train.lr (now {train.lr}) or check the data, then rerun with --resume.")
-        lr = float(trainer.lr[global_step])
+        lr = float(trainer.lr[global_step])  # the rate this step used
         global_step += 1
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -252,7 +252,7 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     seconds = time.perf_counter() - started
     images = len(losses) * train.batch_size
     metrics = {"train_loss_epoch": float(np.mean(losses)), "epoch_seconds": seconds,
-               "images_per_second": images / seconds, "lr": lr}
+               "images_per_second": images / seconds}
     log.info("epoch %d/%d: loss %.4f, %.0f s, %.1f img/s", epoch + 1, train.epochs,
              metrics["train_loss_epoch"], seconds, metrics["images_per_second"])
     return metrics, global_step

@@ -1,6 +1,6 @@
 """The main job: fetch -> train -> evaluate -> register as one Prefect flow.
 
-    uv run python -m flows.pipeline [--set key=value ...] [--resume]
+    uv run python -m flows.pipeline [--set key=value ...]
 
 Without PREFECT_API_URL Prefect runs an ephemeral API for the one flow run; with a server set, the
 same flow runs as the `ddpm-pipeline/default` deployment (prefect.yaml).
@@ -37,10 +37,10 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 
 
 @task
-def train(params: str, overrides: list[str], repo: str, resume: bool) -> steps.Trained:
+def train(params: str, overrides: list[str], repo: str) -> steps.Trained:
     config, pipeline = load_params(params, overrides)
     connect(pipeline)
-    return steps.train(config, pipeline, Path(repo), resume, flow_run_id=str(flow_run.id), progress=False)
+    return steps.train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=False)
 
 
 @task
@@ -58,14 +58,15 @@ def register(params: str, overrides: list[str], repo: str, trained: steps.Traine
 
 
 @flow(name="ddpm-pipeline", log_prints=False)
-def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml", resume: bool = False) -> dict:
-    """Fetch the data, train with MLflow tracking, evaluate, register the model as @candidate."""
+def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml") -> dict:
+    """Fetch the data, train with MLflow tracking (resuming an interrupted training), evaluate,
+    register the model as @candidate."""
     repo = os.getcwd()
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
     config, pipeline = load_params(params, sets)  # invalid params fail here, before any work
     connect(pipeline)  # and so does an unreachable tracking server
     fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-    trained = train(params, sets, repo, resume)
+    trained = train(params, sets, repo)
     metrics = evaluate(params, sets, repo, trained)
     registration = register(params, sets, repo, trained)
     publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))
@@ -104,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
-    result = ddpm_pipeline(overrides, args.params, args.resume)
+    result = ddpm_pipeline(overrides, args.params)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

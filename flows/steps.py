@@ -7,9 +7,11 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import mlflow
+from ddpm.checkpoint import list_checkpoints
 from ddpm.config import Config
 from ddpm.evaluate import evaluate_checkpoint
 from ddpm.train import Callback, fit
@@ -26,6 +28,7 @@ TRAIN_JSON = OUTPUTS / "train.json"  # run id and checkpoint, read by evaluate a
 METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics
 LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
 REGISTERED_JSON = OUTPUTS / "registered.json"
+COMPLETE_MARKER = "COMPLETE"  # in the checkpoint dir once training finished and its run closed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +64,25 @@ class LossCsv(Callback):
             csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}"])
 
 
-def train(config: Config, pipeline: PipelineConfig, repo: Path, resume: bool = False,
-          flow_run_id: str | None = None, progress: bool = True) -> Trained:
-    """Train with MLflow tracking; a failure ends the run FAILED with the reason as a tag."""
+def should_resume(checkpoint_dir: Path) -> bool:
+    """Resume an interrupted training; start afresh after a completed one (whose model is logged),
+    clearing its checkpoints as `dvc repro` would."""
+    if (checkpoint_dir / COMPLETE_MARKER).is_file():
+        log.info("%s holds a completed training; starting a new one", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+        return False
+    if list_checkpoints(checkpoint_dir):
+        log.info("%s holds an interrupted training; resuming it", checkpoint_dir)
+        return True
+    return False
+
+
+def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,
+          progress: bool = True) -> Trained:
+    """Train with MLflow tracking, resuming an interrupted training in train.checkpoint_dir; a
+    failure ends the run FAILED with the reason as a tag."""
+    checkpoint_dir = repo / config.train.checkpoint_dir
+    resume = should_resume(checkpoint_dir)
     tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo)}
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id
@@ -77,6 +96,7 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, resume: bool = F
         mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run()
+    (checkpoint_dir / COMPLETE_MARKER).write_text(run_id + "\n")
     trained = Trained(run_id, str(result.checkpoint), result.metrics)
     trained.save(repo)
     return trained

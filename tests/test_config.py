@@ -27,6 +27,12 @@ def test_int_is_accepted_where_a_float_is_expected():
     assert config_from_dict({"train": {"lr": 1}}, ["train.lr=0.5"]).train.lr == 0.5
 
 
+def test_exponent_without_a_dot_is_a_float():
+    """PyYAML reads 1e-4 as a string; DVC writes `-S train.lr=1e-7` back as 1e-07."""
+    assert config_from_dict({"train": {"lr": "1e-07"}}).train.lr == 1e-7
+    assert config_from_dict({}, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
 @pytest.mark.parametrize("raw, overrides, message", [
     ({"train": {"epochs": 0}}, [], "train.epochs: must be >= 1"),
     ({"train": {"lr": 2.0}}, [], "train.lr: must be in (0, 1)"),

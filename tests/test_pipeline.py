@@ -1,0 +1,162 @@
+"""Integration: the pipeline against a real `mlflow server`, a real `prefect server` and process
+worker, and real `dvc` in a temporary git repository with a local remote, on real images."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/.gitignore"]
+PROJECT_PACKAGES = ["ddpm", "flows"]  # dvc.yaml's stages depend on the code
+TINY = {"data": {"limit": 64, "num_workers": 1}, "model": {"dim": 8, "dim_mults": [1, 2]},
+        "train": {"epochs": 2, "lr": 0.002, "lr_schedule": "constant", "device": "CPU", "ema_decay": 0.9},
+        "diffusion": {"timesteps": 50}, "sample": {"num": 16, "steps": 5},
+        "evaluate": {"num_images": 100, "t_points": 5}}
+
+
+def make_project(tmp: Path) -> Path:
+    """A git repository holding the project's pipeline files, a tiny params.yaml and a local DVC remote."""
+    repo = tmp / "project"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in PROJECT_FILES:
+        shutil.copy(ROOT / name, repo / name)
+    for name in PROJECT_PACKAGES:
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".dvc" / "config").write_text(
+        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp / 'dvc-remote'}\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    return repo
+
+
+def run(args: list[str], repo: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    process, uri = servers.start_mlflow(tmp)
+    yield tmp, make_project(tmp), uri
+    servers.stop(process)
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    """The main job, `python -m flows.pipeline`, on an ephemeral Prefect API and a real MLflow server."""
+    tmp, repo, uri = workspace
+    result = run([sys.executable, "-m", "flows.pipeline"], repo, {"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
+    tmp, repo, uri = workspace
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    run_ = client.get_run(first_run["run_id"])
+    assert run_.info.status == "FINISHED"
+    assert client.get_experiment(run_.info.experiment_id).name == "ddpm-fashion-mnist"
+    assert run_.data.params["train.lr"] == "0.002" and run_.data.params["model.dim_mults"] == "[1, 2]"
+    steps = [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")]
+    assert steps == list(range(1, 9))  # 64 images / batch 16 x 2 epochs, every step once
+    for key in ("train_loss_epoch", "epoch_seconds", "images_per_second"):
+        assert [m.step for m in client.get_metric_history(run_.info.run_id, key)] == [1, 2]
+    assert len(client.get_metric_history(run_.info.run_id, "lr")) == 8
+    images = [a.path for a in client.list_artifacts(run_.info.run_id, "images")]
+    assert any("samples+step+1+" in p for p in images) and any("samples+step+2+" in p for p in images)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert run_.data.tags["git_commit"] == head
+    assert run_.data.tags["dvc_data_hash"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert len(run_.data.tags["prefect_flow_run_id"]) == 36
+    assert "eval_loss" in run_.data.metrics
+    version = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
+    assert version.version == first_run["version"] and version.run_id == run_.info.run_id
+    metrics = json.loads((repo / "outputs" / "metrics.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(run_.data.metrics["eval_loss"])
+    assert list(Path(tmp / "dvc-remote").rglob("*.dir")), "the bootstrapped data was pushed to the DVC remote"
+
+
+def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, first_run):
+    tmp, repo, uri = workspace
+    env = {"MLFLOW_TRACKING_URI": uri}
+    promoted = run([sys.executable, "-m", "flows.promote"], repo, env)
+    assert promoted.returncode == 0 and "no champion" in promoted.stderr, promoted.stderr
+    # A model that barely trained, via DVC's experiment runner with params set from the command line.
+    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-7", "-S", "train.epochs=1"], repo, env)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env)
+    assert "eval_loss" in shown.stdout
+    client = MlflowClient(uri)
+    candidate = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
+    assert candidate.version != first_run["version"]
+    refused = run([sys.executable, "-m", "flows.promote"], repo, env)
+    assert refused.returncode == 1 and "refused" in refused.stderr and "lower is better" in refused.stderr
+    champion = client.get_model_version_by_alias("ddpm-fashion-mnist", "champion")
+    assert champion.version == first_run["version"]
+
+
+def test_champion_loads_and_samples_through_pyfunc(workspace, first_run):
+    tmp, repo, uri = workspace
+    code = ("import mlflow, pandas as pd, sys; mlflow.set_tracking_uri(sys.argv[1]);"
+            "m = mlflow.pyfunc.load_model('models:/ddpm-fashion-mnist@champion');"
+            "x = m.predict(pd.DataFrame({'num': [3], 'sampler': ['ddim'], 'steps': [4], 'seed': [1]}));"
+            "print(x.shape, x.dtype, float(abs(x).max()) <= 1.0)")
+    result = run([sys.executable, "-c", code, uri], tmp, {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "(3, 1, 28, 28) float32 True"
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(workspace):
+    tmp, repo, uri = workspace
+    started = time.monotonic()
+    result = run([sys.executable, "-m", "flows.stages", "train"], repo,
+                 {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{servers.free_port()}"})
+    assert result.returncode == 2 and "unreachable" in result.stderr and "mlflow server" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_prefect_deployment_runs_to_completed(workspace, first_run):
+    tmp, repo, uri = workspace
+    server, env = servers.start_prefect(tmp)
+    env = {**env, "MLFLOW_TRACKING_URI": uri}
+    worker = None
+    try:
+        for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+            result = run([str(servers.BIN / "prefect"), *args], repo, env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        worker = subprocess.Popen([str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+                                  cwd=repo, env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        result = run([str(servers.BIN / "prefect"), "deployment", "run", "ddpm-pipeline/default",
+                      "--param", 'overrides={"train.epochs": 1}', "--watch"], repo, env)
+        assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-3000:] + (tmp / "worker.log").read_text()[-3000:]
+        runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist").experiment_id],
+                                             order_by=["attributes.start_time DESC"], max_results=1)
+        assert runs[0].data.params["train.epochs"] == "1" and runs[0].info.status == "FINISHED"
+    finally:
+        if worker is not None:
+            servers.stop(worker)
+        servers.stop(server)

@@ -6,6 +6,7 @@ source, verify it against both our SHA-256 list and data.dvc, and push it to the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
@@ -27,21 +28,18 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
 
 
-def workspace_matches_dvc(repo: Path) -> bool:
-    """True when the files on disk are exactly the ones data.dvc records (cached or not yet)."""
-    result = dvc("status", "--json", DATA_DVC, cwd=repo)
-    if result.returncode != 0:
-        raise DataError(f"`dvc status {DATA_DVC}` failed in {repo}: {result.stderr.strip()}")
-    states = {state for entry in json.loads(result.stdout or "{}").get(DATA_DVC, [])
-              for state in entry.get("changed outs", {}).values()}
-    return states <= {"not in cache"}
+def data_hashes(repo: Path) -> tuple[str, str]:
+    """(the directory hash data.dvc records, the hash of the files on disk now), as DVC computes them."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(str(repo)) as dvc_repo:  # DVC resolves outputs against the cwd
+        out = dvc_repo.stage.load_one(DATA_DVC).outs[0]
+        return out.hash_info.value, out.get_hash().value
 
 
 def dvc_data_hash(repo: Path) -> str:
     """The directory hash data.dvc records (tagged on every MLflow run)."""
-    import yaml
-
-    return yaml.safe_load((repo / DATA_DVC).read_text())["outs"][0]["md5"]
+    return data_hashes(repo)[0]
 
 
 def fetch_data(repo: str | Path, data_root: str, sources: tuple[str, ...], remote: str = "") -> str:
@@ -57,10 +55,10 @@ def fetch_data(repo: str | Path, data_root: str, sources: tuple[str, ...], remot
 
 def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> str:
     remote_args = ("-r", remote) if remote else ()
-    if _verified(root) and workspace_matches_dvc(repo):
+    if _verified(root) and _matches(repo):
         return "workspace"
     pulled = dvc("pull", *remote_args, DATA_DVC, cwd=repo)
-    if pulled.returncode == 0 and _verified(root) and workspace_matches_dvc(repo):
+    if pulled.returncode == 0 and _verified(root) and _matches(repo):
         return "dvc-remote"
     log.info("not on the DVC remote (%s); bootstrapping from upstream", pulled.stderr.strip().splitlines()[-1:])
     errors = []
@@ -72,14 +70,20 @@ def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> st
             errors.append(f"{source}: {e}")
     else:
         raise DataError("could not get Fashion-MNIST from the DVC remote or any source:\n  " + "\n  ".join(errors))
-    if not workspace_matches_dvc(repo):
-        raise DataError(f"{root} passed its SHA-256 checks but does not match {DATA_DVC}; "
-                        f"was {DATA_DVC} edited? Restore it with `git checkout {DATA_DVC}`")
+    recorded, actual = data_hashes(repo)
+    if recorded != actual:
+        raise DataError(f"{root} passed its SHA-256 checks but hashes to {actual} while {DATA_DVC} records "
+                        f"{recorded}; was {DATA_DVC} edited? Restore it with `git checkout {DATA_DVC}`")
     for step in (("commit", "-f", "-q", DATA_DVC), ("push", *remote_args, DATA_DVC)):
         result = dvc(*step, cwd=repo)
         if result.returncode != 0:
             raise DataError(f"`dvc {' '.join(step)}` failed: {result.stderr.strip()}")
     return "upstream"
+
+
+def _matches(repo: Path) -> bool:
+    recorded, actual = data_hashes(repo)
+    return recorded == actual
 
 
 def _verified(root: Path) -> bool:

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from ddpm import config as ddpm_config
+from ddpm.config import ConfigError
+from flows.config import PIPELINE_SECTIONS, flatten, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_has_both_halves():
+    config, pipeline = load_params(ROOT / "params.yaml", ["train.epochs=1", "tracking.log_every=5"])
+    assert config.train.epochs == 1 and pipeline.tracking.log_every == 5
+    assert pipeline.registry.model_name == "ddpm-fashion-mnist" and pipeline.tracking.experiment == "ddpm-fashion-mnist"
+    assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS)
+
+
+def test_one_error_lists_bad_fields_of_both_halves():
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"tracking": {"log_every": 0, "colour": "red"}, "train": {"lr": "fast"}},
+                         ["registry.model_name=", "model.dim=3"])
+    text = str(info.value)
+    for fragment in ("tracking.log_every: must be >= 1", "tracking.colour: unknown key", "train.lr: expected float",
+                     "registry.model_name", "model.dim: must be even"):
+        assert fragment in text
+
+
+def test_environment_overrides_service_addresses(monkeypatch):
+    _, pipeline = params_from_dict({"tracking": {"uri": "sqlite:///a.db"}, "fetch": {"remote": "local"}})
+    assert pipeline.tracking_uri == "sqlite:///a.db" and pipeline.dvc_remote == "local"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DDPM_DVC_REMOTE", "s3remote")
+    assert pipeline.tracking_uri == "http://127.0.0.1:5000" and pipeline.dvc_remote == "s3remote"
+
+
+def test_flatten():
+    assert flatten({"train": {"lr": 1, "x": {"y": 2}}, "a": 3}) == {"train.lr": 1, "train.x.y": 2, "a": 3}

@@ -1,0 +1,60 @@
+"""DVC-versioned fetching with real `dvc` in a temporary git repository and a local remote."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpm.data import DEBIAN_DATASET_DIR, DataError
+from flows.data import fetch_data
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOT_DIR = "data/fashion-mnist"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in ("data.dvc", ".dvcignore", ".dvc/.gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc" / "config").write_text(
+        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp_path / 'remote'}\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def dvc(repo, *args):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+
+
+def test_bootstrap_push_then_pull_from_the_remote(repo, tmp_path):
+    assert fetch_data(repo, ROOT_DIR, (str(tmp_path / "nowhere"), DEBIAN_DATASET_DIR)) == "upstream"
+    assert list((tmp_path / "remote").rglob("*.dir")), "pushed to the DVC remote"
+    assert (repo / "outputs" / "data.json").is_file()
+    assert fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,)) == "workspace"
+    shutil.rmtree(repo / ROOT_DIR)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert fetch_data(repo, ROOT_DIR, ("/nonexistent",)) == "dvc-remote"  # no upstream needed any more
+
+
+def test_corrupt_workspace_file_is_replaced_by_a_verified_copy(repo):
+    fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
+    labels = repo / ROOT_DIR / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-10])
+    assert fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,)) in ("dvc-remote", "upstream")
+    assert dvc(repo, "status", "data.dvc").stdout.strip().endswith("up to date.")
+
+
+def test_data_dvc_that_does_not_match_the_real_files_is_an_error(repo):
+    text = (repo / "data.dvc").read_text().replace("5f974fc0", "00000000")
+    (repo / "data.dvc").write_text(text)
+    with pytest.raises(DataError, match="hashes to 5f974fc0.* while data.dvc records 00000000"):
+        fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
+
+
+def test_no_source_at_all_names_every_attempt(repo, tmp_path):
+    with pytest.raises(DataError) as info:
+        fetch_data(repo, ROOT_DIR, (str(tmp_path / "a"), str(tmp_path / "b")))
+    assert str(tmp_path / "a") in str(info.value) and str(tmp_path / "b") in str(info.value)

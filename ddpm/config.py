@@ -115,7 +115,7 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    num_images: int = 1000  # test images for the held-out denoising loss
+    num_images: int = 500  # test images for the held-out denoising loss
     t_points: int = 10  # evenly spaced timesteps at which every image is noised
     seed: int = 0  # fixes the noise, so candidates are scored on identical inputs
     batch_size: int = 100

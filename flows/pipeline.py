@@ -11,6 +11,7 @@ import argparse
 import base64
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -40,14 +41,14 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 def train(params: str, overrides: list[str], repo: str) -> steps.Trained:
     config, pipeline = load_params(params, overrides)
     connect(pipeline)
-    return steps.train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=False)
+    return steps.train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty())
 
 
 @task
 def evaluate(params: str, overrides: list[str], repo: str, trained: steps.Trained) -> dict:
     config, pipeline = load_params(params, overrides)
     connect(pipeline)
-    return steps.evaluate(config, pipeline, Path(repo), trained, progress=False)
+    return steps.evaluate(config, pipeline, Path(repo), trained, progress=sys.stderr.isatty())
 
 
 @task
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")  # ddpm's and flows' own loggers; Prefect formats its own
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     result = ddpm_pipeline(overrides, args.params)
     sys.stdout.write(json.dumps(result) + "\n")

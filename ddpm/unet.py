@@ -12,6 +12,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ddpm.layers import depthwise_conv, gelu, group_norm
+
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
 POSITION_SCALE = 10000.0  # Transformer sinusoid base (Vaswani et al., 2017)
 
@@ -33,15 +35,16 @@ class SinusoidalPositionEmbeddings(nn.Cell):
 class ConvNextBlock(nn.Cell):
     """ConvNeXt block (Liu et al., 2022) with the time embedding added after the depthwise conv."""
 
-    def __init__(self, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2, norm: bool = True):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2, norm: bool = True,
+                 fast: bool = True):
         super().__init__()
-        self.mlp = nn.SequentialCell(nn.GELU(), nn.Dense(time_emb_dim, dim)) if time_emb_dim else None
-        self.ds_conv = nn.Conv2d(dim, dim, 7, pad_mode="pad", padding=3, group=dim)
+        self.mlp = nn.SequentialCell(gelu(fast), nn.Dense(time_emb_dim, dim)) if time_emb_dim else None
+        self.ds_conv = depthwise_conv(dim, 7, fast)
         self.net = nn.SequentialCell(
-            nn.GroupNorm(1, dim, eps=NORM_EPS) if norm else nn.Identity(),
+            group_norm(dim, NORM_EPS, fast) if norm else nn.Identity(),
             nn.Conv2d(dim, dim_out * mult, 3, pad_mode="pad", padding=1),
-            nn.GELU(),
-            nn.GroupNorm(1, dim_out * mult, eps=NORM_EPS),
+            gelu(fast),
+            group_norm(dim_out * mult, NORM_EPS, fast),
             nn.Conv2d(dim_out * mult, dim_out, 3, pad_mode="pad", padding=1),
         )
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
@@ -117,10 +120,10 @@ class LinearAttention(nn.Cell):
 
 
 class PreNorm(nn.Cell):
-    def __init__(self, dim: int, fn: nn.Cell):
+    def __init__(self, dim: int, fn: nn.Cell, fast: bool = True):
         super().__init__()
         self.fn = fn
-        self.norm = nn.GroupNorm(1, dim, eps=NORM_EPS)
+        self.norm = group_norm(dim, NORM_EPS, fast)
 
     def construct(self, x):
         return self.fn(self.norm(x))
@@ -146,11 +149,11 @@ def upsample(dim: int) -> nn.Cell:
 class Level(nn.Cell):
     """Two ConvNeXt blocks, residual linear attention, then a resampling layer."""
 
-    def __init__(self, dim_in: int, dim_out: int, time_dim: int, mult: int, resample: nn.Cell):
+    def __init__(self, dim_in: int, dim_out: int, time_dim: int, mult: int, resample: nn.Cell, fast: bool):
         super().__init__()
-        self.block1 = ConvNextBlock(dim_in, dim_out, time_dim, mult)
-        self.block2 = ConvNextBlock(dim_out, dim_out, time_dim, mult)
-        self.attn = Residual(PreNorm(dim_out, LinearAttention(dim_out)))
+        self.block1 = ConvNextBlock(dim_in, dim_out, time_dim, mult, fast=fast)
+        self.block2 = ConvNextBlock(dim_out, dim_out, time_dim, mult, fast=fast)
+        self.attn = Residual(PreNorm(dim_out, LinearAttention(dim_out), fast))
         self.resample = resample
 
     def construct(self, x, t):
@@ -159,9 +162,14 @@ class Level(nn.Cell):
 
 
 class Unet(nn.Cell):
-    """Predicts the noise in x_t: (B, C, H, W), (B,) -> (B, C, H, W)."""
+    """Predicts the noise in x_t: (B, C, H, W), (B,) -> (B, C, H, W).
 
-    def __init__(self, dim: int, channels: int = 1, dim_mults: tuple[int, ...] = (1, 2, 4), convnext_mult: int = 2):
+    `fast` picks the CPU-fast formulations of GroupNorm and GELU (ddpm/layers.py); False builds
+    MindSpore's own cells, the reference the fast ones are tested against. Same parameters either way.
+    """
+
+    def __init__(self, dim: int, channels: int = 1, dim_mults: tuple[int, ...] = (1, 2, 4), convnext_mult: int = 2,
+                 fast: bool = True):
         super().__init__()
         init_dim = dim // 3 * 2
         self.init_conv = nn.Conv2d(channels, init_dim, 7, pad_mode="pad", padding=3, has_bias=True)
@@ -169,21 +177,22 @@ class Unet(nn.Cell):
         in_out = list(zip(dims[:-1], dims[1:]))
         time_dim = dim * 4
         self.time_mlp = nn.SequentialCell(
-            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), nn.GELU(), nn.Dense(time_dim, time_dim))
+            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), gelu(fast), nn.Dense(time_dim, time_dim))
 
         last = len(in_out) - 1
         self.downs = nn.CellList([
-            Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out) if i < last else nn.Identity())
+            Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out) if i < last else nn.Identity(), fast)
             for i, (d_in, d_out) in enumerate(in_out)])
         mid_dim = dims[-1]
-        self.mid_block1 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult)
-        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim)))
-        self.mid_block2 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult)
+        self.mid_block1 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
+        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim), fast))
+        self.mid_block2 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
         self.ups = nn.CellList([
-            Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in))
+            Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in), fast)
             for d_in, d_out in reversed(in_out[1:])])
-        self.final_conv = nn.SequentialCell(ConvNextBlock(dim, dim, mult=convnext_mult), nn.Conv2d(dim, channels, 1))
+        self.final_conv = nn.SequentialCell(ConvNextBlock(dim, dim, mult=convnext_mult, fast=fast),
+                                             nn.Conv2d(dim, channels, 1))
 
     def construct(self, x, time):
         x = self.init_conv(x)

@@ -1,0 +1,84 @@
+"""The fast formulations compute the reference's function: outputs and gradients agree.
+
+Tolerance: float32 round-off of differently ordered sums, a few 1e-6 relative; we allow
+RTOL/ATOL below, far under any change of the math (a wrong epsilon or a missing term fails).
+"""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from ddpm.layers import GELU, LayerGroupNorm
+from ddpm.unet import Unet
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def value_and_grads(cell: nn.Cell, *inputs):
+    """The output and the gradients of a fixed random projection of it, w.r.t. inputs and weights."""
+    out = cell(*inputs)
+    weight = ms.Tensor(np.random.default_rng(1).standard_normal(out.shape), ms.float32)
+
+    def projected(*xs):
+        return (cell(*xs) * weight).sum()
+
+    grad_fn = ms.grad(projected, grad_position=0, weights=cell.trainable_params())
+    input_grad, weight_grads = grad_fn(*inputs)
+    return out.asnumpy(), input_grad.asnumpy(), [g.asnumpy() for g in weight_grads]
+
+
+def assert_close(a, b):
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_gelu_equals_mindspores_tanh_gelu_with_gradient():
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((4, 8, 7, 7)) * 4, ms.float32)
+    fast, ref = value_and_grads(GELU(), x), value_and_grads(nn.GELU(), x)
+    assert_close(fast[0], ref[0])
+    assert_close(fast[1], ref[1])
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 7, 7), (2, 56, 28, 28)])
+def test_group_norm_equals_mindspores_with_gradients(shape):
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal(shape) * 3 + 1, ms.float32)
+    fast, ref = LayerGroupNorm(shape[1], 1e-5), nn.GroupNorm(1, shape[1], eps=1e-5)
+    gamma, beta = rng.standard_normal((2, shape[1]))
+    for cell in (fast, ref):  # a non-trivial affine, the same in both
+        cell.gamma.set_data(ms.Tensor(gamma, ms.float32))
+        cell.beta.set_data(ms.Tensor(beta, ms.float32))
+    (out_f, dx_f, dw_f), (out_r, dx_r, dw_r) = value_and_grads(fast, x), value_and_grads(ref, x)
+    assert_close(out_f, out_r)
+    assert_close(dx_f, dx_r)
+    for a, b in zip(dw_f, dw_r):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("dim, dim_mults", [(8, (1, 2)), (28, (1, 2, 4))])
+def test_fast_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults):
+    ms.set_seed(0)
+    fast = Unet(dim, 1, dim_mults, fast=True)
+    ref = Unet(dim, 1, dim_mults, fast=False)
+    fast_names = [p.name for p in fast.trainable_params()]
+    assert fast_names == [p.name for p in ref.trainable_params()], "checkpoints must load into either"
+    ms.load_param_into_net(ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()},
+                           strict_load=True)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((3, 1, 28, 28)), ms.float32)
+    t = ms.Tensor([0, 57, 199], ms.int32)
+    out_f, dx_f, dw_f = value_and_grads(fast, x, t)
+    out_r, dx_r, dw_r = value_and_grads(ref, x, t)
+    assert_close(out_f, out_r)
+    assert_close(dx_f, dx_r)
+    for name, a, b in zip(fast_names, dw_f, dw_r):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, np.abs(b).max()), err_msg=name)
+
+
+def test_the_training_network_uses_the_fast_formulations():
+    from ddpm.config import ModelConfig
+    from ddpm.layers import DepthwiseConv2d
+    from ddpm.unet import build_unet
+
+    kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
+    assert {GELU, LayerGroupNorm, DepthwiseConv2d} <= kinds
+    assert not kinds & {nn.GELU, nn.GroupNorm}

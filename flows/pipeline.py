@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import steps
+from flows import PROJECT_LOGGERS, steps
 from flows.config import load_params
 from flows.data import fetch_data
 from flows.tracking import connect, run_url
@@ -62,6 +62,7 @@ def register(params: str, overrides: list[str], repo: str, trained: steps.Traine
 def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml") -> dict:
     """Fetch the data, train with MLflow tracking (resuming an interrupted training), evaluate,
     register the model as @candidate."""
+    show_project_logs()
     repo = os.getcwd()
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
     config, pipeline = load_params(params, sets)  # invalid params fail here, before any work
@@ -72,6 +73,12 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
     registration = register(params, sets, repo, trained)
     publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))
     return {"run_id": trained.run_id, "eval_loss": metrics["eval_loss"], **registration}
+
+
+def show_project_logs() -> None:
+    """Let ddpm's and flows' INFO lines (epochs, losses, paths) through Prefect's WARNING root logger."""
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def publish_summary(trained: steps.Trained, metrics: dict, registration: dict, url: str) -> None:
@@ -107,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # ddpm's and flows' own loggers; Prefect formats its own
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     result = ddpm_pipeline(overrides, args.params)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -72,8 +72,9 @@ def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
             for _ in range(4)]
     decay = ms.Tensor(0.0, ms.float32)
     result = time_calls(lambda i: trainer.train_step(*pool[i % 4], decay).asnumpy(), repeats, warmup)
-    return {"what": "train", "batch": batch, **result,
-            "img_s_best": round(batch / result.pop("_best"), 1), "img_s_med": round(batch / result.pop("_med"), 1)}
+    best, med = result.pop("_best"), result.pop("_med")  # before the record is built from what is left
+    return {"what": "train", "batch": batch, **result, "img_s_best": round(batch / best, 1),
+            "img_s_med": round(batch / med, 1)}
 
 
 def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:

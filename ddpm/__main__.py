@@ -5,19 +5,29 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from ddpm.data import DEBIAN_DATASET_DIR
 
 log = logging.getLogger("ddpm")
+WORKER_LOGS = "worker_logs"  # msrun's logs, inside train.checkpoint_dir
 
 
 def train(args: argparse.Namespace) -> None:
     from ddpm.config import load_config
+    from ddpm.distributed import in_msrun, init_world, launch_workers
     from ddpm.train import fit
 
     config = load_config(args.params, args.set)
+    world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
+    if config.train.workers > 1 and not in_msrun():
+        command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
+        launch_workers(config.train.workers, command + (["--resume"] if args.resume else []),
+                       Path(config.train.checkpoint_dir) / WORKER_LOGS)
+        return
     result = fit(config, resume=args.resume)
-    log.info("trained %d epochs (%d steps); checkpoint %s", result.epochs, result.global_step, result.checkpoint)
+    if world.is_main:
+        log.info("trained %d epochs (%d steps); checkpoint %s", result.epochs, result.global_step, result.checkpoint)
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.checkpoint import CheckpointError
     from ddpm.config import ConfigError
     from ddpm.data import DataError
+    from ddpm.distributed import WorkerError
     from ddpm.runtime import DeviceError
 
     args = build_parser().parse_args(argv)
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             args.func(args)
-    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError, WorkerError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""Fashion-MNIST: verify the IDX files, then FashionMnistDataset -> flip -> [-1, 1] -> shuffle -> batch."""
+"""Fashion-MNIST: verify the IDX files, then FashionMnistDataset -> shuffle -> [-1, 1] -> batch (-> flip)."""
 from __future__ import annotations
 
 import gzip
@@ -96,23 +96,35 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
+def shard_order(order: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """One worker's part of every global batch, in order: the first B/world images of each batch go to
+    rank 0, the next to rank 1, ... (steps * B,) -> (steps * B / world,); world 1 keeps the order."""
+    steps, local = len(order) // batch_size, batch_size // world
+    batches = order[:steps * batch_size].reshape(steps, batch_size)  # (steps, B)
+    return batches[:, rank * local:(rank + 1) * local].ravel()
+
+
 def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limit: int = 0,
-                  flip: bool = True, num_workers: int = 1, usage: str = "train"):
-    """One epoch of (B, 1, 28, 28) float32 batches in [-1, 1], drop_remainder like the tutorial."""
+                  num_workers: int = 1, usage: str = "train", rank: int = 0, world: int = 1):
+    """One epoch of (B / world, 1, 28, 28) float32 batches in [-1, 1]: worker `rank`'s part of each
+    shuffled global batch of B, drop_remainder like the tutorial. Flips come later, per global batch
+    (`flip_horizontally`), so that every worker count sees the same augmentation."""
     import mindspore.dataset as ds
     from mindspore.dataset import vision
 
     size = TRAIN_SIZE if usage == "train" else TEST_SIZE
     num_images = min(limit, size) if limit else size
-    # Flip draws come from MindSpore's dataset seed; tying it to (seed, epoch) makes epochs replayable.
-    ds.config.set_seed(seed * 100_003 + epoch)
-    dataset = ds.FashionMnistDataset(str(root), usage=usage, sampler=ds.SubsetSampler(
-        epoch_order(num_images, seed, epoch).tolist()))
+    order = shard_order(epoch_order(num_images, seed, epoch), batch_size, rank, world)
+    dataset = ds.FashionMnistDataset(str(root), usage=usage, sampler=ds.SubsetSampler(order.tolist()))
     dataset = dataset.project(["image"])
-    ops = [vision.RandomHorizontalFlip()] if flip else []
-    ops += [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
+    ops = [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
     dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_workers)
-    return dataset.batch(batch_size, drop_remainder=True)
+    return dataset.batch(batch_size // world, drop_remainder=True)
+
+
+def flip_horizontally(x0: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Mirror the images whose entry in `flips` is True: (B, C, H, W), (B,) -> (B, C, H, W)."""
+    return np.where(flips[:, None, None, None], x0[..., ::-1], x0)
 
 
 def steps_per_epoch(limit: int, batch_size: int) -> int:

@@ -29,8 +29,7 @@ def evaluate_checkpoint(checkpoint: str, data_root: str, device: str = "auto", p
     ev = config.evaluate
     ts = t_grid(schedule.timesteps, ev.t_points)
     rng = np.random.default_rng(ev.seed)
-    dataset = build_dataset(data_root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, flip=False,
-                            usage="test")
+    dataset = build_dataset(data_root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, usage="test")
     squared_errors = {int(t): [] for t in ts}
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
     for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="evaluating", disable=not progress):

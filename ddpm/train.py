@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config
-from ddpm.data import build_dataset, steps_per_epoch, verify_dataset
+from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
+from ddpm.distributed import World, init_world
 from ddpm.runtime import select_device
 from ddpm.sampling import draw_samples
 from ddpm.unet import build_unet
@@ -28,12 +29,13 @@ from ddpm.unet import build_unet
 log = logging.getLogger(__name__)
 
 EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
+FLIP_PROBABILITY = 0.5  # random horizontal flip, as the tutorial's RandomHorizontalFlip
 KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
-RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "train.workers", "data.num_workers"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,16 +115,25 @@ def ema_decay_at(step: int, max_decay: float) -> float:
     return min(max_decay, (1 + step) / (EMA_RAMP + step))
 
 
-def make_train_step(net: nn.Cell, diffusion: GaussianDiffusion, optimizer: nn.Optimizer, ema: EMA | None):
-    """A jitted step: loss, gradients, Adam update, EMA update; returns the loss."""
+def make_train_step(net: nn.Cell, diffusion: GaussianDiffusion, optimizer: nn.Optimizer, ema: EMA | None,
+                    world: World = World()):
+    """A jitted step: loss, gradients (mean-reduced across data-parallel workers), Adam update, EMA
+    update; returns the loss of the global batch."""
     def forward_fn(x0, t, noise):
         return diffusion.training_loss(net, x0, t, noise)
 
     grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
+    parallel = world.size > 1
+    if parallel:
+        reduce_grads = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world.size)
+        sum_over_workers = ops.AllReduce()
 
     @ms.jit
     def train_step(x0, t, noise, ema_decay):
         loss, grads = grad_fn(x0, t, noise)
+        if parallel:  # equal local batches: the mean of the workers' means is the global batch's mean
+            grads = reduce_grads(grads)
+            loss = sum_over_workers(loss) / world.size
         loss = ops.depend(loss, optimizer(grads))
         if ema is not None:
             loss = ops.depend(loss, ema(optimizer.parameters, ema_decay))
@@ -134,8 +145,9 @@ def make_train_step(net: nn.Cell, diffusion: GaussianDiffusion, optimizer: nn.Op
 class Trainer:
     """The network, optimizer and EMA of one training run, and their checkpointed state."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, world: World = World()):
         self.config = config
+        self.world = world
         self.steps_per_epoch = steps_per_epoch(config.data.limit, config.train.batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.limit={config.data.limit} gives no full batch of {config.train.batch_size}")
@@ -145,7 +157,7 @@ class Trainer:
         self.lr = learning_rates(config.train, self.steps_per_epoch)
         self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
         self.ema = EMA(self.net.trainable_params()) if config.train.ema_decay > 0 else None
-        self.train_step = make_train_step(self.net, self.diffusion, self.optimizer, self.ema)
+        self.train_step = make_train_step(self.net, self.diffusion, self.optimizer, self.ema, world)
         self._sampling_net, self._predict = None, None
 
     def parameters(self) -> list[ms.Parameter]:
@@ -187,10 +199,14 @@ def resume_conflicts(saved: Config, current: Config) -> list[str]:
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:
     """Train `config.train.epochs` epochs, checkpointing each; with `resume`, continue after the
-    last complete epoch in `train.checkpoint_dir`."""
+    last complete epoch in `train.checkpoint_dir`. Under msrun (`ddpm.distributed`), every worker
+    calls this; rank 0 alone checkpoints and runs the callbacks."""
     select_device(config.train.device)
+    world = init_world(config.train.device)
     verify_dataset(config.data.root)
-    trainer = Trainer(config)
+    trainer = Trainer(config, world)
+    if not world.is_main:
+        callbacks, progress = (), False
     directory = Path(config.train.checkpoint_dir)
     start_epoch, global_step = 0, 0
     latest = ckpt.latest_checkpoint(directory)
@@ -209,7 +225,9 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     path = latest
     for epoch in range(start_epoch, config.train.epochs):
         metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress)
-        path = ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS)
+        path = ckpt.epoch_path(directory, epoch + 1)
+        if world.is_main:
+            ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS)
         end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
         for cb in callbacks:
             cb.on_epoch_end(end)
@@ -226,19 +244,26 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     """One pass over the data; returns the epoch's metrics and the new global step."""
     config = trainer.config
     data, train = config.data, config.train
-    rng = np.random.default_rng([train.seed, epoch, 1])  # t and noise, replayable per epoch
-    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit, data.flip, data.num_workers)
+    rng = np.random.default_rng([train.seed, epoch, 1])  # flips, t and noise, replayable per epoch
+    world = trainer.world
+    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit, data.num_workers,
+                            rank=world.rank, world=world.size)
+    mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
     trainer.net.set_train(True)
     losses = []
     started = time.perf_counter()
-    batches = dataset.create_tuple_iterator(num_epochs=1)
+    batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
     bar = tqdm(batches, total=trainer.steps_per_epoch, desc=f"epoch {epoch + 1}/{train.epochs}",
                unit="step", disable=not progress, leave=False)
     for (x0,) in bar:
-        t = rng.integers(0, trainer.diffusion.timesteps, size=(x0.shape[0],), dtype=np.int32)
-        noise = rng.standard_normal(x0.shape, dtype=np.float32)
+        shape = (train.batch_size, *x0.shape[1:])
+        flips = rng.random(train.batch_size) < FLIP_PROBABILITY if data.flip else np.zeros(train.batch_size, bool)
+        t = rng.integers(0, trainer.diffusion.timesteps, size=shape[:1], dtype=np.int32)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        x0 = flip_horizontally(x0, flips[mine])
         decay = ema_decay_at(global_step, train.ema_decay)
-        loss = float(trainer.train_step(x0, ms.Tensor(t), ms.Tensor(noise), ms.Tensor(decay, ms.float32)).asnumpy())
+        loss = float(trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]),
+                                        ms.Tensor(decay, ms.float32)).asnumpy())
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss} at epoch {epoch + 1}, step {global_step + 1}; no checkpoint was written for "

@@ -3,7 +3,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ddpm.data import DEBIAN_DATASET_DIR, FILES, DataError, build_dataset, install_dataset, verify_dataset
+from ddpm.data import (DEBIAN_DATASET_DIR, FILES, DataError, build_dataset, flip_horizontally, install_dataset,
+                       shard_order, verify_dataset)
 
 
 def test_real_dataset_verifies(fashion_root):
@@ -54,13 +55,30 @@ def batches(root, seed, epoch, **kw):
     return np.concatenate([b[0] for b in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)])
 
 
-def test_batches_are_scaled_flipped_and_replayable(fashion_root):
+def test_batches_are_scaled_shuffled_and_replayable(fashion_root):
     a = batches(fashion_root, 0, 0, num_workers=1)
     assert a.shape == (64, 1, 28, 28) and a.dtype == np.float32
     assert a.min() == pytest.approx(-1.0) and a.max() == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_array_equal(a, batches(fashion_root, 0, 0, num_workers=1))
+    np.testing.assert_array_equal(a, batches(fashion_root, 0, 0, num_workers=2))
     assert not np.array_equal(a, batches(fashion_root, 0, 1, num_workers=1))  # new epoch, new order
-    plain = batches(fashion_root, 0, 0, num_workers=1, flip=False)
-    flipped = [i for i in range(64) if not np.array_equal(a[i], plain[i])]
-    assert flipped and all(np.array_equal(a[i], plain[i][..., ::-1]) for i in flipped)
-    assert 10 < len(flipped) < 54  # about half
+
+
+def test_workers_split_every_global_batch_between_them(fashion_root):
+    whole = batches(fashion_root, 0, 3).reshape(4, 16, 1, 28, 28)  # (steps, B, ...)
+    parts = [batches(fashion_root, 0, 3, rank=r, world=2).reshape(4, 8, 1, 28, 28) for r in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_shard_order_partitions_each_batch_in_rank_order():
+    order = np.arange(10) * 7  # 2 batches of 4 and a remainder of 2, dropped
+    assert shard_order(order, 4).tolist() == [0, 7, 14, 21, 28, 35, 42, 49]
+    assert shard_order(order, 4, rank=0, world=2).tolist() == [0, 7, 28, 35]
+    assert shard_order(order, 4, rank=1, world=2).tolist() == [14, 21, 42, 49]
+
+
+def test_flip_mirrors_exactly_the_chosen_images():
+    x0 = np.random.default_rng(0).standard_normal((3, 1, 4, 5)).astype(np.float32)
+    out = flip_horizontally(x0, np.array([True, False, True]))
+    np.testing.assert_array_equal(out[0], x0[0][..., ::-1])
+    np.testing.assert_array_equal(out[1], x0[1])
+    np.testing.assert_array_equal(out[2, 0, :, 0], x0[2, 0, :, -1])

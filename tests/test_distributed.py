@@ -1,0 +1,48 @@
+"""Data-parallel training under msrun: two workers end with the weights one process gets at the same
+global batch, flips, t and noise included."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from ddpm import checkpoint as ckpt
+
+# Float32 sums in another order (the all-reduce, half-batch means), amplified a little by Adam's
+# normalisation over 8 steps; a real difference (a missed batch, other noise, no mean) is far larger.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def train(params, *sets: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm", "train", "--params", str(params),
+                           *(f"--set={s}" for s in sets)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def params(tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 2, "batch_size": 16, "ema_decay": 0.9, "lr": 2e-3})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
+
+
+def test_two_workers_equal_one_process_on_the_same_global_batch(params, tmp_path):
+    single = train(params, f"train.checkpoint_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    parallel = train(params, f"train.checkpoint_dir={tmp_path / 'two'}", "train.workers=2")
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "worker_logs").glob("worker_*.log")) == [
+        "worker_0.log", "worker_1.log"]
+    a = ckpt.load_checkpoint(tmp_path / "one" / "epoch_0002.ckpt")
+    b = ckpt.load_checkpoint(tmp_path / "two" / "epoch_0002.ckpt")
+    assert a.global_step == b.global_step == 8  # 64 images / global batch 16 x 2 epochs
+    assert set(a.params) == set(b.params) and any(k.startswith("ema.") for k in a.params)
+    for name in a.params:
+        np.testing.assert_allclose(b.params[name].asnumpy(), a.params[name].asnumpy(), rtol=RTOL, atol=ATOL,
+                                   err_msg=name)
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_refused(params):
+    result = train(params, "train.workers=3")
+    assert result.returncode == 2 and "does not split evenly over train.workers=3" in result.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 from ddpm.checkpoint import CheckpointError
 from ddpm.config import ConfigError
 from ddpm.data import DataError
+from ddpm.distributed import WorkerError
 
 from flows import steps
 from flows.config import load_params
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
         else:
             steps.register(pipeline, repo, steps.Trained.load(repo))
-    except (ConfigError, DataError, CheckpointError, TrackingError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrackingError, FileNotFoundError, FloatingPointError,
+            WorkerError) as e:
         log.error("%s", e)
         return 2
     return 0

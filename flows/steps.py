@@ -18,6 +18,7 @@ from ddpm.train import Callback, fit
 
 from flows.config import PipelineConfig
 from flows.data import dvc_data_hash
+from flows.parallel import fit_on_workers
 from flows.registry import Registration, register_model
 from flows.tracking import MlflowLogger, git_commit, start_run
 
@@ -77,6 +78,12 @@ def should_resume(checkpoint_dir: Path) -> bool:
     return False
 
 
+def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
+    """MLflow logging (per step, per epoch, sample grids) and the DVC loss plot."""
+    return [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.sample.num,
+                         config.sample.seed), LossCsv(repo / LOSS_CSV)]
+
+
 def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,
           progress: bool = True) -> Trained:
     """Train with MLflow tracking, resuming an interrupted training in train.checkpoint_dir; a
@@ -87,10 +94,11 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id
     run_id = start_run(config, pipeline, tags, resume)
-    callbacks = [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.sample.num,
-                              config.sample.seed), LossCsv(repo / LOSS_CSV)]
     try:
-        result = fit(config, callbacks, resume=resume, progress=progress)
+        if config.train.workers > 1:
+            result = fit_on_workers(config, pipeline, repo, run_id, resume)
+        else:
+            result = fit(config, training_callbacks(config, pipeline, repo), resume=resume, progress=progress)
     except BaseException as e:
         mlflow.set_tag("failure", f"{type(e).__name__}: {e}"[:5000])
         mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")

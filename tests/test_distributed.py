@@ -1,5 +1,6 @@
 """Data-parallel training under msrun: two workers end with the weights one process gets at the same
 global batch, flips, t and noise included."""
+import json
 import subprocess
 import sys
 
@@ -46,3 +47,25 @@ def test_two_workers_equal_one_process_on_the_same_global_batch(params, tmp_path
 def test_a_batch_that_does_not_split_over_the_workers_is_refused(params):
     result = train(params, "train.workers=3")
     assert result.returncode == 2 and "does not split evenly over train.workers=3" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_trains_on_two_workers_into_one_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from tests.test_pipeline import make_project, run
+
+    repo = make_project(tmp_path)
+    uri = f"sqlite:///{repo / 'mlflow.db'}"  # the embedded default store, shared by the workers
+    result = run([sys.executable, "-m", "flows.pipeline", "--set", "train.workers=2"], repo, {"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    client = MlflowClient(uri)
+    run_ = client.get_run(summary["run_id"])
+    assert run_.info.status == "FINISHED" and run_.data.params["train.workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")] == list(range(1, 9))
+    images = [a.path for a in client.list_artifacts(run_.info.run_id, "images")]
+    assert any("samples+step+2+" in p for p in images)
+    assert client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate").run_id == run_.info.run_id
+    assert len(client.search_runs([run_.info.experiment_id])) == 1

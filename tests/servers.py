@@ -49,12 +49,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def start_mlflow(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                     "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                     "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-                    f"http://127.0.0.1:{port}/health", workdir / "mlflow.log")
-    return process, f"http://127.0.0.1:{port}"
+    return start_mlflow_on(workdir, f"sqlite:///{workdir / 'mlflow.db'}")
 
 
 def prefect_env(workdir: Path, port: int) -> dict[str, str]:
@@ -68,3 +63,52 @@ def start_prefect(workdir: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     process = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                     f"http://127.0.0.1:{port}/api/health", workdir / "prefect.log", env)
     return process, env
+
+
+POSTGRES_USER = "postgres"  # PostgreSQL refuses to run as root; Debian's package creates this user
+
+
+def postgres_bin() -> Path:
+    """The newest Debian PostgreSQL server binaries (package `postgresql`)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `apt-get install -y postgresql`")
+    return found[-1].parent
+
+
+def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Path]:
+    """A throwaway PostgreSQL cluster on loopback; returns the server, a SQLAlchemy URI and its directory."""
+    import pwd
+    import tempfile
+
+    bin_dir = postgres_bin()
+    as_user = ["runuser", "-u", POSTGRES_USER, "--"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="ddpm-pg-"))  # not under pytest's root-only tmp: the server's user reads it
+    if as_user:
+        user = pwd.getpwnam(POSTGRES_USER)
+        os.chown(home, user.pw_uid, user.pw_gid)
+    data = home / "data"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", database],
+                   check=True, capture_output=True)
+    port = free_port()
+    process = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(home),
+                                "-c", "listen_addresses=127.0.0.1"], stdout=open(home / "postgres.log", "w"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True).returncode != 0:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL did not start:\n{(home / 'postgres.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", database, database],
+                   check=True, capture_output=True)
+    return process, f"postgresql+psycopg2://{database}@127.0.0.1:{port}/{database}", home
+
+
+def start_mlflow_on(workdir: Path, backend_uri: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with the given backend store (e.g. PostgreSQL) and local artifacts."""
+    port = free_port()
+    process = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--backend-store-uri", backend_uri, "--artifacts-destination", str(workdir / "artifacts"),
+                     "--workers", "1"], f"http://127.0.0.1:{port}/health", workdir / "mlflow.log")
+    return process, f"http://127.0.0.1:{port}"

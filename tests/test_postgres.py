@@ -1,0 +1,47 @@
+"""Integration: the pipeline against `mlflow server` on a real PostgreSQL backend store (loopback)."""
+import json
+import shutil
+import sys
+
+import pytest
+import sqlalchemy
+from mlflow import MlflowClient
+
+from tests import servers
+from tests.test_pipeline import make_project, run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def mlflow_on_postgres(tmp_path):
+    postgres, backend, home = servers.start_postgres()
+    mlflow_server = None
+    try:
+        mlflow_server, uri = servers.start_mlflow_on(tmp_path, backend)
+        yield uri, backend
+    finally:
+        if mlflow_server is not None:
+            servers.stop(mlflow_server)
+        servers.stop(postgres)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_pipeline_tracks_and_registers_on_postgresql(mlflow_on_postgres, tmp_path):
+    uri, backend = mlflow_on_postgres
+    repo = make_project(tmp_path)
+    result = run([sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=1"], repo, {"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    client = MlflowClient(uri)
+    run_ = client.get_run(summary["run_id"])
+    assert run_.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate").run_id == run_.info.run_id
+    promoted = run([sys.executable, "-m", "flows.promote"], repo, {"MLFLOW_TRACKING_URI": uri})
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert client.get_model_version_by_alias("ddpm-fashion-mnist", "champion").version == summary["version"]
+    with sqlalchemy.create_engine(backend).connect() as db:  # it is PostgreSQL that holds them
+        assert db.execute(sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"),
+                          {"id": run_.info.run_id}).scalar_one() == "FINISHED"
+        assert db.execute(sqlalchemy.text("SELECT count(*) FROM model_versions")).scalar_one() == 1

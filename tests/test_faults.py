@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -146,7 +145,7 @@ def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp
     assert_resumed_exactly(project, tmp_path, client)
 
 
-def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, monkeypatch, caplog):
+def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, monkeypatch, mlflow_state, caplog):
     import ddpm.train
 
     build = ddpm.train.build_unet
@@ -159,13 +158,9 @@ def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, m
 
     monkeypatch.setattr(ddpm.train, "build_unet", poisoned)
     monkeypatch.chdir(project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    try:
-        assert stages.main(["train"]) == 2
-        assert "loss is nan at epoch 1, step 1" in caplog.text
-        assert stages.main(["register"]) == 2  # there is no trained model to register
-    finally:
-        mlflow.set_tracking_uri(None)
+    assert stages.main(["train"]) == 2
+    assert "loss is nan at epoch 1, step 1" in caplog.text
+    assert stages.main(["register"]) == 2  # there is no trained model to register
     client = store(project)
     [failed] = runs_of(client)
     assert failed.info.status == "FAILED"
@@ -175,21 +170,17 @@ def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, m
     assert ckpt.list_checkpoints(project / "checkpoints") == []
 
 
-def test_damaged_data_fails_before_any_run_is_created(project, monkeypatch, caplog):
+def test_damaged_data_fails_before_any_run_is_created(project, monkeypatch, mlflow_state, caplog):
     labels = project / "data" / "fashion-mnist" / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-100])
     monkeypatch.chdir(project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    try:
-        assert stages.main(["train"]) == 2
-    finally:
-        mlflow.set_tracking_uri(None)
+    assert stages.main(["train"]) == 2
     assert str(labels) in caplog.text and FILES["train-labels-idx1-ubyte"] in caplog.text  # file, expected hash
     assert "sha256 " in caplog.text.split(str(labels))[1]  # and the actual one
     assert runs_of(store(project)) == [] and not (project / "checkpoints").exists()
 
 
-def test_invalid_params_are_one_error_before_anything_starts(project, monkeypatch, caplog):
+def test_invalid_params_are_one_error_before_anything_starts(project, monkeypatch, mlflow_state, caplog):
     monkeypatch.chdir(project)
     assert pipeline.main(["--set", "train.lr=fast", "--set", "train.bogus=1", "--set", "model.dim=3",
                           "--set", "workspace.lock_timeout=-1", "--set", "epochs"]) == 2
@@ -201,7 +192,8 @@ def test_invalid_params_are_one_error_before_anything_starts(project, monkeypatc
     assert not (project / "mlflow.db").exists() and not (project / "checkpoints").exists()
 
 
-def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training(project, monkeypatch, caplog):
+def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training(project, monkeypatch, mlflow_state,
+                                                                                 caplog):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{servers.free_port()}")
     started = time.monotonic()

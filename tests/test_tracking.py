@@ -24,13 +24,11 @@ def database(tmp_path_factory):
 
 
 @pytest.fixture
-def pipeline(database, request, monkeypatch):
+def pipeline(database, request, mlflow_state):
     """The store, with an experiment of the test's own."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, pipeline = params_from_dict({"tracking": {"uri": f"sqlite:///{database}", "experiment": request.node.name}})
     connect(pipeline)
-    yield pipeline
-    mlflow.set_tracking_uri(None)
+    return pipeline
 
 
 def epoch_end(epoch: int) -> EpochEnd:
@@ -117,8 +115,7 @@ def test_resuming_a_run_the_store_lacks_names_the_run_and_the_fix(pipeline, tmp_
         start_run(config, pipeline, {}, resume=True)
 
 
-def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(mlflow_state):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()  # the kernel accepts connections; nobody ever answers

@@ -6,6 +6,7 @@ renamed into place, so a crash leaves either the previous file or the new one, n
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.ckpt$")
 META_PREFIX = "meta."  # keeps metadata apart from tensor names such as Adam's "global_step"
 META_KEYS = ("format_version", "config_yaml", "epoch", "global_step")
+METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoints still load
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
@@ -38,6 +40,7 @@ class Checkpoint:
     epoch: int  # number of completed epochs
     global_step: int
     params: dict  # name -> Parameter, for net ("..."), optimizer ("moment1.*", ...) and EMA ("ema.*")
+    metrics: dict = dataclasses.field(default_factory=dict)  # of the epoch that ended here
 
 
 def epoch_path(directory: str | Path, epoch: int) -> Path:
@@ -45,13 +48,13 @@ def epoch_path(directory: str | Path, epoch: int) -> Path:
 
 
 def save_checkpoint(directory: str | Path, parameters: list, config: Config, epoch: int,
-                    global_step: int, keep: int) -> Path:
+                    global_step: int, keep: int, metrics: dict[str, float] | None = None) -> Path:
     """Write epoch_NNNN.ckpt atomically, then drop all but the newest `keep` epochs."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = epoch_path(directory, epoch)
     tmp = directory / f".{final.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
-    meta = _meta(config, epoch, global_step)
+    meta = {**_meta(config, epoch, global_step), META_PREFIX + METRICS_KEY: json.dumps(metrics or {})}
     ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(tmp),
                        append_dict=meta, crc_check=True)
     os.replace(tmp, final)
@@ -89,11 +92,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: not written by ddpm")
     meta = {k: params.pop(META_PREFIX + k) for k in META_KEYS}
+    metrics = json.loads(_scalar(params.pop(META_PREFIX + METRICS_KEY, "{}")))
     version = int(_scalar(meta["format_version"]))
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}, this ddpm reads {FORMAT_VERSION}")
     config = config_from_dict(yaml.safe_load(_scalar(meta["config_yaml"])))
-    return Checkpoint(path, config, int(_scalar(meta["epoch"])), int(_scalar(meta["global_step"])), params)
+    return Checkpoint(path, config, int(_scalar(meta["epoch"])), int(_scalar(meta["global_step"])), params, metrics)
 
 
 def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:

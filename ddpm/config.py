@@ -158,7 +158,7 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 # Sections of params.yaml that the pipeline (flows/) reads and validates; ddpm leaves them alone.
-PIPELINE_SECTIONS = ("fetch", "tracking", "registry")
+PIPELINE_SECTIONS = ("fetch", "tracking", "registry", "workspace")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),

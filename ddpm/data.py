@@ -38,21 +38,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_dataset(root: str | Path) -> None:
-    """Check every IDX file against its known SHA-256; raise one DataError naming each bad file."""
+def dataset_problems(root: str | Path) -> dict[Path, str]:
+    """Each IDX file in `root` that is missing or does not match its known SHA-256: what is wrong, both hashes."""
     root = Path(root)
-    problems = []
+    problems = {}
     for name, expected in FILES.items():
         path = root / name
         if not path.is_file():
-            problems.append(f"{path}: missing (expected sha256 {expected})")
+            problems[path] = f"{path}: missing (expected sha256 {expected})"
             continue
         actual = sha256_of(path)
         if actual != expected:
-            problems.append(f"{path}: sha256 {actual}, expected {expected} "
-                            f"({path.stat().st_size} bytes; truncated or altered)")
+            problems[path] = (f"{path}: sha256 {actual}, expected {expected} "
+                              f"({path.stat().st_size} bytes; truncated or altered)")
+    return problems
+
+
+def verify_dataset(root: str | Path) -> None:
+    """Check every IDX file against its known SHA-256; raise one DataError naming each bad file."""
+    problems = dataset_problems(root)
     if problems:
-        raise DataError("Fashion-MNIST check failed:\n  " + "\n  ".join(problems) +
+        raise DataError("Fashion-MNIST check failed:\n  " + "\n  ".join(problems.values()) +
                         f"\nFetch a clean copy: `ddpm fetch-data --root {root}` "
                         "(or `python -m flows.data` to pull it through DVC).")
 

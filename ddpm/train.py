@@ -49,7 +49,8 @@ class EpochEnd:
     global_step: int
     metrics: dict[str, float]
     checkpoint: Path
-    draw_samples: Callable[..., np.ndarray]  # (num, seed) -> (num, C, H, W) in [-1, 1], EMA weights if any
+    # (num, seed) -> (num, C, H, W) in [-1, 1], with the weights (EMA if any) of when it is called
+    draw_samples: Callable[..., np.ndarray]
 
 
 class Callback:
@@ -60,6 +61,10 @@ class Callback:
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None: ...
 
     def on_epoch_end(self, end: EpochEnd) -> None: ...
+
+    def on_resume(self, last: EpochEnd) -> None:
+        """Resuming after `last`, the newest checkpointed epoch: its checkpoint is written before
+        `on_epoch_end`, so a crash in between leaves that epoch unreported; catch up here."""
 
     def on_train_end(self, result: "FitResult") -> None: ...
 
@@ -208,26 +213,31 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     if not world.is_main:
         callbacks, progress = (), False
     directory = Path(config.train.checkpoint_dir)
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, metrics = 0, 0, {}
     latest = ckpt.latest_checkpoint(directory)
     if resume and latest is not None:
         state = ckpt.load_checkpoint(latest)
         trainer.restore(state)
-        start_epoch, global_step = state.epoch, state.global_step
+        start_epoch, global_step, metrics = state.epoch, state.global_step, state.metrics
         log.info("resuming from %s: %d epochs done", latest, start_epoch)
     elif latest is not None:
         raise FileExistsError(f"{directory} already holds checkpoints ({latest.name}); pass --resume "
                               "to continue that run, or set train.checkpoint_dir to a new directory")
     for cb in callbacks:
         cb.on_train_start(config, start_epoch, trainer.steps_per_epoch)
+    if start_epoch:
+        last = EpochEnd(start_epoch - 1, global_step, metrics, latest, make_sampler(trainer))
+        for cb in callbacks:
+            cb.on_resume(last)
 
-    metrics: dict[str, float] = {}
     path = latest
     for epoch in range(start_epoch, config.train.epochs):
         metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress)
+        # Checkpoint before the callbacks report the epoch: a crash while they do loses no training.
         path = ckpt.epoch_path(directory, epoch + 1)
         if world.is_main:
-            ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS)
+            ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS,
+                                 metrics)
         end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
         for cb in callbacks:
             cb.on_epoch_end(end)

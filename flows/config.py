@@ -55,10 +55,19 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class WorkspaceConfig:
+    lock_timeout: float = 600.0  # seconds a second pipeline in this checkout waits before it is refused
+
+    def check(self) -> list[str]:
+        return [] if self.lock_timeout >= 0 else [f"workspace.lock_timeout: must be >= 0, got {self.lock_timeout}"]
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
 
     @property
     def tracking_uri(self) -> str:
@@ -79,6 +88,10 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
     return params_from_dict(raw, overrides)
 
 
@@ -87,7 +100,11 @@ def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tupl
     errors = apply_overrides(raw, [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS])
     sections = {}
     for f in dataclasses.fields(PipelineConfig):
-        section_errors, section = build_section(f.name, f.default_factory, raw.get(f.name) or {})
+        values = raw.get(f.name) or {}
+        if not isinstance(values, dict):
+            errors.append(f"{f.name}: must be a mapping, got {values!r}")
+            values = {}
+        section_errors, section = build_section(f.name, f.default_factory, values)
         errors += section_errors + section.check()
         sections[f.name] = section
     ml_overrides = [o for o in overrides if o.split(".", 1)[0] not in PIPELINE_SECTIONS]

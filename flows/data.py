@@ -1,19 +1,24 @@
 """DVC-versioned Fashion-MNIST: pull it from the DVC remote, or bootstrap it from an upstream
 source, verify it against both our SHA-256 list and data.dvc, and push it to the remote.
 
-`python -m flows.data` is the first stage of dvc.yaml and the first task of the Prefect flow.
+A damaged file in the workspace is replaced by DVC's copy (with a warning naming it and both
+hashes); a damaged copy in DVC's cache is an error naming the cache file and both hashes, never a
+quiet fallback to upstream. `python -m flows.data` is the first stage of dvc.yaml and the first
+task of the Prefect flow.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
-from ddpm.data import FILES, DataError, install_dataset, verify_dataset
+from ddpm.config import ConfigError
+from ddpm.data import FILES, HASH_CHUNK, DataError, dataset_problems, install_dataset
 
 from flows.config import load_params
 
@@ -55,11 +60,25 @@ def fetch_data(repo: str | Path, data_root: str, sources: tuple[str, ...], remot
 
 def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> str:
     remote_args = ("-r", remote) if remote else ()
-    if _verified(root) and _matches(repo):
+    damage = dataset_problems(root)
+    if not damage and _matches(repo):
         return "workspace"
+    damaged = [path for path in damage if path.is_file()]
+    if damaged:  # known-bad copies: delete them, so that DVC (whose state cache may vouch for them) restores them
+        log.warning("damaged data in the workspace:\n  %s\nreplacing it with the version %s records, from DVC",
+                    "\n  ".join(damage[path] for path in damaged), DATA_DVC)
+        for path in damaged:
+            path.unlink()
     pulled = dvc("pull", *remote_args, DATA_DVC, cwd=repo)
-    if pulled.returncode == 0 and _verified(root) and _matches(repo):
-        return "dvc-remote"
+    if pulled.returncode == 0:
+        damage = dataset_problems(root)
+        if not damage and _matches(repo):
+            return "dvc-remote"
+        if damage:
+            problems = [*damage.values(), *damaged_cache_files(repo)]
+            raise DataError("DVC gave back damaged data:\n  " + "\n  ".join(problems) +
+                            "\nDelete the damaged DVC cache file(s) and rerun to pull a good copy from the DVC "
+                            "remote; if that copy is damaged too, `dvc push` a good one from a machine that has it.")
     log.info("not on the DVC remote (%s); bootstrapping from upstream", pulled.stderr.strip().splitlines()[-1:])
     errors = []
     for source in sources:
@@ -86,12 +105,27 @@ def _matches(repo: Path) -> bool:
     return recorded == actual
 
 
-def _verified(root: Path) -> bool:
-    try:
-        verify_dataset(root)
-        return True
-    except DataError:
-        return False
+def damaged_cache_files(repo: Path) -> list[str]:
+    """DVC cache files of data.dvc whose content does not hash to their name (DVC trusts its cache)."""
+    from dvc.repo import Repo
+
+    damaged = []
+    with contextlib.chdir(repo), Repo(str(repo)) as dvc_repo:
+        out = dvc_repo.stage.load_one(DATA_DVC).outs[0]
+        for key, _, hash_info in out.get_obj() or ():
+            path = Path(out.cache.oid_to_path(hash_info.value))
+            actual = _md5_of(path) if path.is_file() else "missing"
+            if actual != hash_info.value:
+                damaged.append(f"DVC cache file {path} ({'/'.join(key)}): md5 {actual}, expected {hash_info.value}")
+    return damaged
+
+
+def _md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, pipeline = load_params(args.params)
     try:
+        config, pipeline = load_params(args.params)
         origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         log.error("%s", e)
         return 2
     log.info("Fashion-MNIST ready in %s (from %s)", config.data.root, origin)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ddpm.checkpoint import CheckpointError
+from ddpm.config import ConfigError
+from ddpm.data import DataError
+from ddpm.distributed import WorkerError
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -25,12 +29,23 @@ from prefect.runtime import flow_run
 from flows import PROJECT_LOGGERS, steps
 from flows.config import load_params
 from flows.data import fetch_data
-from flows.tracking import connect, run_url
+from flows.tracking import TrackingError, connect, run_url
+from flows.workspace import WorkspaceBusy, hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
+# What main() reports as one clear line (exit 2) rather than a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError, WorkspaceBusy, FileExistsError,
+               FloatingPointError, WorkerError)
+
+log = logging.getLogger("flows.pipeline")
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=5)
+def transient(task, task_run, state) -> bool:
+    """Retry I/O failures, not data that was fetched and found corrupt: that fails the same way again."""
+    return not isinstance(state.data, DataError)
+
+
+@task(retries=IO_RETRIES, retry_delay_seconds=5, retry_condition_fn=transient)
 def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> str:
     origin = fetch_data(repo, data_root, sources, remote)
     get_run_logger().info("Fashion-MNIST ready in %s (from %s)", data_root, origin)
@@ -67,11 +82,12 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
     config, pipeline = load_params(params, sets)  # invalid params fail here, before any work
     connect(pipeline)  # and so does an unreachable tracking server
-    fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-    trained = train(params, sets, repo)
-    metrics = evaluate(params, sets, repo, trained)
-    registration = register(params, sets, repo, trained)
-    publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))
+    with hold_workspace(Path(repo), pipeline, str(flow_run.id)):  # one pipeline at a time in this checkout
+        fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
+        trained = train(params, sets, repo)
+        metrics = evaluate(params, sets, repo, trained)
+        registration = register(params, sets, repo, trained)
+        publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
     return {"run_id": trained.run_id, "eval_loss": metrics["eval_loss"], **registration}
 
 
@@ -114,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
-    result = ddpm_pipeline(overrides, args.params)
+    try:
+        _, pipeline = load_params(args.params, args.set)  # before Prefect starts anything
+        connect(pipeline)
+        overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+        result = ddpm_pipeline(overrides, args.params)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        return 2
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

@@ -15,6 +15,7 @@ from ddpm.distributed import WorkerError
 from flows import steps
 from flows.config import load_params
 from flows.tracking import TrackingError, connect
+from flows.workspace import WorkspaceBusy, hold_workspace
 
 log = logging.getLogger("flows.stages")
 
@@ -30,14 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, pipeline = load_params(args.params)
         connect(pipeline)
-        if args.stage == "train":
-            steps.train(config, pipeline, repo)
-        elif args.stage == "evaluate":
-            steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
-        else:
-            steps.register(pipeline, repo, steps.Trained.load(repo))
-    except (ConfigError, DataError, CheckpointError, TrackingError, FileNotFoundError, FloatingPointError,
-            WorkerError) as e:
+        with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
+            if args.stage == "train":
+                steps.train(config, pipeline, repo)
+            elif args.stage == "evaluate":
+                steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
+            else:
+                steps.register(pipeline, repo, steps.Trained.load(repo))
+    except (ConfigError, DataError, CheckpointError, TrackingError, WorkspaceBusy, FileNotFoundError,
+            FloatingPointError, WorkerError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 from ddpm.checkpoint import list_checkpoints
 from ddpm.config import Config
+from ddpm.data import verify_dataset
 from ddpm.evaluate import evaluate_checkpoint
 from ddpm.train import Callback, fit
 
@@ -20,7 +21,7 @@ from flows.config import PipelineConfig
 from flows.data import dvc_data_hash
 from flows.parallel import fit_on_workers
 from flows.registry import Registration, register_model
-from flows.tracking import MlflowLogger, git_commit, start_run
+from flows.tracking import FAILURE_TAG, WORKSPACE_TAG, MlflowLogger, git_commit, start_run, workspace_id
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,20 @@ class Trained:
 
 
 class LossCsv(Callback):
-    """Appends step,train_loss rows for `dvc plots`; a fresh run starts a fresh file."""
+    """Appends step,train_loss rows for `dvc plots`; a fresh run starts a fresh file, a resumed one
+    drops the rows past its checkpoint (the interrupted epoch runs again)."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_epoch == 0 or not self.path.is_file():
-            self.path.write_text("step,train_loss\n")
+        kept = []
+        if start_epoch and self.path.is_file():
+            with open(self.path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start_epoch * steps_per_epoch]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([["step", "train_loss"], *kept])
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
@@ -67,7 +73,7 @@ class LossCsv(Callback):
 
 def should_resume(checkpoint_dir: Path) -> bool:
     """Resume an interrupted training; start afresh after a completed one (whose model is logged),
-    clearing its checkpoints as `dvc repro` would."""
+    clearing its checkpoints (dvc.yaml persists them, so that DVC too resumes an interrupted one)."""
     if (checkpoint_dir / COMPLETE_MARKER).is_file():
         log.info("%s holds a completed training; starting a new one", checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
@@ -87,10 +93,11 @@ def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> 
 def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,
           progress: bool = True) -> Trained:
     """Train with MLflow tracking, resuming an interrupted training in train.checkpoint_dir; a
-    failure ends the run FAILED with the reason as a tag."""
+    failure ends the run FAILED with the reason as a tag. Damaged data fails before any run exists."""
+    verify_dataset(repo / config.data.root)
     checkpoint_dir = repo / config.train.checkpoint_dir
     resume = should_resume(checkpoint_dir)
-    tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo)}
+    tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo), WORKSPACE_TAG: workspace_id(repo)}
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id
     run_id = start_run(config, pipeline, tags, resume)
@@ -100,7 +107,7 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
         else:
             result = fit(config, training_callbacks(config, pipeline, repo), resume=resume, progress=progress)
     except BaseException as e:
-        mlflow.set_tag("failure", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.set_tag(FAILURE_TAG, f"{type(e).__name__}: {e}"[:5000])
         mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run()

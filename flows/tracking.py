@@ -1,7 +1,14 @@
-"""MLflow run handling and the per-epoch callback that logs metrics and sample grids."""
+"""MLflow run handling and the per-epoch callback that logs metrics and sample grids.
+
+A training survives a crash in one MLflow run: the run id is kept beside the checkpoints, a
+resumed training reopens that run, and the logger skips whatever the run already holds, so every
+step and every epoch is logged exactly once however often the training was interrupted.
+"""
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -11,12 +18,18 @@ import mlflow
 from ddpm.config import Config
 from ddpm.images import make_grid
 from ddpm.train import Callback, EpochEnd, FitResult
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from flows.config import PipelineConfig, flatten
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"  # beside the checkpoints, so a resumed training continues its run
+WORKSPACE_TAG = "workspace"  # host:path of the checkout that owns a run
+FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
+RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
+SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 
 
 class TrackingError(RuntimeError):
@@ -31,11 +44,11 @@ def connect(pipeline: PipelineConfig) -> str:
         try:
             with urllib.request.urlopen(health, timeout=pipeline.tracking.connect_timeout) as response:
                 response.read()
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}). Start it "
-                f"(`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to use "
-                f"the local default {pipeline.tracking.uri}.") from None
+                f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e) or type(e).__name__}). "
+                f"Start it (`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to "
+                f"use the local default {pipeline.tracking.uri}.") from None
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(pipeline.tracking.experiment)
     return uri
@@ -46,20 +59,61 @@ def git_commit(repo: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+def workspace_id(repo: Path) -> str:
+    """Which checkout a run belongs to: its runs are tagged with this."""
+    return f"{socket.gethostname()}:{Path(repo).resolve()}"
+
+
+def end_stale_runs(pipeline: PipelineConfig, repo: Path) -> list[str]:
+    """End KILLED this workspace's runs still RUNNING: their process died without ending them.
+    Only call this holding the workspace lock, when no live process of this workspace has a run open."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(pipeline.tracking.experiment)
+    if experiment is None:
+        return []
+    owner = workspace_id(repo)
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    stale = [run.info.run_id for run in running if run.data.tags.get(WORKSPACE_TAG) == owner]
+    for run_id in stale:
+        client.set_tag(run_id, FAILURE_TAG, "interrupted: its process died without ending the run")
+        client.set_terminated(run_id, "KILLED")
+        log.warning("MLflow run %s was left RUNNING by a process that died; ended it KILLED", run_id)
+    return stale
+
+
 def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], resume: bool) -> str:
     """Start the training run (or reopen the one the checkpoints belong to) and log every param."""
     connect(pipeline)
     run_file = Path(config.train.checkpoint_dir) / RUN_ID_FILE
     run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
-    run = mlflow.start_run(run_id=run_id, tags=tags)
     if run_id is None:
+        run = mlflow.start_run(tags=tags)
         mlflow.log_params(flatten(config.to_dict()))
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
     else:
+        run = reopen_run(run_id, run_file, pipeline)
         mlflow.set_tags(tags)
     log.info("MLflow run %s in experiment %s", run.info.run_id, pipeline.tracking.experiment)
     return run.info.run_id
+
+
+def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.ActiveRun:
+    """Continue an interrupted training's run: it no longer failed, it resumed."""
+    client = MlflowClient()
+    try:
+        previous = client.get_run(run_id)
+        run = mlflow.start_run(run_id=run_id)
+    except MlflowException as e:
+        raise TrackingError(
+            f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {pipeline.tracking_uri} "
+            f"cannot reopen ({e.message}). Point MLFLOW_TRACKING_URI at the store that holds it, or delete "
+            f"{run_file.parent} to start a new training.") from None
+    if FAILURE_TAG in previous.data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+    mlflow.set_tag(RESUMED_TAG, int(previous.data.tags.get(RESUMED_TAG, 0)) + 1)
+    log.info("resuming MLflow run %s (was %s)", run_id, previous.info.status)
+    return run
 
 
 def run_url(pipeline: PipelineConfig, run_id: str) -> str:
@@ -70,25 +124,58 @@ def run_url(pipeline: PipelineConfig, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
 
+def logged_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def logged_image_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
+    """Steps of the images logged under `key` (MLflow names them images/<key>+step+<n>+...)."""
+    names = (a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, "images"))
+    return {int(parts[2]) for parts in (n.split("+") for n in names)
+            if len(parts) > 2 and parts[0] == key and parts[1] == "step"}
+
+
 class MlflowLogger(Callback):
-    """Logs train_loss and lr per step, epoch metrics, and a sample grid per epoch (the UI's image slider)."""
+    """Logs train_loss and lr per step, epoch metrics, and a sample grid per epoch (the UI's image
+    slider), each once: on a resumed run it skips the steps and epochs the run already holds."""
 
     def __init__(self, log_every: int, sample_every: int, num_samples: int, seed: int):
         self.log_every = log_every
         self.sample_every = sample_every
         self.num_samples = num_samples
         self.seed = seed
+        self.steps_per_epoch = 0
+        self.done_steps: set[int] = set()
+        self.done_epochs: set[int] = set()
+        self.done_grids: set[int] = set()
+
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
+        client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+        self.steps_per_epoch = steps_per_epoch
+        self.done_steps = logged_steps(client, run_id, "train_loss")
+        self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")
+        self.done_grids = logged_image_steps(client, run_id, SAMPLES_KEY)
+        if self.done_steps:
+            log.info("run %s already holds %d steps and %d epochs; they will not be logged again",
+                     run_id, len(self.done_steps), len(self.done_epochs))
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
-        if global_step % self.log_every == 0:
+        if global_step % self.log_every == 0 and global_step not in self.done_steps:
             mlflow.log_metrics(metrics, step=global_step, synchronous=False)
+        if global_step % self.steps_per_epoch == 0:
+            mlflow.flush_async_logging()  # an epoch's steps are stored before its checkpoint is written
 
     def on_epoch_end(self, end: EpochEnd) -> None:
-        mlflow.log_metrics({"epoch": end.epoch + 1, **end.metrics}, step=end.epoch + 1, synchronous=False)
-        if self.sample_every and (end.epoch + 1) % self.sample_every == 0:
+        step = end.epoch + 1
+        if step not in self.done_epochs:
+            mlflow.log_metrics({"epoch": step, **end.metrics}, step=step, synchronous=False)
+        if self.sample_every and step % self.sample_every == 0 and step not in self.done_grids:
             grid = make_grid(end.draw_samples(self.num_samples, self.seed))
-            mlflow.log_image(grid, key="samples", step=end.epoch + 1, synchronous=True)
+            mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
         mlflow.flush_async_logging()
+
+    def on_resume(self, last: EpochEnd) -> None:
+        self.on_epoch_end(last)
 
     def on_train_end(self, result: FitResult) -> None:
         mlflow.flush_async_logging()

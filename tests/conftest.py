@@ -1,4 +1,5 @@
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def tiny_config(fashion_root, tmp_path):
             raw[name] = {**raw.get(name, {}), **values}
         return config_from_dict(raw)
     return make
+
+
+@pytest.fixture
+def mlflow_state(monkeypatch):
+    """Leave MLflow's process-wide tracking URI and active experiment (both set by
+    `flows.tracking.connect`, the experiment also in os.environ) as they were."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    saved = {key: os.environ.pop(key, None) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    yield
+    mlflow.set_tracking_uri(None)
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value

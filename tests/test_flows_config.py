@@ -36,3 +36,17 @@ def test_environment_overrides_service_addresses(monkeypatch):
 
 def test_flatten():
     assert flatten({"train": {"lr": 1, "x": {"y": 2}}, "a": 3}) == {"train.lr": 1, "train.x.y": 2, "a": 3}
+
+
+def test_unreadable_params_are_a_config_error_not_a_traceback(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: {epochs: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad_yaml)
+    not_sections = tmp_path / "list.yaml"
+    not_sections.write_text("- train\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(not_sections)
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"tracking": "http://x", "workspace": {"lock_timeout": -1}})
+    assert "tracking: must be a mapping" in str(info.value) and "workspace.lock_timeout: must be >= 0" in str(info.value)

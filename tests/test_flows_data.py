@@ -1,4 +1,7 @@
 """DVC-versioned fetching with real `dvc` in a temporary git repository and a local remote."""
+import hashlib
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -6,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.data import DEBIAN_DATASET_DIR, DataError
+from ddpm.data import DEBIAN_DATASET_DIR, FILES, DataError, sha256_of
 from flows.data import fetch_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +42,42 @@ def test_bootstrap_push_then_pull_from_the_remote(repo, tmp_path):
     assert fetch_data(repo, ROOT_DIR, ("/nonexistent",)) == "dvc-remote"  # no upstream needed any more
 
 
-def test_corrupt_workspace_file_is_replaced_by_a_verified_copy(repo):
+def test_corrupt_workspace_file_is_named_and_replaced_from_dvc(repo, caplog):
     fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
     labels = repo / ROOT_DIR / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-10])
-    assert fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,)) in ("dvc-remote", "upstream")
+    with caplog.at_level(logging.WARNING, logger="flows.data"):
+        assert fetch_data(repo, ROOT_DIR, ("/nonexistent",)) == "dvc-remote"  # not upstream: DVC's own copy
+    assert str(labels) in caplog.text and FILES["train-labels-idx1-ubyte"] in caplog.text
+    assert sha256_of(labels) == FILES["train-labels-idx1-ubyte"]
     assert dvc(repo, "status", "data.dvc").stdout.strip().endswith("up to date.")
+
+
+def test_bit_rot_in_the_dvc_cache_is_an_error_naming_both_files_and_hashes(repo):
+    fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
+    labels = repo / ROOT_DIR / "train-labels-idx1-ubyte"
+    md5 = hashlib.md5(labels.read_bytes()).hexdigest()
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    rot(cached)  # same size and mtime: DVC's own state cache cannot notice
+    labels.unlink()
+    with pytest.raises(DataError) as info:
+        fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))  # upstream would work: it must not hide the rot
+    text = str(info.value)
+    assert str(labels) in text and FILES["train-labels-idx1-ubyte"] in text and sha256_of(labels) in text
+    assert str(cached) in text and md5 in text and hashlib.md5(cached.read_bytes()).hexdigest() in text
+    assert "Delete the damaged DVC cache file" in text
+    cached.unlink()  # the fix the error names
+    assert fetch_data(repo, ROOT_DIR, ("/nonexistent",)) == "dvc-remote"
+
+
+def rot(path):
+    """Flip one bit in place, keeping size and modification time, as failing storage does."""
+    stat = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_data_dvc_that_does_not_match_the_real_files_is_an_error(repo):

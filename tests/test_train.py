@@ -9,13 +9,32 @@ from ddpm.train import Callback, NonFiniteLossError, fit, learning_rates
 
 class Recorder(Callback):
     def __init__(self):
-        self.losses, self.epochs = [], []
+        self.losses, self.epochs, self.resumed = [], [], []
 
     def on_step_end(self, global_step, metrics):
         self.losses.append(metrics["train_loss"])
 
     def on_epoch_end(self, end):
         self.epochs.append(end)
+
+    def on_resume(self, last):
+        self.resumed.append(last)
+
+
+class GridRecorder(Recorder):
+    """Also draws 2 samples at each report: draw_samples uses the weights of that moment."""
+
+    def __init__(self):
+        super().__init__()
+        self.grids = []
+
+    def on_epoch_end(self, end):
+        super().on_epoch_end(end)
+        self.grids.append(end.draw_samples(2, 0))
+
+    def on_resume(self, last):
+        super().on_resume(last)
+        self.grids.append(last.draw_samples(2, 0))
 
 
 def test_tiny_model_overfits_a_few_hundred_real_images(tiny_config):
@@ -31,11 +50,15 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     straight = tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "a")})
     fit(straight, progress=False)
     first_half = tiny_config(train={"epochs": 1, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "b")})
-    fit(first_half, progress=False)
-    recorder = Recorder()
+    first = GridRecorder()
+    fit(first_half, [first], progress=False)
+    recorder = GridRecorder()
     resumed = fit(tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "b")}),
                   [recorder], resume=True, progress=False)
     assert [e.epoch for e in recorder.epochs] == [1]  # only the missing epoch ran
+    last = recorder.resumed[0]  # callbacks may catch up on the epoch a crash kept them from reporting
+    assert len(recorder.resumed) == 1 and last.epoch == 0 and last.metrics == first.epochs[0].metrics
+    np.testing.assert_allclose(recorder.grids[0], first.grids[0], atol=1e-5)  # the same weights, restored
     a = ckpt.load_checkpoint(tmp_path / "a" / "epoch_0002.ckpt")
     b = ckpt.load_checkpoint(resumed.checkpoint)
     assert a.global_step == b.global_step == 8
@@ -81,11 +104,19 @@ def test_checkpoint_round_trip_and_crc(tiny_config):
     result = fit(config, progress=False)
     state = ckpt.load_checkpoint(result.checkpoint)
     assert state.config == config and state.epoch == 1 and state.global_step == 4
-    data = bytearray(result.checkpoint.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    result.checkpoint.write_bytes(bytes(data))
+    assert state.metrics["train_loss_epoch"] > 0
+    good = result.checkpoint.read_bytes()
+    for position in (0, 100, len(good) // 2, len(good) - 1):  # first, early, middle and last byte
+        data = bytearray(good)
+        data[position] ^= 0x01
+        result.checkpoint.write_bytes(bytes(data))
+        with pytest.raises(ckpt.CheckpointError, match=str(result.checkpoint)):
+            ckpt.load_checkpoint(result.checkpoint)
+    result.checkpoint.write_bytes(good[:-7])
     with pytest.raises(ckpt.CheckpointError, match=str(result.checkpoint)):
         ckpt.load_checkpoint(result.checkpoint)
+    with pytest.raises(ckpt.CheckpointError, match=f"{result.checkpoint} is damaged.*delete it"):
+        fit(tiny_config(train={"epochs": 2}), resume=True, progress=False)  # a resume names it too
     assert not list(result.checkpoint.parent.glob(".*partial*"))
 
 

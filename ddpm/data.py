@@ -97,10 +97,13 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limit: int = 0,
-                  flip: bool = True, num_workers: int = 1, usage: str = "train"):
-    """One epoch of (B, 1, 28, 28) float32 batches in [-1, 1], drop_remainder like the tutorial."""
+                  flip: bool = True, num_workers: int = 1, usage: str = "train", labels: bool = False,
+                  drop_remainder: bool = True):
+    """One epoch of (B, 1, 28, 28) float32 batches in [-1, 1] (with (B,) int32 labels if `labels`),
+    drop_remainder like the tutorial unless told otherwise."""
+    import mindspore as ms
     import mindspore.dataset as ds
-    from mindspore.dataset import vision
+    from mindspore.dataset import transforms, vision
 
     size = TRAIN_SIZE if usage == "train" else TEST_SIZE
     num_images = min(limit, size) if limit else size
@@ -108,11 +111,13 @@ def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limi
     ds.config.set_seed(seed * 100_003 + epoch)
     dataset = ds.FashionMnistDataset(str(root), usage=usage, sampler=ds.SubsetSampler(
         epoch_order(num_images, seed, epoch).tolist()))
-    dataset = dataset.project(["image"])
+    dataset = dataset.project(["image", "label"] if labels else ["image"])
     ops = [vision.RandomHorizontalFlip()] if flip else []
     ops += [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
     dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_workers)
-    return dataset.batch(batch_size, drop_remainder=True)
+    if labels:
+        dataset = dataset.map(transforms.TypeCast(ms.int32), input_columns="label")  # uint32 -> int32
+    return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 
 def steps_per_epoch(limit: int, batch_size: int) -> int:

@@ -19,6 +19,7 @@ Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim"]
+MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,32 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """The Fashion-MNIST CNN whose penultimate features define FID and whose softmax gives class coverage."""
+    channels: tuple[int, ...] = (32, 64)  # one block each: 3x3 conv, batch norm, ReLU, 2x2 max-pool
+    features: int = 128  # penultimate width: the dimension of the FID features
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam, cosine-decayed to 0 over the run
+    limit: int = 0  # use only the first N training images; 0 means all 60,000
+    seed: int = 0
+    checkpoint: str = "models/classifier.ckpt"
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, features=2, epochs=1, batch_size=1, limit=0, seed=0)
+        if not self.channels or any(c < 1 for c in self.channels) or len(self.channels) > MAX_CLASSIFIER_BLOCKS:
+            errors.append(f"classifier.channels: need 1 to {MAX_CLASSIFIER_BLOCKS} positive ints "
+                          f"(28 -> 14 -> 7 -> 3), got {list(self.channels)}")
+        if not 0.0 < self.lr < 1.0:
+            errors.append(f"classifier.lr: must be in (0, 1), got {self.lr}")
+        if self.limit and self.limit < self.batch_size:
+            errors.append(f"classifier.limit: {self.limit} gives no full batch of {self.batch_size}")
+        if not self.checkpoint:
+            errors.append("classifier.checkpoint: must not be empty")
+        return errors
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,6 +164,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def check(self) -> list[str]:
         """Cross-section constraints; each section checks its own ranges."""

@@ -19,6 +19,7 @@ Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim"]
+TEST_SPLIT_SIZE = 10_000
 MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 
 
@@ -120,11 +121,13 @@ class EvaluateConfig:
     t_points: int = 10  # evenly spaced timesteps at which every image is noised
     seed: int = 0  # fixes the noise, so candidates are scored on identical inputs
     batch_size: int = 100
+    fid_samples: int = 2000  # N: samples drawn for FID, and N train vs N test images for its floor
 
     def check(self) -> list[str]:
-        errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1)
-        if self.num_images > 10_000:
-            errors.append(f"evaluate.num_images: the test split has 10,000 images, got {self.num_images}")
+        errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1, fid_samples=2)
+        for key in ("num_images", "fid_samples"):
+            if getattr(self, key) > TEST_SPLIT_SIZE:
+                errors.append(f"evaluate.{key}: the test split has 10,000 images, got {getattr(self, key)}")
         if self.num_images % self.batch_size:
             errors.append(f"evaluate.num_images: {self.num_images} is not a multiple of batch_size {self.batch_size}")
         return errors

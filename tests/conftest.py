@@ -37,6 +37,7 @@ def tiny_config(fashion_root, tmp_path):
             "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "lr_schedule": "constant", "device": "CPU",
                       "checkpoint_dir": str(tmp_path / "ckpt")},
             "sample": {"steps": 5, "num": 4, "batch_size": 4},
+            "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
             "classifier": {**TINY_CLASSIFIER, "checkpoint": str(tmp_path / "classifier.ckpt")},
         }
         for name, values in sections.items():

@@ -124,7 +124,9 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     candidate = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
     assert candidate.version != first_run["version"]
     refused = run([sys.executable, "-m", "flows.promote"], repo, env)
-    assert refused.returncode == 1 and "refused" in refused.stderr and "lower is better" in refused.stderr
+    assert refused.returncode == 1 and "lower is better" in refused.stderr, refused.stderr
+    assert f"refused: v{candidate.version} has fid={metrics['fid']:.6g}, champion v{first_run['version']} has " \
+           f"fid={first_run['fid']:.6g}" in refused.stderr
     champion = client.get_model_version_by_alias("ddpm-fashion-mnist", "champion")
     assert champion.version == first_run["version"]
 

@@ -1,4 +1,5 @@
-"""The `ddpm` command: train, sample, benchmark, fetch-data. Each parses, loads config, calls one function."""
+"""The `ddpm` command: train, sample, classifier, evaluate, benchmark, fetch-data. Each parses, loads
+config, calls one function."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,22 @@ def sample(args: argparse.Namespace) -> None:
     sampler = load_sampler(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     images = sampler.draw(args.num, args.seed, args.sampler, args.steps, args.eta, progress=True)
     log.info("wrote %s", save_grid(images, args.out))
+
+
+def classifier(args: argparse.Namespace) -> None:
+    from ddpm.classifier import train_classifier
+    from ddpm.config import load_config
+
+    network = train_classifier(load_config(args.params, args.set))
+    log.info("classifier test accuracy %.4f; checkpoint %s", network.test_accuracy, network.config.checkpoint)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from ddpm.config import load_config
+    from ddpm.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, args.set))
+    sys.stdout.write(json.dumps(metrics) + "\n")
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -79,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=sample)
+
+    p = sub.add_parser("classifier", help="train the Fashion-MNIST classifier whose features define FID")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. classifier.epochs=2")
+    p.set_defaults(func=classifier)
+
+    p = sub.add_parser("evaluate", help="denoising loss, FID (with its floor) and class coverage as JSON")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--params", default="params.yaml", help="the evaluate, sample and classifier sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. evaluate.fid_samples=500")
+    p.set_defaults(func=evaluate)
 
     p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")
     p.add_argument("--params", default=None, help="default: the built-in (tutorial) model")

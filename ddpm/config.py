@@ -19,6 +19,8 @@ Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim"]
+TEST_SPLIT_SIZE = 10_000
+MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 
 
 class ConfigError(ValueError):
@@ -122,13 +124,41 @@ class EvaluateConfig:
     t_points: int = 10  # evenly spaced timesteps at which every image is noised
     seed: int = 0  # fixes the noise, so candidates are scored on identical inputs
     batch_size: int = 100
+    fid_samples: int = 2000  # N: samples drawn for FID, and N train vs N test images for its floor
 
     def check(self) -> list[str]:
-        errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1)
-        if self.num_images > 10_000:
-            errors.append(f"evaluate.num_images: the test split has 10,000 images, got {self.num_images}")
+        errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1, fid_samples=2)
+        for key in ("num_images", "fid_samples"):
+            if getattr(self, key) > TEST_SPLIT_SIZE:
+                errors.append(f"evaluate.{key}: the test split has 10,000 images, got {getattr(self, key)}")
         if self.num_images % self.batch_size:
             errors.append(f"evaluate.num_images: {self.num_images} is not a multiple of batch_size {self.batch_size}")
+        return errors
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The Fashion-MNIST CNN whose penultimate features define FID and whose softmax gives class coverage."""
+    channels: tuple[int, ...] = (32, 64)  # one block each: 3x3 conv, batch norm, ReLU, 2x2 max-pool
+    features: int = 128  # penultimate width: the dimension of the FID features
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam, cosine-decayed to 0 over the run
+    limit: int = 0  # use only the first N training images; 0 means all 60,000
+    seed: int = 0
+    checkpoint: str = "models/classifier.ckpt"
+
+    def check(self) -> list[str]:
+        errors = _at_least(self, features=2, epochs=1, batch_size=1, limit=0, seed=0)
+        if not self.channels or any(c < 1 for c in self.channels) or len(self.channels) > MAX_CLASSIFIER_BLOCKS:
+            errors.append(f"classifier.channels: need 1 to {MAX_CLASSIFIER_BLOCKS} positive ints "
+                          f"(28 -> 14 -> 7 -> 3), got {list(self.channels)}")
+        if not 0.0 < self.lr < 1.0:
+            errors.append(f"classifier.lr: must be in (0, 1), got {self.lr}")
+        if self.limit and self.limit < self.batch_size:
+            errors.append(f"classifier.limit: {self.limit} gives no full batch of {self.batch_size}")
+        if not self.checkpoint:
+            errors.append("classifier.checkpoint: must not be empty")
         return errors
 
 
@@ -140,6 +170,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def check(self) -> list[str]:
         """Cross-section constraints; each section checks its own ranges."""

@@ -111,21 +111,31 @@ def shard_order(order: np.ndarray, batch_size: int, rank: int = 0, world: int = 
 
 
 def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limit: int = 0,
-                  num_workers: int = 1, usage: str = "train", rank: int = 0, world: int = 1):
-    """One epoch of (B / world, 1, 28, 28) float32 batches in [-1, 1]: worker `rank`'s part of each
-    shuffled global batch of B, drop_remainder like the tutorial. Flips come later, per global batch
-    (`flip_horizontally`), so that every worker count sees the same augmentation."""
+                  flip: bool = False, num_workers: int = 1, usage: str = "train", labels: bool = False,
+                  drop_remainder: bool = True, rank: int = 0, world: int = 1):
+    """One epoch of (B / world, 1, 28, 28) float32 batches in [-1, 1] (with int32 labels if `labels`):
+    worker `rank`'s part of each shuffled global batch of B, drop_remainder like the tutorial unless
+    told otherwise. Training flips later, per global batch (`flip_horizontally`), so that every worker
+    count sees the same augmentation; `flip` here mirrors images for evaluation references."""
+    import mindspore as ms
     import mindspore.dataset as ds
-    from mindspore.dataset import vision
+    from mindspore.dataset import transforms, vision
 
     size = TRAIN_SIZE if usage == "train" else TEST_SIZE
     num_images = min(limit, size) if limit else size
-    order = shard_order(epoch_order(num_images, seed, epoch), batch_size, rank, world)
+    # Flip draws come from MindSpore's dataset seed; tying it to (seed, epoch) makes epochs replayable.
+    ds.config.set_seed(seed * 100_003 + epoch)
+    order = epoch_order(num_images, seed, epoch)
+    if world > 1:
+        order = shard_order(order, batch_size, rank, world)
     dataset = ds.FashionMnistDataset(str(root), usage=usage, sampler=ds.SubsetSampler(order.tolist()))
-    dataset = dataset.project(["image"])
-    ops = [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
+    dataset = dataset.project(["image", "label"] if labels else ["image"])
+    ops = [vision.RandomHorizontalFlip()] if flip else []
+    ops += [vision.Rescale(2.0 / PIXEL_MAX, -1.0), vision.HWC2CHW()]  # uint8 (H, W, 1) -> float32 (1, H, W)
     dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_workers)
-    return dataset.batch(batch_size // world, drop_remainder=True)
+    if labels:
+        dataset = dataset.map(transforms.TypeCast(ms.int32), input_columns="label")  # uint32 -> int32
+    return dataset.batch(batch_size // world, drop_remainder=drop_remainder)
 
 
 def flip_horizontally(x0: np.ndarray, flips: np.ndarray) -> np.ndarray:

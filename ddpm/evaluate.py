@@ -1,17 +1,24 @@
-"""Held-out denoising loss: how well a checkpoint predicts noise on test images it never saw.
+"""Evaluating a checkpoint: held-out denoising loss, and sample quality (FID, its floor, class coverage).
 
-Every image is noised at the same evenly spaced timesteps with noise drawn from a fixed seed, so
-two checkpoints of the same process are scored on identical inputs.
+The checkpoint gives the network and the diffusion process; the current config says how to
+evaluate it (evaluate, sample and classifier sections), so changing an evaluation setting
+re-scores an old checkpoint with the new setting. Noise and samples come from evaluate.seed, so
+candidates are scored on identical inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 import numpy as np
 from tqdm import tqdm
 
+from ddpm.classifier import FeatureNetwork, embed_split, load_classifier
+from ddpm.config import Config
 from ddpm.data import build_dataset, verify_dataset
-from ddpm.sampling import load_sampler
+from ddpm.fid import GaussianStats, class_histogram, class_kl, fid_of, gaussian_stats
+from ddpm.sampling import CheckpointSampler, load_sampler
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +28,24 @@ def t_grid(timesteps: int, points: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, timesteps - 1, points)).astype(np.int32))
 
 
-def evaluate_checkpoint(checkpoint: str, data_root: str, device: str = "auto", progress: bool = True) -> dict[str, float]:
+def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True) -> dict[str, float]:
+    """Denoising loss and sample quality of `checkpoint`, evaluated as `config` says."""
+    verify_dataset(config.data.root)
+    sampler = load_sampler(checkpoint, config.train.device)
+    sampler = dataclasses.replace(sampler, config=dataclasses.replace(sampler.config, sample=config.sample))
+    return {**denoising_loss(sampler, config, progress), **sample_quality(sampler, config, progress)}
+
+
+def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = True) -> dict[str, float]:
     """Mean squared error of the predicted noise on test images, overall and per timestep."""
-    verify_dataset(data_root)
-    sampler = load_sampler(checkpoint, device)
-    config, schedule = sampler.config, sampler.diffusion.schedule
-    ev = config.evaluate
+    ev, schedule = config.evaluate, sampler.diffusion.schedule
     ts = t_grid(schedule.timesteps, ev.t_points)
     rng = np.random.default_rng(ev.seed)
-    dataset = build_dataset(data_root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, usage="test")
+    dataset = build_dataset(config.data.root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, flip=False,
+                            usage="test")
     squared_errors = {int(t): [] for t in ts}
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="evaluating", disable=not progress):
+    for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="denoising loss", disable=not progress):
         x0 = x0.astype(np.float64)
         for t in ts:
             noise = rng.standard_normal(x0.shape)
@@ -42,4 +55,48 @@ def evaluate_checkpoint(checkpoint: str, data_root: str, device: str = "auto", p
     per_t = {t: float(np.concatenate(v).mean()) for t, v in squared_errors.items()}
     metrics = {"eval_loss": float(np.mean(list(per_t.values()))), **{f"eval_loss_t{t:04d}": v for t, v in per_t.items()}}
     log.info("held-out denoising MSE %.5f over %d images x %d timesteps", metrics["eval_loss"], ev.num_images, len(ts))
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class FidReference:
+    test: GaussianStats  # features of the first N test images
+    floor: float  # FID of the first N training images against `test`: what real images score
+
+
+def fid_reference(network: FeatureNetwork, root: str, num: int, batch_size: int, flip: bool,
+                  progress: bool = False) -> FidReference:
+    """The test-set Gaussian every FID is measured against, and the real-vs-real floor at the same N.
+
+    With `flip`, half the real images are mirrored, as the model's training data were: a model
+    trained with data.flip learns that distribution (mirrored shoes included), and the classifier's
+    features are not mirror-invariant.
+    """
+    test, _, _ = embed_split(network, root, "test", num, batch_size, flip, progress)
+    train, _, _ = embed_split(network, root, "train", num, batch_size, flip, progress)
+    reference = FidReference(gaussian_stats(test), fid_of(gaussian_stats(train), gaussian_stats(test)))
+    log.info("FID floor (%d train vs %d test images%s): %.4f", num, num, ", half mirrored" if flip else "",
+             reference.floor)
+    return reference
+
+
+def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = True) -> dict[str, float]:
+    """fid, fid_floor, fid_ratio and class_kl of evaluate.fid_samples images drawn with the sample
+    section's sampler and steps, and how long drawing them took. The real images are mirrored as
+    the model's own training data were (its checkpoint's data.flip)."""
+    ev = config.evaluate
+    network = load_classifier(config.classifier.checkpoint, config.train.device)
+    reference = fid_reference(network, config.data.root, ev.fid_samples, ev.batch_size, sampler.config.data.flip,
+                              progress)
+    started = time.perf_counter()
+    images = sampler.draw(ev.fid_samples, ev.seed, progress=progress)  # (N, 1, 28, 28) in [-1, 1]
+    seconds = time.perf_counter() - started
+    features, probs = network.embed(images, ev.batch_size)
+    fid = fid_of(gaussian_stats(features), reference.test)
+    metrics = {"fid": fid, "fid_floor": reference.floor, "fid_ratio": fid / reference.floor,
+               "class_kl": class_kl(probs), "sample_seconds": seconds,
+               "classifier_accuracy": network.test_accuracy}
+    log.info("FID %.4f (floor %.4f, ratio %.2f), class KL %.4f (histogram %s), %d samples in %.0f s", fid,
+             reference.floor, metrics["fid_ratio"], metrics["class_kl"],
+             np.round(class_histogram(probs), 3).tolist(), ev.fid_samples, seconds)
     return metrics

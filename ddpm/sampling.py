@@ -50,11 +50,14 @@ def draw_samples(predict: NoisePredictor, diffusion: GaussianDiffusion, config: 
     seed = s.seed if seed is None else seed
     sampler = sampler or s.sampler
     steps = steps or s.steps
+    starts = range(0, num, s.batch_size)
     batches = []
-    for i, start in enumerate(range(0, num, s.batch_size)):
-        size = min(s.batch_size, num - start)
-        bar = (lambda it: tqdm(it, desc=f"sampling {sampler} {start + size}/{num}", unit="step", leave=False)) \
-            if progress else iter
-        batches.append(diffusion.sample(predict, (size, m.channels, m.image_size, m.image_size), [seed, i],
-                                        sampler, steps, s.eta, s.clip_x0, bar))
+    with tqdm(total=num, desc=f"sampling {sampler}", unit="img", disable=not progress) as images_bar:
+        for i, start in enumerate(starts):
+            size = min(s.batch_size, num - start)
+            bar = (lambda it: tqdm(it, desc=f"batch {i + 1}/{len(starts)}", unit="step", leave=False)) \
+                if progress else iter
+            batches.append(diffusion.sample(predict, (size, m.channels, m.image_size, m.image_size), [seed, i],
+                                            sampler, steps, s.eta, s.clip_x0, bar))
+            images_bar.update(size)
     return np.clip(np.concatenate(batches), -1.0, 1.0)

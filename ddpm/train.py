@@ -36,6 +36,7 @@ KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
 RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "train.workers", "data.num_workers"}
+UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -198,7 +199,7 @@ def resume_conflicts(saved: Config, current: Config) -> list[str]:
     """Settings that differ between a checkpoint and the current config and forbid resuming it."""
     a, b = saved.to_dict(), current.to_dict()
     return [f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
-            for section in a if section != "sample" for key in a[section]
+            for section in a if section not in UNTRAINED_SECTIONS for key in a[section]
             if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES]
 
 
@@ -256,8 +257,8 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     data, train = config.data, config.train
     rng = np.random.default_rng([train.seed, epoch, 1])  # flips, t and noise, replayable per epoch
     world = trainer.world
-    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit, data.num_workers,
-                            rank=world.rank, world=world.size)
+    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit,
+                            num_workers=data.num_workers, rank=world.rank, world=world.size)
     mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
     trainer.net.set_train(True)
     losses = []

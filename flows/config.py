@@ -47,7 +47,7 @@ class RegistryConfig:
     model_name: str = "ddpm-fashion-mnist"
     candidate_alias: str = "candidate"
     champion_alias: str = "champion"
-    metric: str = "eval_loss"  # the gate compares this run metric
+    metric: str = "fid"  # the gate compares this run metric (FID on the classifier's features)
     greater_is_better: bool = False
 
     def check(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The main job: fetch -> train -> evaluate -> register as one Prefect flow.
+"""The main job: fetch -> classifier -> train -> evaluate -> register as one Prefect flow.
 
     uv run python -m flows.pipeline [--set key=value ...]
 
@@ -53,6 +53,12 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 
 
 @task
+def classifier(params: str, overrides: list[str], repo: str) -> dict:
+    config, _ = load_params(params, overrides)
+    return steps.classifier(config, Path(repo), progress=sys.stderr.isatty())
+
+
+@task
 def train(params: str, overrides: list[str], repo: str) -> steps.Trained:
     config, pipeline = load_params(params, overrides)
     connect(pipeline)
@@ -75,8 +81,8 @@ def register(params: str, overrides: list[str], repo: str, trained: steps.Traine
 
 @flow(name="ddpm-pipeline", log_prints=False)
 def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml") -> dict:
-    """Fetch the data, train with MLflow tracking (resuming an interrupted training), evaluate,
-    register the model as @candidate."""
+    """Fetch the data, train the FID feature network unless a matching one exists, train with MLflow
+    tracking (resuming an interrupted training), evaluate, register the model as @candidate."""
     show_project_logs()
     repo = os.getcwd()
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
@@ -84,11 +90,13 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
     connect(pipeline)  # and so does an unreachable tracking server
     with hold_workspace(Path(repo), pipeline, str(flow_run.id)):  # one pipeline at a time in this checkout
         fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
+        classifier(params, sets, repo)
         trained = train(params, sets, repo)
         metrics = evaluate(params, sets, repo, trained)
         registration = register(params, sets, repo, trained)
         publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
-    return {"run_id": trained.run_id, "eval_loss": metrics["eval_loss"], **registration}
+    return {"run_id": trained.run_id, "eval_loss": metrics["eval_loss"], "fid": metrics["fid"],
+            "fid_floor": metrics["fid_floor"], **registration}
 
 
 def show_project_logs() -> None:
@@ -114,6 +122,8 @@ def publish_summary(trained: steps.Trained, metrics: dict, registration: dict, u
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
 | registered | `{registration['name']}` v{registration['version']} as @candidate |
+| FID (classifier features) | {metrics['fid']:.4f}, {metrics['fid_ratio']:.2f}x the floor {metrics['fid_floor']:.4f} |
+| class coverage: KL(classes \\|\\| uniform) | {metrics['class_kl']:.4f} (0 balanced, 2.30 one class) |
 | eval_loss (held-out denoising MSE) | {metrics['eval_loss']:.5f} |
 | final train_loss (epoch mean) | {trained.metrics.get('train_loss_epoch', float('nan')):.5f} |
 | throughput | {trained.metrics.get('images_per_second', float('nan')):.1f} img/s |

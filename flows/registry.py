@@ -87,7 +87,7 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
         if not better:
             direction = "higher" if registry.greater_is_better else "lower"
             return GateDecision(False, f"refused: v{version} has {metric}={value:.6g}, champion v{champion} has "
-                                       f"{best:.6g}; {direction} is better", version, champion)
+                                       f"{metric}={best:.6g}; {direction} is better", version, champion)
         reason = f"v{version} {metric}={value:.6g} beats champion v{champion} ({best:.6g})"
     else:
         reason = f"v{version} {metric}={value:.6g}; there was no champion"

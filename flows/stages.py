@@ -1,5 +1,5 @@
-"""DVC stage entry points: `python -m flows.stages train|evaluate|register`. Each parses params.yaml
-(with the values `dvc exp run -S` set there) and calls the one step that does the work."""
+"""DVC stage entry points: `python -m flows.stages classifier|train|evaluate|register`. Each parses
+params.yaml (with the values `dvc exp run -S` set there) and calls the one step that does the work."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ log = logging.getLogger("flows.stages")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=("train", "evaluate", "register"))
+    parser.add_argument("stage", choices=("classifier", "train", "evaluate", "register"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path.cwd()
     try:
         config, pipeline = load_params(args.params)
-        connect(pipeline)
+        if args.stage != "classifier":  # the feature network belongs to no run: no tracking server needed
+            connect(pipeline)
         with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
-            if args.stage == "train":
+            if args.stage == "classifier":
+                steps.classifier(config, repo)
+            elif args.stage == "train":
                 steps.train(config, pipeline, repo)
             elif args.stage == "evaluate":
                 steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))

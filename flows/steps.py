@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 from ddpm.checkpoint import list_checkpoints
+from ddpm.classifier import train_classifier, trained_classifier
 from ddpm.config import Config
 from ddpm.data import verify_dataset
 from ddpm.evaluate import evaluate_checkpoint
@@ -30,6 +31,8 @@ TRAIN_JSON = OUTPUTS / "train.json"  # run id and checkpoint, read by evaluate a
 METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics
 LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
 REGISTERED_JSON = OUTPUTS / "registered.json"
+CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
+QUALITY_METRICS = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy")
 COMPLETE_MARKER = "COMPLETE"  # in the checkpoint dir once training finished and its run closed
 
 
@@ -117,12 +120,28 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
     return trained
 
 
+def classifier(config: Config, repo: Path, progress: bool = True) -> dict:
+    """The FID feature network: reuse the checkpoint if it was trained with these settings, else
+    train it. Records its test accuracy in outputs/classifier.json."""
+    network = trained_classifier(config.classifier)
+    reused = network is not None
+    if reused:
+        log.info("reusing %s (test accuracy %.4f)", config.classifier.checkpoint, network.test_accuracy)
+    else:
+        network = train_classifier(config, progress)
+    record = {"test_accuracy": network.test_accuracy, "checkpoint": config.classifier.checkpoint, "reused": reused}
+    _write_json(repo / CLASSIFIER_JSON, record)
+    return record
+
+
 def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trained, progress: bool = True) -> dict:
-    """Held-out denoising loss into the run and the DVC metrics file."""
-    metrics = evaluate_checkpoint(trained.checkpoint, config.data.root, config.train.device, progress)
+    """Held-out denoising loss and sample quality (FID beside its floor, class coverage) into the
+    run and the DVC metrics file."""
+    metrics = evaluate_checkpoint(trained.checkpoint, config, progress)
     with mlflow.start_run(run_id=trained.run_id):
         mlflow.log_metrics(metrics)
-    summary = {"eval_loss": metrics["eval_loss"], "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
+    summary = {**{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
+               "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
                "images_per_second": trained.metrics.get("images_per_second"), "per_t": {
                    k: v for k, v in metrics.items() if k.startswith("eval_loss_t")}}
     _write_json(repo / METRICS_JSON, summary)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.config import Config, ConfigError, config_from_dict, load_config
+from ddpm.config import ClassifierConfig, Config, ConfigError, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,6 +14,7 @@ def test_defaults_and_shipped_params_files_load():
     assert params.model == tutorial.model
     assert tutorial.diffusion.schedule == "linear" and tutorial.train.ema_decay == 0.0
     assert params.diffusion.schedule == "scaled_linear"
+    assert params.evaluate.fid_samples == 2000 and params.classifier == ClassifierConfig()
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -44,6 +45,14 @@ def test_exponent_without_a_dot_is_a_float():
     ({"model": {"dim_mults": [1, 2, 4, 8]}}, [], "not divisible"),
     ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, [], "need 0 < start < end < 1"),
     ({"sample": {"steps": 500}}, [], "exceeds diffusion.timesteps"),
+    ({"evaluate": {"fid_samples": 1}}, [], "evaluate.fid_samples: must be >= 2"),
+    ({"evaluate": {"fid_samples": 20_000}}, [], "evaluate.fid_samples: the test split has 10,000 images"),
+    ({"classifier": {"channels": [8, 16, 32, 64]}}, [], "classifier.channels: need 1 to 3 positive ints"),
+    ({"classifier": {"channels": []}}, [], "classifier.channels: need 1 to 3 positive ints"),
+    ({"classifier": {"lr": 0}}, [], "classifier.lr: must be in (0, 1)"),
+    ({"classifier": {"limit": 10, "batch_size": 16}}, [], "classifier.limit: 10 gives no full batch of 16"),
+    ({"classifier": {"checkpoint": ""}}, [], "classifier.checkpoint: must not be empty"),
+    ({"classifier": {"depth": 3}}, [], "classifier.depth: unknown key"),
     ({}, ["trainepochs=2"], "expected section.key=value"),
     ({}, ["train.epochs"], "expected section.key=value"),
 ])

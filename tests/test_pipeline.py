@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests import servers
+from tests.conftest import TINY_CLASSIFIER
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,8 @@ PROJECT_PACKAGES = ["ddpm", "flows"]  # dvc.yaml's stages depend on the code
 TINY = {"data": {"limit": 64, "num_workers": 1}, "model": {"dim": 8, "dim_mults": [1, 2]},
         "train": {"epochs": 2, "lr": 0.002, "lr_schedule": "constant", "device": "CPU", "ema_decay": 0.9},
         "diffusion": {"timesteps": 50}, "sample": {"num": 16, "steps": 5},
-        "evaluate": {"num_images": 100, "t_points": 5}}
+        "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64}, "classifier": TINY_CLASSIFIER}
+QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds")
 
 
 def make_project(tmp: Path) -> Path:
@@ -91,11 +93,17 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     assert run_.data.tags["git_commit"] == head
     assert run_.data.tags["dvc_data_hash"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
     assert len(run_.data.tags["prefect_flow_run_id"]) == 36
-    assert "eval_loss" in run_.data.metrics
+    assert "eval_loss" in run_.data.metrics and all(key in run_.data.metrics for key in QUALITY)
+    assert run_.data.metrics["fid_ratio"] == pytest.approx(run_.data.metrics["fid"] / run_.data.metrics["fid_floor"])
     version = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
     assert version.version == first_run["version"] and version.run_id == run_.info.run_id
     metrics = json.loads((repo / "outputs" / "metrics.json").read_text())
-    assert metrics["eval_loss"] == pytest.approx(run_.data.metrics["eval_loss"])
+    for key in ("eval_loss", *QUALITY):
+        assert metrics[key] == pytest.approx(run_.data.metrics[key]), key
+    assert first_run["fid"] == pytest.approx(metrics["fid"])
+    classifier = json.loads((repo / "outputs" / "classifier.json").read_text())
+    assert classifier["test_accuracy"] > 0.3 and not classifier["reused"]
+    assert (repo / classifier["checkpoint"]).is_file()
     assert list(Path(tmp / "dvc-remote").rglob("*.dir")), "the bootstrapped data was pushed to the DVC remote"
 
 
@@ -108,12 +116,17 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-7", "-S", "train.epochs=1"], repo, env)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env)
-    assert "eval_loss" in shown.stdout
+    assert all(f'"{key}"' in shown.stdout for key in ("eval_loss", "fid", "fid_floor", "fid_ratio", "class_kl"))
+    metrics = json.loads((repo / "outputs" / "metrics.json").read_text())
+    assert metrics["fid"] > first_run["fid"]  # the barely trained model samples worse
+    assert metrics["fid_floor"] == pytest.approx(first_run["fid_floor"])  # DVC's classifier equals the flow's
     client = MlflowClient(uri)
     candidate = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
     assert candidate.version != first_run["version"]
     refused = run([sys.executable, "-m", "flows.promote"], repo, env)
-    assert refused.returncode == 1 and "refused" in refused.stderr and "lower is better" in refused.stderr
+    assert refused.returncode == 1 and "lower is better" in refused.stderr, refused.stderr
+    assert f"refused: v{candidate.version} has fid={metrics['fid']:.6g}, champion v{first_run['version']} has " \
+           f"fid={first_run['fid']:.6g}" in refused.stderr
     champion = client.get_model_version_by_alias("ddpm-fashion-mnist", "champion")
     assert champion.version == first_run["version"]
 
@@ -156,6 +169,7 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist").experiment_id],
                                              order_by=["attributes.start_time DESC"], max_results=1)
         assert runs[0].data.params["train.epochs"] == "1" and runs[0].info.status == "FINISHED"
+        assert json.loads((repo / "outputs" / "classifier.json").read_text())["reused"]  # trained once, by dvc
     finally:
         if worker is not None:
             servers.stop(worker)

@@ -3,8 +3,8 @@ import pytest
 
 from ddpm import checkpoint as ckpt
 from ddpm import train as train_module
-from ddpm.config import TrainConfig
-from ddpm.train import Callback, NonFiniteLossError, fit, learning_rates
+from ddpm.config import TrainConfig, config_from_dict
+from ddpm.train import Callback, NonFiniteLossError, fit, learning_rates, resume_conflicts
 
 
 class Recorder(Callback):
@@ -79,6 +79,14 @@ def test_resume_refuses_a_different_model(tiny_config):
     fit(tiny_config(), progress=False)
     with pytest.raises(ckpt.CheckpointError, match="model.dim"):
         fit(tiny_config(model={"dim": 12}, train={"epochs": 2}), resume=True, progress=False)
+
+
+def test_evaluation_settings_do_not_block_a_resume():
+    saved = config_from_dict({})
+    looked_at = config_from_dict({"sample": {"steps": 10}, "evaluate": {"fid_samples": 500},
+                                  "classifier": {"epochs": 1}, "train": {"epochs": 20}})
+    assert resume_conflicts(saved, looked_at) == []
+    assert resume_conflicts(saved, config_from_dict({"train": {"lr": 1e-3}})) == ["train.lr: 0.0001 -> 0.001"]
 
 
 def test_nan_loss_stops_within_one_step(tiny_config, monkeypatch):

@@ -1,0 +1,230 @@
+"""The Fashion-MNIST feature network: a small CNN classifier whose penultimate features define FID.
+
+Inception-v3 features mean little for 28x28 grayscale garments, so FID here uses a CNN trained on
+the training split of the same data, fed images in the same [-1, 1] range the diffusion model
+produces. It trains once: its checkpoint (weights, config, test accuracy) is reused while the
+classifier config is unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import mindspore as ms
+import numpy as np
+import yaml
+from mindspore import nn, ops
+from tqdm import tqdm
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.config import ClassifierConfig, Config, config_from_dict
+from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
+from ddpm.runtime import select_device
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+FORMAT_VERSION = 1
+META_PREFIX = "meta."
+META_KEYS = ("format_version", "config_yaml", "test_accuracy")
+
+# (B, 1, 28, 28) float32 in [-1, 1] -> features (B, F), logits (B, 10), both float32 numpy
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class FashionClassifier(nn.Cell):
+    """Conv blocks -> dense `features` + ReLU (the FID features) -> dense logits over the 10 classes."""
+
+    def __init__(self, channels: tuple[int, ...], features: int):
+        super().__init__()
+        blocks, c_in, size = [], 1, IMAGE_SIZE
+        for c_out in channels:
+            blocks += [_conv_bn_relu(c_in, c_out), nn.MaxPool2d(2, 2)]
+            c_in, size = c_out, size // 2
+        self.body = nn.SequentialCell(blocks)
+        self.flatten = nn.Flatten()
+        self.embed = nn.SequentialCell(nn.Dense(c_in * size * size, features), nn.ReLU())
+        self.head = nn.Dense(features, NUM_CLASSES)
+
+    def construct(self, x):
+        h = self.flatten(self.body(x))  # (B, 1, 28, 28) -> (B, C, s, s) -> (B, C*s*s)
+        features = self.embed(h)  # (B, F)
+        return features, self.head(features)  # (B, F), (B, 10)
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.SequentialCell:
+    return nn.SequentialCell(nn.Conv2d(c_in, c_out, 3, pad_mode="same"), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    """A trained classifier ready for inference, with what its checkpoint says about it."""
+    config: ClassifierConfig
+    test_accuracy: float
+    forward: Forward
+
+    def embed(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1, 28, 28) in [-1, 1] -> features (N, F) and class probabilities (N, 10), float64."""
+        outputs = [self.forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        features = np.concatenate([f for f, _ in outputs]).astype(np.float64)
+        return features, softmax(np.concatenate([logits for _, logits in outputs]).astype(np.float64))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def make_forward(net: FashionClassifier) -> Forward:
+    """A jitted inference-mode forward of `net` on numpy inputs."""
+    net.set_train(False)
+
+    @ms.jit
+    def forward(x):
+        return net(x)
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = forward(ms.Tensor(x, ms.float32))
+        return features.asnumpy(), logits.asnumpy()
+
+    return run
+
+
+def make_classifier_step(net: FashionClassifier, optimizer: nn.Optimizer):
+    """A jitted step: cross-entropy, gradients, Adam update; returns the loss."""
+    def forward_fn(x, labels):
+        _, logits = net(x)
+        return ops.cross_entropy(logits, labels)
+
+    grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
+
+    @ms.jit
+    def train_step(x, labels):
+        loss, grads = grad_fn(x, labels)
+        return ops.depend(loss, optimizer(grads))
+
+    return train_step
+
+
+def cosine_lr(lr: float, total_steps: int) -> np.ndarray:
+    """Per-step learning rate decaying from `lr` to 0 on a half cosine, float32 (total_steps,)."""
+    return (0.5 * lr * (1 + np.cos(np.pi * np.arange(total_steps) / total_steps))).astype(np.float32)
+
+
+def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
+    """Train on the training split, measure accuracy on the whole test split, write the checkpoint."""
+    c = config.classifier
+    select_device(config.train.device)
+    verify_dataset(config.data.root)
+    ms.set_seed(c.seed)  # weight init
+    net = FashionClassifier(c.channels, c.features)
+    steps = steps_per_epoch(c.limit, c.batch_size)
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=ms.Tensor(cosine_lr(c.lr, steps * c.epochs)))
+    train_step = make_classifier_step(net, optimizer)
+    started = time.perf_counter()
+    for epoch in range(c.epochs):
+        net.set_train(True)
+        dataset = build_dataset(config.data.root, c.batch_size, c.seed, epoch, c.limit, flip=False,
+                                num_workers=config.data.num_workers, labels=True)
+        bar = tqdm(dataset.create_tuple_iterator(num_epochs=1), total=steps, unit="step", leave=False,
+                   desc=f"classifier epoch {epoch + 1}/{c.epochs}", disable=not progress)
+        losses = []
+        for x, labels in bar:
+            losses.append(float(train_step(x, labels).asnumpy()))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"classifier loss is {losses[-1]} at epoch {epoch + 1}; lower classifier.lr")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, c.epochs, np.mean(losses))
+    seconds = time.perf_counter() - started
+    network = FeatureNetwork(c, 0.0, make_forward(net))
+    accuracy = test_accuracy(network, config.data.root, c.batch_size, progress)
+    log.info("classifier trained in %.0f s: test accuracy %.4f", seconds, accuracy)
+    save_classifier(c.checkpoint, net, c, accuracy)
+    return dataclasses.replace(network, test_accuracy=accuracy)
+
+
+def embed_split(network: FeatureNetwork, root: str, usage: str, num: int, batch_size: int, flip: bool = False,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, class probabilities and labels of the first `num` images of a split, each flipped
+    with probability 1/2 (seeded) if `flip`."""
+    dataset = build_dataset(root, batch_size, seed=0, epoch=0, limit=num, flip=flip, usage=usage, labels=True,
+                            drop_remainder=False)
+    batches = tqdm(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1), total=math.ceil(num / batch_size),
+                   desc=f"classifier features ({usage})", unit="batch", leave=False, disable=not progress)
+    outputs = [(*network.embed(x, batch_size), labels) for x, labels in batches]
+    return tuple(np.concatenate([o[i] for o in outputs]) for i in range(3))
+
+
+def test_accuracy(network: FeatureNetwork, root: str, batch_size: int, progress: bool = False) -> float:
+    _, probs, labels = embed_split(network, root, "test", TEST_SIZE, batch_size, progress=progress)
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def save_classifier(path: str | Path, net: FashionClassifier, config: ClassifierConfig, accuracy: float) -> Path:
+    """Write the weights with the config and test accuracy beside them, atomically, CRC-checked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
+    meta = {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump({"classifier": _plain(config)}),
+            "test_accuracy": repr(accuracy)}  # a string: numbers come back as float32
+    ms.save_checkpoint(net, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True)
+    os.replace(tmp, path)
+    log.info("saved %s", path)
+    return path
+
+
+def load_classifier(path: str | Path, device: str = "auto") -> FeatureNetwork:
+    """Rebuild the network from the checkpoint's own config; a damaged file is a CheckpointError."""
+    select_device(device)
+    config, accuracy, params = _read(Path(path))
+    net = FashionClassifier(config.channels, config.features)
+    not_loaded, _ = ms.load_param_into_net(net, params, strict_load=True)
+    if not_loaded:
+        raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")
+    return FeatureNetwork(config, accuracy, make_forward(net))
+
+
+def trained_classifier(config: ClassifierConfig) -> FeatureNetwork | None:
+    """The classifier at config.checkpoint if it was trained with these settings, else None."""
+    path = Path(config.checkpoint)
+    if not path.is_file():
+        return None
+    saved, _, _ = _read(path)
+    if dataclasses.replace(saved, checkpoint=config.checkpoint) != config:
+        log.info("%s was trained with other settings; it will be retrained", path)
+        return None
+    return load_classifier(path)
+
+
+def _read(path: Path) -> tuple[ClassifierConfig, float, dict]:
+    if not path.is_file():
+        raise CheckpointError(f"classifier checkpoint not found: {path}; train it with `ddpm classifier` "
+                              "(or `dvc repro classifier`)")
+    try:
+        params = ms.load_checkpoint(str(path), crc_check=True)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({e}); delete it and retrain") from None
+    missing = [k for k in META_KEYS if META_PREFIX + k not in params]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: not a classifier written by ddpm")
+    meta = {k: params.pop(META_PREFIX + k) for k in META_KEYS}
+    version = int(_scalar(meta["format_version"]))
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has classifier format version {version}, this ddpm reads {FORMAT_VERSION}")
+    config = config_from_dict(yaml.safe_load(_scalar(meta["config_yaml"]))).classifier
+    return config, float(_scalar(meta["test_accuracy"])), params
+
+
+def _plain(config: ClassifierConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _scalar(value):
+    """append_dict values come back as Parameters (numbers) or plain strings."""
+    return value if isinstance(value, str) else value.asnumpy().item()

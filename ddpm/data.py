@@ -23,19 +23,20 @@ DEBIAN_DATASET_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package datas
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 PIXEL_MAX = 255.0
-HASH_CHUNK = 1 << 20
 
 
 class DataError(RuntimeError):
     """The dataset is missing, truncated or altered."""
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_hash(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (sha256 for our checks, md5 for DVC's cache)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return file_hash(path, "sha256")
 
 
 def dataset_problems(root: str | Path) -> dict[Path, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import subprocess
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ddpm.config import ConfigError
-from ddpm.data import FILES, HASH_CHUNK, DataError, dataset_problems, install_dataset
+from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
 
 from flows.config import load_params
 
@@ -114,18 +113,10 @@ def damaged_cache_files(repo: Path) -> list[str]:
         out = dvc_repo.stage.load_one(DATA_DVC).outs[0]
         for key, _, hash_info in out.get_obj() or ():
             path = Path(out.cache.oid_to_path(hash_info.value))
-            actual = _md5_of(path) if path.is_file() else "missing"
+            actual = file_hash(path, "md5") if path.is_file() else "missing"
             if actual != hash_info.value:
                 damaged.append(f"DVC cache file {path} ({'/'.join(key)}): md5 {actual}, expected {hash_info.value}")
     return damaged
-
-
-def _md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

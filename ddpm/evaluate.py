@@ -18,6 +18,7 @@ from ddpm.classifier import FeatureNetwork, embed_split, load_classifier
 from ddpm.config import Config
 from ddpm.data import build_dataset, verify_dataset
 from ddpm.fid import GaussianStats, class_histogram, class_kl, fid_of, gaussian_stats
+from ddpm.runtime import set_cpu_threads
 from ddpm.sampling import CheckpointSampler, load_sampler
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True) 
     """Denoising loss and sample quality of `checkpoint`, evaluated as `config` says."""
     verify_dataset(config.data.root)
     sampler = load_sampler(checkpoint, config.train.device)
+    set_cpu_threads(config.train.threads)
     sampler = dataclasses.replace(sampler, config=dataclasses.replace(sampler.config, sample=config.sample))
     return {**denoising_loss(sampler, config, progress), **sample_quality(sampler, config, progress)}
 

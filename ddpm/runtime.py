@@ -50,6 +50,22 @@ def select_device(device: str) -> str:
     return target
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Run MindSpore's CPU kernels on `threads` threads (0 keeps its default). MindSpore allows
+    setting this once per process, so a later call with another value is ignored with a warning."""
+    if not threads:
+        return
+    import mindspore as ms
+    from mindspore._c_expression import RuntimeConf  # no public getter for the value in force
+
+    if RuntimeConf.get_instance().is_op_threads_num_configured():
+        log.warning("MindSpore's CPU thread count is already set in this process; train.threads=%d ignored",
+                    threads)
+        return
+    ms.device_context.cpu.op_tuning.threads_num(threads)
+    log.info("MindSpore CPU kernels on %d thread(s)", threads)
+
+
 def runtime_settings() -> dict[str, str]:
     """What a benchmark or a run should record about how MindSpore was set up."""
     import mindspore as ms

@@ -22,7 +22,7 @@ from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
 from ddpm.distributed import World, init_world
-from ddpm.runtime import select_device
+from ddpm.runtime import select_device, set_cpu_threads
 from ddpm.sampling import draw_samples
 from ddpm.unet import build_unet
 
@@ -35,7 +35,8 @@ KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
-RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "train.workers", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "train.threads", "train.workers",
+                     "data.num_workers"}
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
@@ -208,6 +209,7 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     last complete epoch in `train.checkpoint_dir`. Under msrun (`ddpm.distributed`), every worker
     calls this; rank 0 alone checkpoints and runs the callbacks."""
     select_device(config.train.device)
+    set_cpu_threads(config.train.threads)
     world = init_world(config.train.device)
     verify_dataset(config.data.root)
     trainer = Trainer(config, world)

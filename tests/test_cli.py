@@ -25,6 +25,12 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
     again = ddpm("train", "--params", str(ROOT / "params.yaml"), *sets, cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
 
+    # one more epoch on one kernel thread: the thread count may change on resume
+    further = ddpm("train", "--params", str(ROOT / "params.yaml"), *sets, "--set", "train.epochs=2",
+                   "--set", "train.threads=1", "--resume", cwd=tmp_path)
+    assert further.returncode == 0, further.stderr
+    assert "CPU kernels on 1 thread(s)" in further.stderr and (tmp_path / "ck" / "epoch_0002.ckpt").is_file()
+
     sampled = ddpm("sample", "--checkpoint", "ck/epoch_0001.ckpt", "--num", "9", "--steps", "5",
                    "--out", "grid.png", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr

@@ -18,10 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError
-from ddpm.data import DataError
-from ddpm.distributed import WorkerError
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -29,13 +25,10 @@ from prefect.runtime import flow_run
 from flows import PROJECT_LOGGERS, steps
 from flows.config import load_params
 from flows.data import fetch_data
-from flows.tracking import TrackingError, connect, run_url
-from flows.workspace import WorkspaceBusy, hold_workspace
+from flows.tracking import connect, run_url
+from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
-# What main() reports as one clear line (exit 2) rather than a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError, WorkspaceBusy, FileExistsError,
-               FloatingPointError, WorkerError)
 
 log = logging.getLogger("flows.pipeline")
 
@@ -145,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(pipeline)
         overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
         result = ddpm_pipeline(overrides, args.params)
-    except USER_ERRORS as e:
+    except steps.USER_ERRORS as e:
         log.error("%s", e)
         return 2
     sys.stdout.write(json.dumps(result) + "\n")

@@ -7,15 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError
-from ddpm.data import DataError
-from ddpm.distributed import WorkerError
-
 from flows import steps
 from flows.config import load_params
-from flows.tracking import TrackingError, connect
-from flows.workspace import WorkspaceBusy, hold_workspace
+from flows.tracking import connect
+from flows.workspace import hold_workspace
 
 log = logging.getLogger("flows.stages")
 
@@ -30,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path.cwd()
     try:
         config, pipeline = load_params(args.params)
-        if args.stage != "classifier":  # the feature network belongs to no run: no tracking server needed
-            connect(pipeline)
+        connect(pipeline)  # every stage: taking the workspace ends this checkout's stale MLflow runs
         with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
             if args.stage == "classifier":
                 steps.classifier(config, repo)
@@ -41,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
             else:
                 steps.register(pipeline, repo, steps.Trained.load(repo))
-    except (ConfigError, DataError, CheckpointError, TrackingError, WorkspaceBusy, FileNotFoundError,
-            FloatingPointError, WorkerError) as e:
+    except steps.USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

@@ -11,18 +11,22 @@ import shutil
 from pathlib import Path
 
 import mlflow
-from ddpm.checkpoint import list_checkpoints
+from ddpm.checkpoint import CheckpointError, list_checkpoints
 from ddpm.classifier import train_classifier, trained_classifier
-from ddpm.config import Config
-from ddpm.data import verify_dataset
+from ddpm.config import Config, ConfigError
+from ddpm.data import DataError, verify_dataset
+from ddpm.distributed import WorkerError
 from ddpm.evaluate import evaluate_checkpoint
+from ddpm.runtime import DeviceError
 from ddpm.train import Callback, fit
 
 from flows.config import PipelineConfig
 from flows.data import dvc_data_hash
 from flows.parallel import fit_on_workers
 from flows.registry import Registration, register_model
-from flows.tracking import FAILURE_TAG, WORKSPACE_TAG, MlflowLogger, git_commit, start_run, workspace_id
+from flows.tracking import (FAILURE_TAG, WORKSPACE_TAG, MlflowLogger, TrackingError, git_commit, start_run,
+                            workspace_id)
+from flows.workspace import WorkspaceBusy
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,10 @@ REGISTERED_JSON = OUTPUTS / "registered.json"
 CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
 QUALITY_METRICS = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy")
 COMPLETE_MARKER = "COMPLETE"  # in the checkpoint dir once training finished and its run closed
+MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
+# What the entry points (flow, DVC stages) report as one clear line, exit 2, rather than a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, TrackingError, WorkspaceBusy,
+               FileExistsError, FileNotFoundError, FloatingPointError, WorkerError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +118,13 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
         else:
             result = fit(config, training_callbacks(config, pipeline, repo), resume=resume, progress=progress)
     except BaseException as e:
-        mlflow.set_tag(FAILURE_TAG, f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.set_tag(FAILURE_TAG, f"{type(e).__name__}: {e}"[:MAX_TAG_LENGTH])
+        except mlflow.exceptions.MlflowException as tag_error:  # keep the training's error the one raised
+            log.warning("could not tag run %s with the failure: %s", run_id, tag_error)
+        finally:
+            mlflow.end_run(status)
         raise
     mlflow.end_run()
     (checkpoint_dir / COMPLETE_MARKER).write_text(run_id + "\n")

@@ -148,6 +148,14 @@ class MlflowLogger(Callback):
         self.done_steps: set[int] = set()
         self.done_epochs: set[int] = set()
         self.done_grids: set[int] = set()
+        self.pending: list = []  # RunOperations of async logs not yet known to be stored
+
+    def flush(self) -> None:
+        """Wait until every async log is stored; a failed one raises (MLflow itself only logs it)."""
+        mlflow.flush_async_logging()
+        pending, self.pending = self.pending, []
+        for operations in pending:
+            operations.wait()
 
     def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
         client, run_id = MlflowClient(), mlflow.active_run().info.run_id
@@ -161,21 +169,21 @@ class MlflowLogger(Callback):
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
         if global_step % self.log_every == 0 and global_step not in self.done_steps:
-            mlflow.log_metrics(metrics, step=global_step, synchronous=False)
+            self.pending.append(mlflow.log_metrics(metrics, step=global_step, synchronous=False))
         if global_step % self.steps_per_epoch == 0:
-            mlflow.flush_async_logging()  # an epoch's steps are stored before its checkpoint is written
+            self.flush()  # an epoch's steps are stored before its checkpoint is written
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         step = end.epoch + 1
         if step not in self.done_epochs:
-            mlflow.log_metrics({"epoch": step, **end.metrics}, step=step, synchronous=False)
+            self.pending.append(mlflow.log_metrics({"epoch": step, **end.metrics}, step=step, synchronous=False))
         if self.sample_every and step % self.sample_every == 0 and step not in self.done_grids:
             grid = make_grid(end.draw_samples(self.num_samples, self.seed))
             mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
-        mlflow.flush_async_logging()
+        self.flush()
 
     def on_resume(self, last: EpochEnd) -> None:
         self.on_epoch_end(last)
 
     def on_train_end(self, result: FitResult) -> None:
-        mlflow.flush_async_logging()
+        self.flush()

@@ -15,6 +15,16 @@ TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
 TINY_CLASSIFIER = {"channels": [8, 16], "features": 32, "epochs": 1, "batch_size": 16, "limit": 512}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_graphs():
+    """Free the graphs MindSpore compiled for a module's tests: each jitted step or forward keeps its
+    network's weights and optimizer state alive, so one pytest process otherwise grows past 10 GB."""
+    yield
+    import mindspore as ms
+
+    ms.ms_memory_recycle()
+
+
 @pytest.fixture(scope="session")
 def fashion_root(tmp_path_factory) -> Path:
     """The real Fashion-MNIST IDX files, decompressed from Debian's dataset-fashion-mnist."""

@@ -200,17 +200,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     Sections named in `extra_sections` belong to other readers of the same file (the
     pipeline's) and are left to them; any other unknown section is an error.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"params file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = read_params(path) if path is not None else {}
     return config_from_dict(raw, overrides, extra_sections)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The sections of a params YAML file, or a ConfigError naming what is wrong with it."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = (),

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
 
@@ -84,15 +82,7 @@ assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:
     """Both halves of params.yaml, validated together: one error lists every bad field."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"params file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return params_from_dict(raw, overrides)
+    return params_from_dict(ddpm_config.read_params(path), overrides)
 
 
 def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:

@@ -52,7 +52,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from ddpm.config import load_config
     from ddpm.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, args.set))
+    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, args.set), use_ema=not args.raw_weights)
     sys.stdout.write(json.dumps(metrics) + "\n")
 
 
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="the evaluate, sample and classifier sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. evaluate.fid_samples=500")
+    p.add_argument("--raw-weights", action="store_true", help="score the raw weights, not the EMA")
     p.set_defaults(func=evaluate)
 
     p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")

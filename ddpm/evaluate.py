@@ -29,10 +29,12 @@ def t_grid(timesteps: int, points: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, timesteps - 1, points)).astype(np.int32))
 
 
-def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True) -> dict[str, float]:
-    """Denoising loss and sample quality of `checkpoint`, evaluated as `config` says."""
+def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True,
+                        use_ema: bool = True) -> dict[str, float]:
+    """Denoising loss and sample quality of `checkpoint` (its EMA weights, if it has them, unless
+    `use_ema` is off), evaluated as `config` says."""
     verify_dataset(config.data.root)
-    sampler = load_sampler(checkpoint, config.train.device)
+    sampler = load_sampler(checkpoint, config.train.device, use_ema)
     set_cpu_threads(config.train.threads)
     sampler = dataclasses.replace(sampler, config=dataclasses.replace(sampler.config, sample=config.sample))
     return {**denoising_loss(sampler, config, progress), **sample_quality(sampler, config, progress)}

@@ -16,7 +16,7 @@ QUALITY_KEYS = {"fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "
 
 
 def test_evaluate_reports_fid_beside_its_floor(tiny_config):
-    config = tiny_config(sample={"batch_size": 64})
+    config = tiny_config(sample={"batch_size": 64}, train={"ema_decay": 0.9})
     checkpoint = fit(config, progress=False).checkpoint
     network = train_classifier(config, progress=False)
     metrics = evaluate_checkpoint(str(checkpoint), config, progress=False)
@@ -25,6 +25,10 @@ def test_evaluate_reports_fid_beside_its_floor(tiny_config):
     assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
     assert 0.0 <= metrics["class_kl"] <= math.log(10) and metrics["sample_seconds"] > 0
     assert metrics["classifier_accuracy"] == network.test_accuracy
+
+    # The raw weights are another model than their EMA: other samples, another FID, same floor.
+    raw = evaluate_checkpoint(str(checkpoint), config, progress=False, use_ema=False)
+    assert raw["fid"] != pytest.approx(metrics["fid"]) and raw["fid_floor"] == metrics["fid_floor"]
 
     # The current config, not the one saved in the checkpoint, says how many images to score.
     fewer = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, fid_samples=32))

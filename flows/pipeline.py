@@ -29,6 +29,9 @@ from flows.tracking import connect, run_url
 from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
+IO_RETRY_DELAY = 5  # seconds between those retries
+SUMMARY_SAMPLES, SUMMARY_SEED = 16, 0  # the run summary's sample grid (4 x 4)
+SUMMARY_PIXELS = 256  # the grid is upscaled to this width so the Prefect UI shows it legibly
 
 log = logging.getLogger("flows.pipeline")
 
@@ -38,7 +41,7 @@ def transient(task, task_run, state) -> bool:
     return not isinstance(state.data, DataError)
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=5, retry_condition_fn=transient)
+@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY, retry_condition_fn=transient)
 def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> str:
     origin = fetch_data(repo, data_root, sources, remote)
     get_run_logger().info("Fashion-MNIST ready in %s (from %s)", data_root, origin)
@@ -104,9 +107,14 @@ def publish_summary(trained: steps.Trained, metrics: dict, registration: dict, u
     from ddpm.sampling import load_sampler
     from PIL import Image
 
-    images = load_sampler(trained.checkpoint).draw(16, seed=0)
+    sampler = load_sampler(trained.checkpoint)
+    images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
+    sample, train = sampler.config.sample, sampler.config.train
+    how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.diffusion.timesteps}"
+    weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
     buffer = io.BytesIO()
-    Image.fromarray(make_grid(images)).resize((256, 256), Image.NEAREST).save(buffer, format="PNG")
+    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)
+    grid_image.save(buffer, format="PNG")
     grid = base64.b64encode(buffer.getvalue()).decode()
     create_markdown_artifact(key="ddpm-summary", description="DDPM pipeline summary", markdown=f"""
 # DDPM pipeline run
@@ -122,7 +130,7 @@ def publish_summary(trained: steps.Trained, metrics: dict, registration: dict, u
 | throughput | {trained.metrics.get('images_per_second', float('nan')):.1f} img/s |
 | checkpoint | `{trained.checkpoint}` |
 
-Final samples (DDIM, EMA weights, seed 0):
+Final samples ({how}, {weights}, seed {SUMMARY_SEED}):
 
 ![samples](data:image/png;base64,{grid})
 """)

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/.gitignore"]
 PROJECT_PACKAGES = ["ddpm", "flows"]  # dvc.yaml's stages depend on the code
 TINY = {"data": {"limit": 64, "num_workers": 1}, "model": {"dim": 8, "dim_mults": [1, 2]},
-        "train": {"epochs": 2, "lr": 0.002, "lr_schedule": "constant", "device": "CPU", "ema_decay": 0.9},
+        "train": {"epochs": 2, "lr": 0.002, "lr_schedule": "constant", "warmup_steps": 0, "device": "CPU",
+                  "ema_decay": 0.9},
         "diffusion": {"timesteps": 50}, "sample": {"num": 16, "steps": 5},
         "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64}, "classifier": TINY_CLASSIFIER}
 QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds")
@@ -113,7 +114,8 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     promoted = run([sys.executable, "-m", "flows.promote"], repo, env)
     assert promoted.returncode == 0 and "no champion" in promoted.stderr, promoted.stderr
     # A model that barely trained, via DVC's experiment runner with params set from the command line.
-    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-7", "-S", "train.epochs=1"], repo, env)
+    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-7", "-S", "train.min_lr=0",
+               "-S", "train.epochs=1"], repo, env)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env)
     assert all(f'"{key}"' in shown.stdout for key in ("eval_loss", "fid", "fid_floor", "fid_ratio", "class_kl"))

@@ -84,7 +84,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
     seed: int = 0
     device: Device = "auto"
-    threads: int = 0  # CPU kernel threads; 0 = MindSpore's default. 1 lets two runs share 2 cores at ~1.7x the throughput
+    threads: int = 0  # CPU kernel threads; 0 = MindSpore's default. 1 lets two runs pinned one per core make ~1.3x
     workers: int = 1  # data-parallel processes under msrun, each on batch_size / workers images of every batch
     checkpoint_dir: str = "checkpoints"
     sample_every: int = 1  # draw a sample grid every N epochs for the callbacks; 0 never

@@ -1,9 +1,9 @@
 """Fast CPU formulations of the U-Net's GroupNorm, GELU and depthwise conv, same math as MindSpore's.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
-its depthwise-conv input gradient is twice as slow as a forward conv (docs/performance.md has the
-profile). These cells compute the same functions through faster kernels. Parameter names, shapes
-and initialisation equal the reference cells', so checkpoints load into either formulation;
+it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
+has the profile). These cells compute the same functions through faster kernels. Parameter
+names, shapes and initialisation equal the reference cells', so checkpoints load into either;
 tests/test_layers.py holds outputs and gradients to the reference.
 """
 from __future__ import annotations
@@ -14,6 +14,9 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
+
+from ddpm.kernels.build import conv_library
+from ddpm.kernels.conv import NativeConv2d
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -76,26 +79,33 @@ class _Normalize(nn.Cell):
 
 
 class DepthwiseConv2d(nn.Cell):
-    """nn.Conv2d(C, C, k, padding=k // 2, group=C) with a hand-written gradient.
+    """nn.Conv2d(C, C, k, padding=k // 2, group=C) on faster kernels, with a hand-written gradient.
 
-    oneDNN runs MindSpore's grouped convolutions through im2col + GEMM per group, and their
-    gradients are among the slowest kernels of the training step. The input gradient is the
-    same depthwise convolution with the kernel flipped: a forward conv, about twice as fast as
-    Conv2DBackpropInput here. The weight gradient stays MindSpore's own kernel (an Im2Col +
-    BatchMatMul formulation measured no faster).
+    MindSpore hands grouped convolutions to oneDNN in plain NCHW, which leaves it im2col + GEMM
+    per group; forward, input and weight gradient were among the slowest kernels of the step.
+    `native` runs all three as oneDNN's direct depthwise kernels through ddpm/kernels (NHWC inside
+    the operator); where those cannot be built, or with native=False, the MindSpore formulation:
+    the input gradient as the forward conv with the flipped kernel, the weight gradient MindSpore's.
     """
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, native: bool = True):
         super().__init__()
         self.weight = ms.Parameter(initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)),
                                    name="weight")  # nn.Conv2d's default init
-        self.conv = _DepthwiseConv(channels, kernel_size)
+        library = conv_library() if native else None
+        if library is not None:
+            self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels)
+        else:
+            self.conv = _DepthwiseConv(channels, kernel_size)
 
     def construct(self, x):
         return self.conv(x, self.weight)
 
 
 class _DepthwiseConv(nn.Cell):
+    """The depthwise conv in MindSpore's own kernels; its input gradient is about twice as fast as
+    Conv2DBackpropInput, and an Im2Col + BatchMatMul weight gradient measured no faster."""
+
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         pad = kernel_size // 2

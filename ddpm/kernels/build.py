@@ -1,0 +1,162 @@
+"""Compile ddpm/kernels/dnnl_conv.cc on first use into a per-user cache, against MindSpore's oneDNN.
+
+The shared library is keyed by a hash of everything that goes into it (the source, MindSpore's
+version and its libdnnl path, the headers' version, the compiler flags), written atomically under
+a file lock so concurrent processes build it once. When it cannot be built, `conv_library()` logs
+one warning naming the fix and returns None, and the layers fall back to MindSpore's own
+convolutions (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("dnnl_conv.cc")
+DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own convolutions
+HEADERS_PACKAGE = "onednn-devel"
+LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
+CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
+# MindSpore's libdnnl is built for the threadpool runtime, the headers' config for SYCL; the config
+# must say threadpool so that the C++ API exposes the threadpool stream we run on.
+RUNTIME_CONFIG = {
+    "DNNL_CPU_THREADING_RUNTIME": "DNNL_RUNTIME_THREADPOOL",
+    "DNNL_CPU_RUNTIME": "DNNL_RUNTIME_THREADPOOL",
+    "DNNL_GPU_RUNTIME": "DNNL_RUNTIME_NONE",
+}
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernels cannot be built here; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    compiler: str
+    include_dir: Path  # holds oneapi/dnnl/dnnl.hpp
+    libdnnl: Path
+    mindspore_version: str
+
+
+@functools.cache
+def conv_library() -> Path | None:
+    """The compiled oneDNN conv library, or None (warned once) when MindSpore's own convs must do."""
+    if os.environ.get(DISABLE_ENV) == "0":
+        log.info("%s=0: using MindSpore's own convolutions", DISABLE_ENV)
+        return None
+    try:
+        return build(find_toolchain())
+    except KernelUnavailable as err:
+        log.warning("oneDNN conv kernels unavailable, using MindSpore's own convolutions (same results, "
+                    "slower training): %s", err)
+        return None
+
+
+def find_toolchain() -> Toolchain:
+    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler: install g++ (apt-get install g++) or set CXX")
+    try:
+        files = importlib.metadata.distribution(HEADERS_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    headers = [f.locate() for f in files if str(f).endswith("oneapi/dnnl/dnnl.hpp")]
+    if not headers:
+        raise KernelUnavailable(f"oneDNN headers missing: install the project's dependencies "
+                                f"(uv sync; the {HEADERS_PACKAGE} package)")
+    spec = importlib.util.find_spec("mindspore")
+    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL if spec else None
+    if libdnnl is None or not libdnnl.is_file():
+        raise KernelUnavailable(f"MindSpore's {LIBDNNL} not found: install the mindspore CPU wheel pinned in "
+                                "pyproject.toml")
+    toolchain = Toolchain(compiler, Path(headers[0]).resolve().parents[2], libdnnl,
+                          importlib.metadata.version("mindspore"))
+    check_versions(toolchain)
+    return toolchain
+
+
+def header_version(include_dir: Path) -> tuple[int, int]:
+    text = (include_dir / "oneapi/dnnl/dnnl_version.h").read_text()
+    major, minor = (int(re.search(rf"#define DNNL_VERSION_{part} (\d+)", text).group(1)) for part in ("MAJOR", "MINOR"))
+    return major, minor
+
+
+class _DnnlVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]  # leading fields only
+
+
+def library_version(libdnnl: Path) -> tuple[int, int]:
+    lib = ctypes.CDLL(str(libdnnl))
+    lib.dnnl_version.restype = ctypes.POINTER(_DnnlVersion)
+    version = lib.dnnl_version().contents
+    return version.major, version.minor
+
+
+def check_versions(toolchain: Toolchain) -> None:
+    """oneDNN keeps its ABI backward compatible within a major version: the library may be newer."""
+    headers, library = header_version(toolchain.include_dir), library_version(toolchain.libdnnl)
+    if headers[0] != library[0] or headers[1] > library[1]:
+        raise KernelUnavailable(f"oneDNN headers {headers} do not fit MindSpore's libdnnl {library}: pin a "
+                                f"{HEADERS_PACKAGE} release with headers 3.x, x <= {library[1]}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm" / "kernels"
+
+
+def build(toolchain: Toolchain) -> Path:
+    """Compile the source unless the cache already holds this exact build; return the library's path."""
+    source = SOURCE.read_bytes()
+    recipe = "\n".join([toolchain.mindspore_version, str(toolchain.libdnnl), str(header_version(toolchain.include_dir)),
+                        toolchain.compiler, *CXX_FLAGS])
+    digest = hashlib.sha256(source + recipe.encode()).hexdigest()[:16]
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{SOURCE.stem}-{digest}.so"
+    with open(directory / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same file
+        if not target.exists():
+            compile_library(toolchain, directory, target)
+    return target
+
+
+def compile_library(toolchain: Toolchain, directory: Path, target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        config_dir = Path(scratch) / "include"
+        write_runtime_config(toolchain.include_dir, config_dir)
+        output = Path(scratch) / target.name
+        lib_dir = toolchain.libdnnl.parent
+        command = [toolchain.compiler, *CXX_FLAGS, f"-I{config_dir}", f"-I{toolchain.include_dir}", str(SOURCE),
+                   "-o", str(output), f"-L{lib_dir}", f"-l:{LIBDNNL}", f"-Wl,-rpath,{lib_dir}"]
+        log.info("compiling %s (once per source and MindSpore version)", SOURCE.name)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(output, target)  # atomic: readers see no file or a whole one
+
+
+def write_runtime_config(include_dir: Path, config_dir: Path) -> None:
+    """A copy of dnnl_config.h that says threadpool, found before the package's own by -I order."""
+    text = (include_dir / "oneapi/dnnl/dnnl_config.h").read_text()
+    for macro, value in RUNTIME_CONFIG.items():
+        text, count = re.subn(rf"^#define {macro} \w+$", f"#define {macro} {value}", text, flags=re.MULTILINE)
+        if count != 1:
+            raise KernelUnavailable(f"unexpected dnnl_config.h in {include_dir}: no single {macro}")
+    text = re.sub(r"^#define DNNL_WITH_SYCL$", "/* DNNL_WITH_SYCL: not with MindSpore's oneDNN */", text,
+                  flags=re.MULTILINE)
+    path = config_dir / "oneapi/dnnl/dnnl_config.h"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)

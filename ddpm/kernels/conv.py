@@ -1,0 +1,47 @@
+"""MindSpore cells over the oneDNN conv operators of dnnl_conv.cc: ops.Conv2D's math, faster kernels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int, transposed: bool) -> int:
+    """Spatial size after a conv with symmetric padding, or after its transpose."""
+    if transposed:
+        return (size - 1) * stride - 2 * pad + kernel
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+class NativeConv2d(nn.Cell):
+    """(x, weight) -> conv(x, weight) with symmetric padding, and its gradient, by oneDNN.
+
+    The weight is MindSpore's: (C_out, C_in / groups, k, k) for a conv, (C_in, C_out / groups, k, k)
+    for a transposed conv (nn.Conv2dTranspose's). The forward and the backward are each one
+    custom operator; the backward returns the input and the weight gradients together so the
+    incoming gradient is converted to oneDNN's layout once.
+    """
+
+    def __init__(self, library: Path, stride: int = 1, pad: int = 0, groups: int = 1, transposed: bool = False):
+        super().__init__()
+        self.stride, self.pad, self.groups, self.transposed = stride, pad, groups, transposed
+        # stride_h, stride_w, pad top/left/bottom/right, groups, transposed: read by the C++ side
+        self.config = ms.Tensor(np.array([stride, stride, pad, pad, pad, pad, groups, int(transposed)], np.int64))
+        self.forward_op = ops.Custom(f"{library}:ConvForward", out_shape=self.output_shape,
+                                     out_dtype=lambda x, w, config: x, func_type="aot")
+        self.backward_op = ops.Custom(f"{library}:ConvBackward", out_shape=lambda x, w, dy, config: (x, w),
+                                      out_dtype=lambda x, w, dy, config: (x, w), func_type="aot")
+
+    def output_shape(self, x, w, config):
+        channels = w[1] * self.groups if self.transposed else w[0]
+        return [x[0], channels, *(conv_output_size(s, k, self.stride, self.pad, self.transposed)
+                                  for s, k in zip(x[2:], w[2:]))]
+
+    def construct(self, x, weight):
+        return self.forward_op(x, weight, self.config)
+
+    def bprop(self, x, weight, out, dout):
+        dx, dw = self.backward_op(x, weight, dout, self.config)
+        return dx, dw

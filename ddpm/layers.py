@@ -1,4 +1,4 @@
-"""Fast CPU formulations of the U-Net's GroupNorm, GELU and depthwise conv, same math as MindSpore's.
+"""Fast CPU formulations of the U-Net's GroupNorm, GELU and convolutions, same math as MindSpore's.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
 it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
@@ -16,7 +16,7 @@ from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
 
 from ddpm.kernels.build import conv_library
-from ddpm.kernels.conv import NativeConv2d
+from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -83,9 +83,10 @@ class DepthwiseConv2d(nn.Cell):
 
     MindSpore hands grouped convolutions to oneDNN in plain NCHW, which leaves it im2col + GEMM
     per group; forward, input and weight gradient were among the slowest kernels of the step.
-    `native` runs all three as oneDNN's direct depthwise kernels through ddpm/kernels (NHWC inside
-    the operator); where those cannot be built, or with native=False, the MindSpore formulation:
-    the input gradient as the forward conv with the flipped kernel, the weight gradient MindSpore's.
+    `native` runs all three as oneDNN's direct depthwise kernels through ddpm/kernels (the layout
+    conversions happen inside the operator); where those cannot be built, or with native=False,
+    the MindSpore formulation: the input gradient as the forward conv with the flipped kernel,
+    the weight gradient MindSpore's.
     """
 
     def __init__(self, channels: int, kernel_size: int, native: bool = True):
@@ -133,6 +134,24 @@ def depthwise_conv(channels: int, kernel_size: int, fast: bool = True) -> nn.Cel
     if fast:
         return DepthwiseConv2d(channels, kernel_size)
     return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=channels)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+           fast: bool = True) -> nn.Cell:
+    """nn.Conv2d with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
+    library = conv_library() if fast else None
+    if library is None:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
+    return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding)
+
+
+def conv_transpose2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                     fast: bool = True) -> nn.Cell:
+    """nn.Conv2dTranspose with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
+    library = conv_library() if fast else None
+    if library is None:
+        return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
+    return Conv2dTranspose(library, in_channels, out_channels, kernel_size, stride, padding)
 
 
 def gelu(fast: bool = True) -> nn.Cell:

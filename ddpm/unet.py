@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ddpm.layers import depthwise_conv, gelu, group_norm
+from ddpm.layers import conv2d, conv_transpose2d, depthwise_conv, gelu, group_norm
 
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
 POSITION_SCALE = 10000.0  # Transformer sinusoid base (Vaswani et al., 2017)
@@ -42,10 +42,10 @@ class ConvNextBlock(nn.Cell):
         self.ds_conv = depthwise_conv(dim, 7, fast)
         self.net = nn.SequentialCell(
             group_norm(dim, NORM_EPS, fast) if norm else nn.Identity(),
-            nn.Conv2d(dim, dim_out * mult, 3, pad_mode="pad", padding=1),
+            conv2d(dim, dim_out * mult, 3, padding=1, fast=fast),
             gelu(fast),
             group_norm(dim_out * mult, NORM_EPS, fast),
-            nn.Conv2d(dim_out * mult, dim_out, 3, pad_mode="pad", padding=1),
+            conv2d(dim_out * mult, dim_out, 3, padding=1, fast=fast),
         )
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
@@ -138,12 +138,12 @@ class Residual(nn.Cell):
         return self.fn(x) + x
 
 
-def downsample(dim: int) -> nn.Cell:
-    return nn.Conv2d(dim, dim, 4, stride=2, pad_mode="pad", padding=1)  # (H, W) -> (H/2, W/2)
+def downsample(dim: int, fast: bool = True) -> nn.Cell:
+    return conv2d(dim, dim, 4, stride=2, padding=1, fast=fast)  # (H, W) -> (H/2, W/2)
 
 
-def upsample(dim: int) -> nn.Cell:
-    return nn.Conv2dTranspose(dim, dim, 4, stride=2, pad_mode="pad", padding=1)  # (H, W) -> (2H, 2W)
+def upsample(dim: int, fast: bool = True) -> nn.Cell:
+    return conv_transpose2d(dim, dim, 4, stride=2, padding=1, fast=fast)  # (H, W) -> (2H, 2W)
 
 
 class Level(nn.Cell):
@@ -164,7 +164,7 @@ class Level(nn.Cell):
 class Unet(nn.Cell):
     """Predicts the noise in x_t: (B, C, H, W), (B,) -> (B, C, H, W).
 
-    `fast` picks the CPU-fast formulations of GroupNorm and GELU (ddpm/layers.py); False builds
+    `fast` picks the CPU-fast formulations of GroupNorm, GELU and the convs (ddpm/layers.py); False builds
     MindSpore's own cells, the reference the fast ones are tested against. Same parameters either way.
     """
 
@@ -181,7 +181,8 @@ class Unet(nn.Cell):
 
         last = len(in_out) - 1
         self.downs = nn.CellList([
-            Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out) if i < last else nn.Identity(), fast)
+            Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out, fast) if i < last else nn.Identity(),
+                  fast)
             for i, (d_in, d_out) in enumerate(in_out)])
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
@@ -189,7 +190,7 @@ class Unet(nn.Cell):
         self.mid_block2 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
         self.ups = nn.CellList([
-            Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in), fast)
+            Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in, fast), fast)
             for d_in, d_out in reversed(in_out[1:])])
         self.final_conv = nn.SequentialCell(ConvNextBlock(dim, dim, mult=convnext_mult, fast=fast),
                                              nn.Conv2d(dim, channels, 1))

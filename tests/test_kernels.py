@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from ddpm.config import ModelConfig
 from ddpm.kernels import build
 from ddpm.kernels.build import conv_library
-from ddpm.kernels.conv import NativeConv2d
+from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.layers import DepthwiseConv2d, _DepthwiseConv
+from ddpm.unet import build_unet
 
 RTOL, ATOL = 1e-4, 1e-5
 BATCH = 4
@@ -30,59 +32,65 @@ def library():
     return path
 
 
-class Projected(nn.Cell):
-    """<conv(x, w), projection>: a scalar whose gradients are the conv's backward on `projection`."""
-
-    def __init__(self, conv: nn.Cell, projection):
-        super().__init__()
-        self.conv, self.projection = conv, projection
-
-    def construct(self, x, weight):
-        return (self.conv(x, weight) * self.projection).sum()
-
-
-def jitted_value_and_grads(conv: nn.Cell, x, weight, projection):
-    """conv(x, weight) and the gradients of <conv(x, weight), projection> w.r.t. x and weight, under @ms.jit."""
-    net = Projected(conv, projection)
-    grads = ms.jit(ms.grad(net, grad_position=(0, 1)))
-    forward = ms.jit(conv)
-    dx, dw = grads(x, weight)
-    return forward(x, weight).asnumpy(), dx.asnumpy(), dw.asnumpy()
-
-
-def reference_value_and_grads(conv: nn.Cell, x, projection):
-    """The same for MindSpore's own conv cell, whose weight is a Parameter."""
+def jitted_value_and_grads(cell: nn.Cell, x, projection):
+    """cell(x) and the gradients of <cell(x), projection> w.r.t. x and each weight, under @ms.jit."""
     def projected(x):
-        return (conv(x) * projection).sum()
+        return (cell(x) * projection).sum()
 
-    grads = ms.jit(ms.grad(projected, grad_position=0, weights=conv.trainable_params()))
-    dx, (dw,) = grads(x)
-    return ms.jit(conv)(x).asnumpy(), dx.asnumpy(), dw.asnumpy()
+    grads = ms.jit(ms.grad(projected, grad_position=0, weights=cell.trainable_params()))
+    dx, dws = grads(x)
+    return [ms.jit(cell)(x).asnumpy(), dx.asnumpy(), *(dw.asnumpy() for dw in dws)]
 
 
-def assert_all_close(fast, ref):
-    for name, a, b in zip(("output", "input gradient", "weight gradient"), fast, ref):
+def assert_same_function(fast: nn.Cell, ref: nn.Cell, x_shape):
+    """Same weights in both (checking the names match), then outputs and all gradients agree."""
+    assert [p.name for p in fast.trainable_params()] == [p.name for p in ref.trainable_params()]
+    rng = np.random.default_rng(0)
+    for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params()):
+        p_ref.set_data(ms.Tensor(rng.standard_normal(p_ref.shape) * 0.2, ms.float32))
+        p_fast.set_data(p_ref.value().copy())
+    x = ms.Tensor(rng.standard_normal(x_shape), ms.float32)
+    projection = ms.Tensor(rng.standard_normal(ref(x).shape), ms.float32)
+    names = ["output", "input gradient", *(f"gradient of {p.name}" for p in ref.trainable_params())]
+    fast_values, ref_values = jitted_value_and_grads(fast, x, projection), jitted_value_and_grads(ref, x, projection)
+    for name, a, b in zip(names, fast_values, ref_values, strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, np.abs(b).max()), err_msg=name)
-
-
-def random_inputs(x_shape, w_shape, y_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return [ms.Tensor(rng.standard_normal(s), ms.float32) for s in (x_shape, w_shape, y_shape)]
 
 
 @pytest.mark.parametrize("channels, size", NETWORK_DEPTHWISE)
 def test_native_depthwise_equals_mindspores_grouped_conv(library, channels, size):
-    x, weight, projection = random_inputs((BATCH, channels, size, size), (channels, 1, 7, 7),
-                                          (BATCH, channels, size, size))
     ref = nn.Conv2d(channels, channels, 7, pad_mode="pad", padding=3, group=channels)
-    ref.weight.set_data(weight)
-    fast = jitted_value_and_grads(NativeConv2d(library, pad=3, groups=channels), x, weight, projection)
-    assert_all_close(fast, reference_value_and_grads(ref, x, projection))
+    assert_same_function(DepthwiseConv2d(channels, 7), ref, (BATCH, channels, size, size))
+
+
+# (in, out, kernel, stride, padding, size, bias): the U-Net's 3x3 convs at each resolution, its
+# stride-2 down-sampling, and a biased conv with uneven channels
+NETWORK_DENSE = [(56, 28, 3, 1, 1, 28, False), (28, 112, 3, 1, 1, 14, False), (224, 112, 3, 1, 1, 7, False),
+                 (28, 28, 4, 2, 1, 28, False), (3, 5, 7, 1, 3, 9, True)]
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, size, bias", NETWORK_DENSE)
+def test_native_conv_equals_mindspores(library, c_in, c_out, kernel, stride, padding, size, bias):
+    ref = nn.Conv2d(c_in, c_out, kernel, stride, pad_mode="pad", padding=padding, has_bias=bias)
+    fast = Conv2d(library, c_in, c_out, kernel, stride, padding, has_bias=bias)
+    assert_same_function(fast, ref, (BATCH, c_in, size, size))
+
+
+@pytest.mark.parametrize("c_in, c_out, size, bias", [(56, 56, 7, False), (28, 28, 14, False), (6, 4, 5, True)])
+def test_native_transposed_conv_equals_mindspores(library, c_in, c_out, size, bias):
+    ref = nn.Conv2dTranspose(c_in, c_out, 4, 2, pad_mode="pad", padding=1, has_bias=bias)
+    fast = Conv2dTranspose(library, c_in, c_out, 4, 2, 1, has_bias=bias)
+    assert_same_function(fast, ref, (BATCH, c_in, size, size))
 
 
 def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library):
     assert isinstance(DepthwiseConv2d(8, 7).conv, NativeConv2d)
     assert isinstance(DepthwiseConv2d(8, 7, native=False).conv, _DepthwiseConv)
+
+
+def test_the_training_network_runs_its_convs_natively(library):
+    kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
+    assert {NativeConv2d, Conv2d, Conv2dTranspose} <= kinds
 
 
 @pytest.fixture

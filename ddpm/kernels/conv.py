@@ -45,3 +45,35 @@ class NativeConv2d(nn.Cell):
     def bprop(self, x, weight, out, dout):
         dx, dw = self.backward_op(x, weight, dout, self.config)
         return dx, dw
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
+
+    def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, has_bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
+                         has_bias=has_bias)
+        self.native = NativeConv2d(library, stride, padding)
+
+    def construct(self, x):
+        out = self.native(x, self.weight)
+        if self.has_bias:
+            out = self.bias_add(out, self.bias)
+        return out
+
+
+class Conv2dTranspose(nn.Conv2dTranspose):
+    """nn.Conv2dTranspose with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
+
+    def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, has_bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
+                         has_bias=has_bias)
+        self.native = NativeConv2d(library, stride, padding, transposed=True)
+
+    def construct(self, x):
+        out = self.native(x, self.weight)
+        if self.has_bias:
+            out = self.bias_add(out, self.bias)
+        return out

@@ -2,9 +2,9 @@
 // custom "aot" operators, run by the oneDNN that MindSpore itself ships (libdnnl.so.3).
 //
 // Why: MindSpore 2.10 describes every conv tensor to oneDNN as plain NCHW with plain weights,
-// so oneDNN can only pick its slow im2col + GEMM kernels. Here the activations are reordered to
-// NHWC and the weights to the layout oneDNN asks for ("any"), which lets it pick its direct JIT
-// kernels (docs/performance.md has the figures). Tensors in and out stay MindSpore's NCHW and
+// so oneDNN can only pick its slow im2col + GEMM kernels. Here activations and weights are
+// reordered to layouts oneDNN has direct JIT kernels for (blocked or NHWC; see ChooseLayout),
+// which is several times faster for the depthwise convs (docs/performance.md has the figures). Tensors in and out stay MindSpore's NCHW and
 // (O, I/groups, kH, kW) weights, so the Python side is a drop-in for ops.Conv2D.
 //
 // Operators (MindSpore aot signature: inputs, then outputs; float32 only):
@@ -288,17 +288,29 @@ class ConcurrencyScope {
   int saved_ = 1;
 };
 
+// Activations in the layout oneDNN prefers ("any": blocked by 8 channels with AVX2), whose
+// reorders from NCHW are also the cheapest; but where its best kernel for that layout is an
+// im2col + GEMM one (depthwise weight gradients) the NHWC layout, which has a direct kernel.
+// Weights are always "any". Primitive creation throws if neither layout has an implementation.
+template <typename MakeDesc>
+auto ChooseLayout(MakeDesc make) -> decltype(make(tag::any)) {
+  auto preferred = make(tag::any);
+  if (std::strstr(preferred.impl_info_str(), "gemm") == nullptr) return preferred;
+  return make(tag::nhwc);
+}
+
 // The three primitives of one conv shape, each created on first need, with their layouts.
 class ConvPlan {
  public:
   explicit ConvPlan(const Geometry &g) : g_(g) {
     auto &rt = GetRuntime();
     ConcurrencyScope scope(rt.pool.get_num_threads());
-    // NHWC activations and "any" weights: what lets oneDNN pick its direct JIT kernels.
-    hint_ = dnnl::convolution_forward::primitive_desc(
-        rt.engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-        Any(g.src, tag::nhwc), Any(g.weights, tag::any), Any(g.dst, tag::nhwc), g.strides, g.pad_begin,
-        g.pad_end, UserScratchpad());
+    hint_ = ChooseLayout([&](tag activations) {
+      return dnnl::convolution_forward::primitive_desc(
+          rt.engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          Any(g.src, activations), Any(g.weights, tag::any), Any(g.dst, activations), g.strides, g.pad_begin,
+          g.pad_end, UserScratchpad());
+    });
   }
 
   // dst = conv(src, weights); returns the staged src for BackwardWeights.
@@ -354,9 +366,11 @@ class ConvPlan {
   void MakeBackwardData() {
     auto &rt = GetRuntime();
     ConcurrencyScope scope(rt.pool.get_num_threads());
-    data_pd_ = dnnl::convolution_backward_data::primitive_desc(
-        rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, tag::nhwc), Any(g_.weights, tag::any),
-        Any(g_.dst, tag::nhwc), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+    data_pd_ = ChooseLayout([&](tag activations) {
+      return dnnl::convolution_backward_data::primitive_desc(
+          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations), Any(g_.weights, tag::any),
+          Any(g_.dst, activations), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+    });
     data_diff_dst_ = Layout(Plain(g_.dst), data_pd_.diff_dst_desc(), true);
     data_weights_ = Layout(Plain(g_.weights), data_pd_.weights_desc(), true);
     data_diff_src_ = Layout(Plain(g_.src), data_pd_.diff_src_desc(), false);
@@ -366,9 +380,11 @@ class ConvPlan {
   void MakeBackwardWeights() {
     auto &rt = GetRuntime();
     ConcurrencyScope scope(rt.pool.get_num_threads());
-    weights_pd_ = dnnl::convolution_backward_weights::primitive_desc(
-        rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, tag::nhwc), Any(g_.weights, tag::any),
-        Any(g_.dst, tag::nhwc), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+    weights_pd_ = ChooseLayout([&](tag activations) {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations), Any(g_.weights, tag::any),
+          Any(g_.dst, activations), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+    });
     weights_src_ = Layout(Plain(g_.src), weights_pd_.src_desc(), true);
     weights_diff_dst_ = Layout(Plain(g_.dst), weights_pd_.diff_dst_desc(), true);
     weights_diff_weights_ = Layout(Plain(g_.weights), weights_pd_.diff_weights_desc(), false);

@@ -63,77 +63,77 @@ class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
     for (auto &w : workers_) w.join();
   }
   int get_num_threads() const override { return threads_; }
-  bool get_in_parallel() const override { return in_worker_; }
+  bool get_in_parallel() const override { return in_parallel_; }
   uint64_t get_flags() const override { return 0; }  // synchronous: parallel_for returns when done
 
   void parallel_for(int n, const std::function<void(int, int)> &fn) override {
-    if (n <= 1 || threads_ == 1 || in_worker_) {
+    if (n <= 1 || threads_ == 1 || in_parallel_) {  // nested regions run inline
       for (int i = 0; i < n; ++i) fn(i, n);
       return;
     }
+    Job job(&fn, n);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      job_size_ = n;
-      next_.store(0);
-      pending_ = n;
+      job_ = &job;
       ++generation_;
     }
     wake_.notify_all();
-    RunTasks();  // the caller works too
+    in_parallel_ = true;  // the caller works too
+    int done = RunTasks(job);
+    in_parallel_ = false;
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    job.pending -= done;
+    job_ = nullptr;  // no worker joins the job after this; wait for those inside it
+    finished_.wait(lock, [&] { return job.pending == 0 && job.active == 0; });
   }
 
  private:
-  void Work() {
-    in_worker_ = true;
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-      }
-      RunTasks();
-    }
-  }
-
-  void RunTasks() {
+  // One parallel_for; it lives on the caller's stack until no worker touches it any more.
+  struct Job {
+    Job(const std::function<void(int, int)> *f, int size) : fn(f), n(size), pending(size) {}
     const std::function<void(int, int)> *fn;
     int n;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      fn = job_;
-      n = job_size_;
+    std::atomic<int> next{0};
+    int pending;     // tasks not yet finished; guarded by mutex_
+    int active = 0;  // workers inside the job; guarded by mutex_
+  };
+
+  static int RunTasks(Job &job) {
+    int done = 0;
+    for (int i = job.next.fetch_add(1); i < job.n; i = job.next.fetch_add(1), ++done) (*job.fn)(i, job.n);
+    return done;
+  }
+
+  void Work() {
+    in_parallel_ = true;
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      Job *job = job_;
+      if (job == nullptr) continue;  // the caller finished it alone
+      ++job->active;
+      lock.unlock();
+      int done = RunTasks(*job);
+      lock.lock();
+      job->pending -= done;
+      --job->active;
+      finished_.notify_all();
     }
-    if (fn == nullptr) return;
-    int finished = 0;
-    for (int i = next_.fetch_add(1); i < n; i = next_.fetch_add(1)) {
-      (*fn)(i, n);
-      ++finished;
-    }
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    pending_ -= finished;
-    if (pending_ == 0) done_.notify_all();
   }
 
   const int threads_;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int, int)> *job_ = nullptr;
-  int job_size_ = 0;
-  int pending_ = 0;
+  std::condition_variable wake_, finished_;
+  Job *job_ = nullptr;
   uint64_t generation_ = 0;
   bool stop_ = false;
-  std::atomic<int> next_{0};
-  static thread_local bool in_worker_;
+  static thread_local bool in_parallel_;
 };
-thread_local bool ThreadPool::in_worker_ = false;
+thread_local bool ThreadPool::in_parallel_ = false;
 
 int UsableCpus() {
   cpu_set_t set;

@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ddpm.kernels.build import conv_library
+from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import NativeConv2d
 from ddpm.layers import _DepthwiseConv
 
@@ -99,7 +99,7 @@ def implementations(conv: Conv) -> dict:
     found = {"mindspore": MindSporeConv(conv)}
     if conv.groups > 1:
         found["flipped_kernel"] = _DepthwiseConv(conv.c_in, conv.kernel)
-    library = conv_library()
+    library = native_library()
     if library is not None:
         found["onednn"] = NativeConv2d(library, conv.stride, conv.pad, conv.groups, conv.transposed)
     return found

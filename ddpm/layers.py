@@ -15,8 +15,9 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
 
-from ddpm.kernels.build import conv_library
+from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
+from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -30,13 +31,18 @@ class GELU(nn.Cell):
 
 
 class LayerGroupNorm(nn.Cell):
-    """GroupNorm with one group (normalise each sample over C, H, W), then a per-channel affine."""
+    """GroupNorm with one group (normalise each sample over C, H, W), then a per-channel affine.
 
-    def __init__(self, num_channels: int, eps: float = 1e-5):
+    `native` runs it as one C++ operator each way (ddpm/kernels); without it, or where that
+    cannot be built, as MindSpore kernels with a hand-written gradient (_Normalize).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, native: bool = True):
         super().__init__()
         self.gamma = ms.Parameter(ops.ones((num_channels,), ms.float32), name="gamma")
         self.beta = ms.Parameter(ops.zeros((num_channels,), ms.float32), name="beta")
-        self.normalize = _Normalize(eps)
+        library = native_library() if native else None
+        self.normalize = NativeGroupNorm(library, eps) if library is not None else _Normalize(eps)
 
     def construct(self, x):
         return self.normalize(x, self.gamma, self.beta)
@@ -93,7 +99,7 @@ class DepthwiseConv2d(nn.Cell):
         super().__init__()
         self.weight = ms.Parameter(initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)),
                                    name="weight")  # nn.Conv2d's default init
-        library = conv_library() if native else None
+        library = native_library() if native else None
         if library is not None:
             self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels)
         else:
@@ -139,7 +145,7 @@ def depthwise_conv(channels: int, kernel_size: int, fast: bool = True) -> nn.Cel
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
            fast: bool = True) -> nn.Cell:
     """nn.Conv2d with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
-    library = conv_library() if fast else None
+    library = native_library() if fast else None
     if library is None:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
     return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding)
@@ -148,12 +154,16 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 def conv_transpose2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                      fast: bool = True) -> nn.Cell:
     """nn.Conv2dTranspose with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
-    library = conv_library() if fast else None
+    library = native_library() if fast else None
     if library is None:
         return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
     return Conv2dTranspose(library, in_channels, out_channels, kernel_size, stride, padding)
 
 
 def gelu(fast: bool = True) -> nn.Cell:
-    """Tanh-approximated GELU: the fast formulation, or MindSpore's own cell as the reference."""
-    return GELU() if fast else nn.GELU()
+    """Tanh-approximated GELU: the native operator, else the fast formulation, or MindSpore's own
+    cell as the reference."""
+    if not fast:
+        return nn.GELU()
+    library = native_library()
+    return NativeGELU(library) if library is not None else GELU()

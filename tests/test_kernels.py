@@ -1,4 +1,5 @@
-"""The oneDNN conv operators compute MindSpore's convolutions; the build caches and falls back cleanly.
+"""The native operators compute MindSpore's convolutions, GroupNorm and GELU; the build caches and
+falls back cleanly.
 
 Same tolerances as test_layers.py: float32 sums in a different order, far under any change of
 the math (a wrong pad, a flipped kernel or a transposed weight fails).
@@ -12,9 +13,10 @@ from mindspore import nn
 
 from ddpm.config import ModelConfig
 from ddpm.kernels import build
-from ddpm.kernels.build import conv_library
+from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
-from ddpm.layers import DepthwiseConv2d, _DepthwiseConv
+from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
+from ddpm.layers import GELU, DepthwiseConv2d, LayerGroupNorm, _DepthwiseConv, _Normalize
 from ddpm.unet import build_unet
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -26,7 +28,7 @@ NETWORK_DEPTHWISE = [(18, 28), (28, 28), (28, 14), (56, 14), (56, 7), (112, 7), 
 
 @pytest.fixture(scope="module")
 def library():
-    path = conv_library()
+    path = native_library()
     if path is None:
         pytest.skip("oneDNN conv kernels unavailable here (the warning names why)")
     return path
@@ -43,13 +45,14 @@ def jitted_value_and_grads(cell: nn.Cell, x, projection):
 
 
 def assert_same_function(fast: nn.Cell, ref: nn.Cell, x_shape):
-    """Same weights in both (checking the names match), then outputs and all gradients agree."""
+    """Same weights in both (checking the names match), then outputs and all gradients agree.
+    `x_shape` is the input's shape (drawn at random), or the input itself."""
     assert [p.name for p in fast.trainable_params()] == [p.name for p in ref.trainable_params()]
     rng = np.random.default_rng(0)
     for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params()):
         p_ref.set_data(ms.Tensor(rng.standard_normal(p_ref.shape) * 0.2, ms.float32))
         p_fast.set_data(p_ref.value().copy())
-    x = ms.Tensor(rng.standard_normal(x_shape), ms.float32)
+    x = ms.Tensor(rng.standard_normal(x_shape) if isinstance(x_shape, tuple) else x_shape, ms.float32)
     projection = ms.Tensor(rng.standard_normal(ref(x).shape), ms.float32)
     names = ["output", "input gradient", *(f"gradient of {p.name}" for p in ref.trainable_params())]
     fast_values, ref_values = jitted_value_and_grads(fast, x, projection), jitted_value_and_grads(ref, x, projection)
@@ -88,33 +91,34 @@ def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library
     assert isinstance(DepthwiseConv2d(8, 7, native=False).conv, _DepthwiseConv)
 
 
-def test_the_training_network_runs_its_convs_natively(library):
+def test_the_training_network_runs_its_convs_norms_and_gelus_natively(library):
     kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
-    assert {NativeConv2d, Conv2d, Conv2dTranspose} <= kinds
+    assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm} <= kinds
+    assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize}
 
 
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """conv_library() as in a new process, with its cache under tmp_path."""
+    """native_library() as in a new process, with its cache under tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    conv_library.cache_clear()
+    native_library.cache_clear()
     yield tmp_path
-    conv_library.cache_clear()
+    native_library.cache_clear()
 
 
 def test_library_is_compiled_once_into_the_cache(fresh_build):
-    first = conv_library()
+    first = native_library()
     assert first is not None and first.parent == fresh_build / "ddpm" / "kernels"
     mtime = first.stat().st_mtime_ns
-    conv_library.cache_clear()
-    assert conv_library() == first and first.stat().st_mtime_ns == mtime
+    native_library.cache_clear()
+    assert native_library() == first and first.stat().st_mtime_ns == mtime
 
 
 def test_missing_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger=build.__name__):
-        assert conv_library() is None
-        assert conv_library() is None
+        assert native_library() is None
+        assert native_library() is None
         assert isinstance(DepthwiseConv2d(8, 7).conv, _DepthwiseConv)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "install g++" in warnings[0]
@@ -122,5 +126,37 @@ def test_missing_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, ca
 
 def test_env_setting_forces_the_fallback(fresh_build, monkeypatch):
     monkeypatch.setenv(build.DISABLE_ENV, "0")
-    assert conv_library() is None
+    assert native_library() is None
     assert not list(fresh_build.iterdir()), "nothing compiled"
+
+
+# (channels, size) of the GroupNorms and GELUs of Unet(dim=28, dim_mults=(1, 2, 4))
+NETWORK_NORMS = [(18, 28), (56, 28), (28, 28), (112, 14), (56, 14), (224, 7), (112, 7)]
+
+
+@pytest.mark.parametrize("channels, size", NETWORK_NORMS)
+def test_native_gelu_equals_mindspores_tanh_gelu(library, channels, size):
+    x_scale = 4.0  # reaches tanh's saturated range, where a wrong clamp would show
+    fast, ref = NativeGELU(library), nn.GELU()
+    rng = np.random.default_rng(channels)
+    x = ms.Tensor(rng.standard_normal((BATCH, channels, size, size)) * x_scale, ms.float32)
+    projection = ms.Tensor(rng.standard_normal((BATCH, channels, size, size)), ms.float32)
+    for a, b, name in zip(jitted_value_and_grads(fast, x, projection), jitted_value_and_grads(ref, x, projection),
+                          ["output", "input gradient"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_native_gelu_on_a_time_embedding(library):
+    """(B, features): the small tensors of the time MLP take the single-threaded path."""
+    x = ms.Tensor(np.linspace(-12, 12, 16 * 112).reshape(16, 112), ms.float32)
+    np.testing.assert_allclose(NativeGELU(library)(x).asnumpy(), nn.GELU()(x).asnumpy(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("channels, size", NETWORK_NORMS)
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # a large mean: a cancelling variance or gradient would show
+def test_native_group_norm_equals_mindspores(library, channels, size, offset):
+    fast, ref = LayerGroupNorm(channels, 1e-5), nn.GroupNorm(1, channels, eps=1e-5)
+    assert isinstance(fast.normalize, NativeGroupNorm)
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((BATCH, channels, size, size)) * 3 + offset
+    assert_same_function(fast, ref, x)

@@ -1,10 +1,10 @@
-"""Compile ddpm/kernels/dnnl_conv.cc on first use into a per-user cache, against MindSpore's oneDNN.
+"""Compile ddpm/kernels' C++ operators on first use into a per-user cache, against MindSpore's oneDNN.
 
 The shared library is keyed by a hash of everything that goes into it (the source, MindSpore's
 version and its libdnnl path, the headers' version, the compiler flags), written atomically under
-a file lock so concurrent processes build it once. When it cannot be built, `conv_library()` logs
+a file lock so concurrent processes build it once. When it cannot be built, `native_library()` logs
 one warning naming the fix and returns None, and the layers fall back to MindSpore's own
-convolutions (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback.
+operators (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback.
 """
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("dnnl_conv.cc")
-DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own convolutions
+HERE = Path(__file__).parent
+SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc")  # compiled into one library
+HEADERS = (HERE / "runtime.h",)
+LIBRARY_STEM = "ddpm_kernels"
+DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own operators
 HEADERS_PACKAGE = "onednn-devel"
 LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
-CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
 # MindSpore's libdnnl is built for the threadpool runtime, the headers' config for SYCL; the config
 # must say threadpool so that the C++ API exposes the threadpool stream we run on.
 RUNTIME_CONFIG = {
@@ -52,15 +55,15 @@ class Toolchain:
 
 
 @functools.cache
-def conv_library() -> Path | None:
-    """The compiled oneDNN conv library, or None (warned once) when MindSpore's own convs must do."""
+def native_library() -> Path | None:
+    """The compiled operator library, or None (warned once) when MindSpore's own operators must do."""
     if os.environ.get(DISABLE_ENV) == "0":
-        log.info("%s=0: using MindSpore's own convolutions", DISABLE_ENV)
+        log.info("%s=0: using MindSpore's own operators", DISABLE_ENV)
         return None
     try:
         return build(find_toolchain())
     except KernelUnavailable as err:
-        log.warning("oneDNN conv kernels unavailable, using MindSpore's own convolutions (same results, "
+        log.warning("native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
                     "slower training): %s", err)
         return None
 
@@ -119,13 +122,13 @@ def cache_dir() -> Path:
 
 def build(toolchain: Toolchain) -> Path:
     """Compile the source unless the cache already holds this exact build; return the library's path."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     recipe = "\n".join([toolchain.mindspore_version, str(toolchain.libdnnl), str(header_version(toolchain.include_dir)),
                         toolchain.compiler, *CXX_FLAGS])
     digest = hashlib.sha256(source + recipe.encode()).hexdigest()[:16]
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{SOURCE.stem}-{digest}.so"
+    target = directory / f"{LIBRARY_STEM}-{digest}.so"
     with open(directory / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same file
         if not target.exists():
@@ -139,12 +142,12 @@ def compile_library(toolchain: Toolchain, directory: Path, target: Path) -> None
         write_runtime_config(toolchain.include_dir, config_dir)
         output = Path(scratch) / target.name
         lib_dir = toolchain.libdnnl.parent
-        command = [toolchain.compiler, *CXX_FLAGS, f"-I{config_dir}", f"-I{toolchain.include_dir}", str(SOURCE),
+        command = [toolchain.compiler, *CXX_FLAGS, f"-I{config_dir}", f"-I{toolchain.include_dir}", *map(str, SOURCES),
                    "-o", str(output), f"-L{lib_dir}", f"-l:{LIBDNNL}", f"-Wl,-rpath,{lib_dir}"]
-        log.info("compiling %s (once per source and MindSpore version)", SOURCE.name)
+        log.info("compiling %s (once per source and MindSpore version)", ", ".join(p.name for p in SOURCES))
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            raise KernelUnavailable(f"compiling {LIBRARY_STEM} failed:\n{result.stderr[-2000:]}")
         os.replace(output, target)  # atomic: readers see no file or a whole one
 
 

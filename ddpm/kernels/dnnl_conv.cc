@@ -33,6 +33,7 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "oneapi/dnnl/dnnl_threadpool.hpp"
+#include "runtime.h"
 
 #if DNNL_CPU_RUNTIME != DNNL_RUNTIME_THREADPOOL
 #error "build with the threadpool dnnl_config.h that ddpm/kernels/build.py writes (MindSpore's libdnnl runtime)"
@@ -40,106 +41,16 @@
 
 namespace {
 
+using ddpm::Fail;
+using ddpm::Guarded;
+using ddpm::SharedPool;
+using ddpm::ThreadPool;
 using dnnl::memory;
 using tag = memory::format_tag;
 using dims = memory::dims;
 
 constexpr int kConfigLength = 8;
 constexpr size_t kAlignment = 64;  // one cache line; oneDNN's JIT kernels want aligned buffers
-
-// A fixed pool of worker threads for oneDNN's threadpool runtime (MindSpore's libdnnl is built
-// for it): without a pool the stream would run on the calling thread alone.
-class ThreadPool : public dnnl::threadpool_interop::threadpool_iface {
- public:
-  explicit ThreadPool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { Work(); });
-  }
-  ~ThreadPool() override {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto &w : workers_) w.join();
-  }
-  int get_num_threads() const override { return threads_; }
-  bool get_in_parallel() const override { return in_parallel_; }
-  uint64_t get_flags() const override { return 0; }  // synchronous: parallel_for returns when done
-
-  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
-    if (n <= 1 || threads_ == 1 || in_parallel_) {  // nested regions run inline
-      for (int i = 0; i < n; ++i) fn(i, n);
-      return;
-    }
-    Job job(&fn, n);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      ++generation_;
-    }
-    wake_.notify_all();
-    in_parallel_ = true;  // the caller works too
-    int done = RunTasks(job);
-    in_parallel_ = false;
-    std::unique_lock<std::mutex> lock(mutex_);
-    job.pending -= done;
-    job_ = nullptr;  // no worker joins the job after this; wait for those inside it
-    finished_.wait(lock, [&] { return job.pending == 0 && job.active == 0; });
-  }
-
- private:
-  // One parallel_for; it lives on the caller's stack until no worker touches it any more.
-  struct Job {
-    Job(const std::function<void(int, int)> *f, int size) : fn(f), n(size), pending(size) {}
-    const std::function<void(int, int)> *fn;
-    int n;
-    std::atomic<int> next{0};
-    int pending;     // tasks not yet finished; guarded by mutex_
-    int active = 0;  // workers inside the job; guarded by mutex_
-  };
-
-  static int RunTasks(Job &job) {
-    int done = 0;
-    for (int i = job.next.fetch_add(1); i < job.n; i = job.next.fetch_add(1), ++done) (*job.fn)(i, job.n);
-    return done;
-  }
-
-  void Work() {
-    in_parallel_ = true;
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      Job *job = job_;
-      if (job == nullptr) continue;  // the caller finished it alone
-      ++job->active;
-      lock.unlock();
-      int done = RunTasks(*job);
-      lock.lock();
-      job->pending -= done;
-      --job->active;
-      finished_.notify_all();
-    }
-  }
-
-  const int threads_;
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_, finished_;
-  Job *job_ = nullptr;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-  static thread_local bool in_parallel_;
-};
-thread_local bool ThreadPool::in_parallel_ = false;
-
-int UsableCpus() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
-  return CPU_COUNT(&set);
-}
 
 // Staging buffers shared by all plans (calls are serialised), so memory grows with the largest
 // shape seen rather than with the number of shapes.
@@ -171,7 +82,7 @@ class Arena {
 
 struct Runtime {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
-  ThreadPool pool{UsableCpus()};
+  ThreadPool &pool = SharedPool();
   dnnl::stream stream = dnnl::threadpool_interop::make_stream(engine, &pool);
   Arena arena;
 };
@@ -401,8 +312,6 @@ class ConvPlan {
   Layout weights_src_, weights_diff_dst_, weights_diff_weights_;
 };
 
-std::mutex g_call_mutex;  // MindSpore may launch independent kernels from several threads
-
 ConvPlan &GetPlan(const Geometry &g) {
   static std::map<std::vector<int64_t>, std::unique_ptr<ConvPlan>> plans;
   auto &plan = plans[g.Key()];
@@ -415,24 +324,6 @@ bool AllFloat32(int nparam, const char **dtypes, int config_index) {
     if (i != config_index && std::strcmp(dtypes[i], "float32") != 0) return false;
   }
   return std::strcmp(dtypes[config_index], "int64") == 0;
-}
-
-int Fail(const char *op, const char *what) {
-  std::fprintf(stderr, "ddpm dnnl_conv %s: %s\n", op, what);
-  return 1;
-}
-
-template <typename Fn>
-int Guarded(const char *op, Fn fn) {
-  try {
-    std::lock_guard<std::mutex> lock(g_call_mutex);
-    fn();
-    return 0;
-  } catch (const dnnl::error &e) {
-    return Fail(op, e.what());
-  } catch (const std::exception &e) {
-    return Fail(op, e.what());
-  }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -124,6 +125,19 @@ inline ThreadPool &SharedPool() {
 inline std::mutex &CallMutex() {
   static std::mutex mutex;
   return mutex;
+}
+
+inline bool AllFloat32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  }
+  return true;
+}
+
+inline int64_t Elements(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
 }
 
 inline int Fail(const char *op, const char *what) {

@@ -12,6 +12,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
+from ddpm.kernels.build import native_library
 from ddpm.layers import conv2d, conv_transpose2d, depthwise_conv, gelu, group_norm
 
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
@@ -66,57 +68,93 @@ def split_heads(x, heads: int):
 class Attention(nn.Cell):
     """Full softmax self-attention over all positions (used once, at the lowest resolution)."""
 
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, fast: bool = True):
         super().__init__()
-        self.scale = dim_head ** -0.5
-        self.heads = heads
         hidden = dim_head * heads
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1)
+        library = native_library() if fast else None
+        scale = dim_head ** -0.5
+        self.attend = full_attention_core(library, heads, scale) if library else _FullAttention(heads, scale)
         self.to_out = nn.Conv2d(hidden, dim, 1, has_bias=True)
 
     def construct(self, x):
-        b, _, h, w = x.shape
-        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(self.to_qkv(x), 3, axis=1))
+        return self.to_out(self.attend(self.to_qkv(x)))
+
+
+class _FullAttention(nn.Cell):
+    """(B, 3 * heads * d, H, W) q, k, v -> (B, heads * d, H, W), in MindSpore's own operators."""
+
+    def __init__(self, heads: int, scale: float):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+
+    def construct(self, qkv):
+        b, _, h, w = qkv.shape
+        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(qkv, 3, axis=1))
         q = q * self.scale
         attn = ops.softmax(ops.matmul(q.swapaxes(2, 3), k), axis=-1)  # (B, heads, HW, HW)
         out = ops.matmul(attn, v.swapaxes(2, 3))  # (B, heads, HW, d)
-        out = out.swapaxes(2, 3).reshape(b, -1, h, w)  # (B, heads, d, HW) -> (B, heads*d, H, W)
-        return self.to_out(out)
+        return out.swapaxes(2, 3).reshape(b, -1, h, w)  # (B, heads, d, HW) -> (B, heads*d, H, W)
 
 
 class ChannelLayerNorm(nn.Cell):
     """LayerNorm over channels with a gain and no bias (the tutorial's custom LayerNorm)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fast: bool = True):
         super().__init__()
         self.g = ms.Parameter(ops.ones((1, dim, 1, 1), ms.float32), name="g")
+        library = native_library() if fast else None
+        self.normalize = NativeChannelLayerNorm(library, NORM_EPS) if library else _ChannelNorm(NORM_EPS)
 
     def construct(self, x):
+        return self.normalize(x, self.g)
+
+
+class _ChannelNorm(nn.Cell):
+    """(x, g) -> the channel LayerNorm in MindSpore's own operators."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def construct(self, x, g):
         mean = x.mean(axis=1, keep_dims=True)
         var = ((x - mean) ** 2).mean(axis=1, keep_dims=True)
-        return (x - mean) * ops.rsqrt(var + NORM_EPS) * self.g
+        return (x - mean) * ops.rsqrt(var + self.eps) * g
 
 
 class LinearAttention(nn.Cell):
     """Linear attention (Shen et al., 2018): softmax on q over features, on k over positions."""
 
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, fast: bool = True):
         super().__init__()
-        self.scale = dim_head ** -0.5
-        self.heads = heads
         hidden = dim_head * heads
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1)
-        self.to_out = nn.SequentialCell(nn.Conv2d(hidden, dim, 1, has_bias=True), ChannelLayerNorm(dim))
+        library = native_library() if fast else None
+        scale = dim_head ** -0.5
+        self.attend = linear_attention_core(library, heads, scale) if library else _LinearAttention(heads, scale)
+        self.to_out = nn.SequentialCell(nn.Conv2d(hidden, dim, 1, has_bias=True), ChannelLayerNorm(dim, fast))
 
     def construct(self, x):
-        b, _, h, w = x.shape
-        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(self.to_qkv(x), 3, axis=1))
+        return self.to_out(self.attend(self.to_qkv(x)))
+
+
+class _LinearAttention(nn.Cell):
+    """(B, 3 * heads * d, H, W) q, k, v -> (B, heads * d, H, W), in MindSpore's own operators."""
+
+    def __init__(self, heads: int, scale: float):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+
+    def construct(self, qkv):
+        b, _, h, w = qkv.shape
+        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(qkv, 3, axis=1))
         q = ops.softmax(q, axis=-2) * self.scale
         k = ops.softmax(k, axis=-1)
         v = v / (h * w)
         context = ops.matmul(k, v.swapaxes(2, 3))  # (B, heads, d, d)
         out = ops.matmul(context.swapaxes(2, 3), q)  # (B, heads, d, HW)
-        return self.to_out(out.reshape(b, -1, h, w))
+        return out.reshape(b, -1, h, w)  # (B, heads, d, HW) -> (B, heads*d, H, W)
 
 
 class PreNorm(nn.Cell):
@@ -153,7 +191,7 @@ class Level(nn.Cell):
         super().__init__()
         self.block1 = ConvNextBlock(dim_in, dim_out, time_dim, mult, fast=fast)
         self.block2 = ConvNextBlock(dim_out, dim_out, time_dim, mult, fast=fast)
-        self.attn = Residual(PreNorm(dim_out, LinearAttention(dim_out), fast))
+        self.attn = Residual(PreNorm(dim_out, LinearAttention(dim_out, fast=fast), fast))
         self.resample = resample
 
     def construct(self, x, t):
@@ -164,7 +202,8 @@ class Level(nn.Cell):
 class Unet(nn.Cell):
     """Predicts the noise in x_t: (B, C, H, W), (B,) -> (B, C, H, W).
 
-    `fast` picks the CPU-fast formulations of GroupNorm, GELU and the convs (ddpm/layers.py); False builds
+    `fast` picks the CPU-fast formulations of GroupNorm, GELU, the convs (ddpm/layers.py) and the attention
+    path (ddpm/kernels/attention.py); False builds
     MindSpore's own cells, the reference the fast ones are tested against. Same parameters either way.
     """
 
@@ -186,7 +225,7 @@ class Unet(nn.Cell):
             for i, (d_in, d_out) in enumerate(in_out)])
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
-        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim), fast))
+        self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim, fast=fast), fast))
         self.mid_block2 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult, fast=fast)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
         self.ups = nn.CellList([

@@ -1,4 +1,4 @@
-"""The native operators compute MindSpore's convolutions, GroupNorm and GELU; the build caches and
+"""The native operators compute MindSpore's convolutions, GroupNorm, GELU and attention path; the build caches and
 falls back cleanly.
 
 Same tolerances as test_layers.py: float32 sums in a different order, far under any change of
@@ -13,11 +13,14 @@ from mindspore import nn
 
 from ddpm.config import ModelConfig
 from ddpm.kernels import build
+from ddpm.kernels.attention import (NativeAttentionCore, NativeChannelLayerNorm, full_attention_core,
+                                    linear_attention_core)
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.layers import GELU, DepthwiseConv2d, LayerGroupNorm, _DepthwiseConv, _Normalize
-from ddpm.unet import build_unet
+from ddpm.unet import (Attention, ChannelLayerNorm, LinearAttention, _ChannelNorm, _FullAttention, _LinearAttention,
+                       build_unet)
 
 RTOL, ATOL = 1e-4, 1e-5
 BATCH = 4
@@ -91,10 +94,11 @@ def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library
     assert isinstance(DepthwiseConv2d(8, 7, native=False).conv, _DepthwiseConv)
 
 
-def test_the_training_network_runs_its_convs_norms_and_gelus_natively(library):
+def test_the_training_network_runs_its_convs_norms_gelus_and_attention_natively(library):
     kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
-    assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm} <= kinds
-    assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize}
+    assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm, NativeChannelLayerNorm,
+            NativeAttentionCore} <= kinds
+    assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize, _ChannelNorm, _LinearAttention, _FullAttention}
 
 
 @pytest.fixture
@@ -160,3 +164,44 @@ def test_native_group_norm_equals_mindspores(library, channels, size, offset):
     rng = np.random.default_rng(channels)
     x = rng.standard_normal((BATCH, channels, size, size)) * 3 + offset
     assert_same_function(fast, ref, x)
+
+
+# (channels, size) of the LinearAttentions and ChannelLayerNorms of Unet(dim=28, dim_mults=(1, 2, 4)): 4 heads
+# of 32 at every level (to_qkv gives 384 channels), and the full attention of the middle
+NETWORK_ATTENTION = [(28, 28), (56, 14), (112, 7), (56, 7), (28, 14)]
+MID_ATTENTION = (112, 7)
+
+
+@pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
+@pytest.mark.parametrize("offset", [0.0, 20.0])  # a large mean: a cancelling variance or gradient would show
+def test_native_channel_layer_norm_equals_mindspores(library, channels, size, offset):
+    fast, ref = ChannelLayerNorm(channels), ChannelLayerNorm(channels, fast=False)
+    assert isinstance(fast.normalize, NativeChannelLayerNorm)
+    x = np.random.default_rng(channels).standard_normal((BATCH, channels, size, size)) * 3 + offset
+    assert_same_function(fast, ref, x)
+
+
+@pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
+def test_native_linear_attention_equals_mindspores(library, channels, size):
+    fast, ref = LinearAttention(channels), LinearAttention(channels, fast=False)
+    assert isinstance(fast.attend, NativeAttentionCore)
+    assert_same_function(fast, ref, (BATCH, channels, size, size))
+
+
+def test_native_full_attention_equals_mindspores(library):
+    channels, size = MID_ATTENTION
+    fast, ref = Attention(channels), Attention(channels, fast=False)
+    assert isinstance(fast.attend, NativeAttentionCore)
+    assert_same_function(fast, ref, (BATCH, channels, size, size))
+
+
+# wide logits: near one-hot softmaxes; much wider, the float32 scores themselves lose the tolerance
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_native_attention_cores_on_wide_logits(library, scale):
+    """The cores alone on q, k, v drawn wide, without the convs' averaging."""
+    heads, dim_head, size = 4, 32, 14
+    x = np.random.default_rng(1).standard_normal((BATCH, 3 * heads * dim_head, size, size)) * scale
+    q_scale = dim_head ** -0.5
+    for fast, ref in [(linear_attention_core(library, heads, q_scale), _LinearAttention(heads, q_scale)),
+                      (full_attention_core(library, heads, q_scale), _FullAttention(heads, q_scale))]:
+        assert_same_function(fast, ref, x)

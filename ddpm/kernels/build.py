@@ -32,7 +32,9 @@ LIBRARY_STEM = "ddpm_kernels"
 DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own operators
 HEADERS_PACKAGE = "onednn-devel"
 LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
+# -fno-trapping-math: without it GCC keeps a float compare (FastExp's clamp) as a branch, for the FP
+# exception flags a vector compare might raise, and no loop over FastExp vectorises; we never read them.
+CXX_FLAGS = ("-O3", "-std=c++17", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
 # MindSpore's libdnnl is built for the threadpool runtime, the headers' config for SYCL; the config
 # must say threadpool so that the C++ API exposes the threadpool stream we run on.
 RUNTIME_CONFIG = {

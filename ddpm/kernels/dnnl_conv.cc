@@ -326,6 +326,16 @@ bool AllFloat32(int nparam, const char **dtypes, int config_index) {
   return std::strcmp(dtypes[config_index], "int64") == 0;
 }
 
+// "ConvForward 3x3", "ConvBackward 7x7 depthwise", ... for the DDPM_KERNEL_PROFILE summary.
+std::string ProfileLabel(const char *op, int w_ndim, const int64_t *w_shape, const int64_t *cfg) {
+  if (!ddpm::KernelProfile::Get().enabled() || w_ndim != 4) return {};
+  std::string label = std::string(op) + " " + std::to_string(w_shape[2]) + "x" + std::to_string(w_shape[3]);
+  if (cfg[6] > 1) label += " depthwise";
+  if (cfg[7] != 0) label += " transposed";
+  if (cfg[0] > 1) label += " stride " + std::to_string(cfg[0]);
+  return label;
+}
+
 }  // namespace
 
 // params: x, w, cfg, y
@@ -344,7 +354,7 @@ extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shap
     } else {
       plan.Forward(params[0], params[1], params[3]);
     }
-  });
+  }, ProfileLabel("ConvForward", ndims[1], shapes[1], static_cast<const int64_t *>(params[2])));
 }
 
 // params: x, w, dy, cfg, dx, dw
@@ -366,5 +376,5 @@ extern "C" int ConvBackward(int nparam, void **params, int *ndims, int64_t **sha
       Staged staged_dy = plan.BackwardData(dy, w, dx);
       plan.BackwardWeights(x, dy, dw, staged_dy);
     }
-  });
+  }, ProfileLabel("ConvBackward", ndims[1], shapes[1], static_cast<const int64_t *>(params[3])));
 }

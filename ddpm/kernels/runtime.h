@@ -7,12 +7,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -145,12 +149,55 @@ inline int Fail(const char *op, const char *what) {
   return 1;
 }
 
-// Runs `fn` under the call mutex; an exception becomes MindSpore's non-zero return.
+// DDPM_KERNEL_PROFILE=1: wall time per operator (and shape class), printed to stderr at exit.
+// A diagnostic: MindSpore's profiler names every custom operator just "Custom".
+class KernelProfile {
+ public:
+  static KernelProfile &Get() {
+    static KernelProfile profile;
+    return profile;
+  }
+  bool enabled() const { return enabled_; }
+  void Add(const std::string &key, double seconds) {  // under the call mutex
+    Entry &e = entries_[key];
+    ++e.calls;
+    e.seconds += seconds;
+  }
+  ~KernelProfile() {
+    if (!enabled_) return;
+    std::vector<std::pair<std::string, Entry>> sorted(entries_.begin(), entries_.end());
+    std::sort(sorted.begin(), sorted.end(), [](auto &a, auto &b) { return a.second.seconds > b.second.seconds; });
+    std::fprintf(stderr, "ddpm native kernels (DDPM_KERNEL_PROFILE): operator, calls, total ms\n");
+    for (auto &[key, e] : sorted) std::fprintf(stderr, "  %-40s %8ld %10.1f\n", key.c_str(), e.calls, e.seconds * 1e3);
+  }
+
+ private:
+  struct Entry {
+    long calls = 0;
+    double seconds = 0.0;
+  };
+  KernelProfile() {
+    const char *value = std::getenv("DDPM_KERNEL_PROFILE");
+    enabled_ = value != nullptr && std::string(value) == "1";
+  }
+  bool enabled_ = false;
+  std::map<std::string, Entry> entries_;
+};
+
+// Runs `fn` under the call mutex; an exception becomes MindSpore's non-zero return. `label`
+// names the call in the DDPM_KERNEL_PROFILE summary (default: the operator).
 template <typename Fn>
-int Guarded(const char *op, Fn fn) {
+int Guarded(const char *op, Fn fn, const std::string &label = {}) {
   try {
     std::lock_guard<std::mutex> lock(CallMutex());
+    KernelProfile &profile = KernelProfile::Get();
+    if (!profile.enabled()) {
+      fn();
+      return 0;
+    }
+    const auto start = std::chrono::steady_clock::now();
     fn();
+    profile.Add(label.empty() ? op : label, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     return 0;
   } catch (const std::exception &e) {
     return Fail(op, e.what());

@@ -305,6 +305,13 @@ def trigger(repo: Path, env: dict, overrides: dict | None = None) -> str:
     return next(line.split()[-1] for line in result.stdout.splitlines() if "UUID:" in line)
 
 
+def wait_for_log(flow_run_id: str, text: str, repo: Path, env: dict, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in prefect("flow-run", "logs", flow_run_id, repo=repo, env=env).stdout:
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} never logged {text!r} in {timeout} s"
+        time.sleep(2)
+
+
 def wait_final(flow_run_id: str, repo: Path, env: dict, timeout: float = 900) -> str:
     deadline = time.monotonic() + timeout
     while (state := flow_run_state(flow_run_id, repo, env)) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -353,10 +360,17 @@ def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(depl
 def test_concurrent_deployment_runs_wait_or_are_refused_and_clobber_nothing(deployment):
     repo, env, client, tmp = deployment
     first = trigger(repo, env, {"train.epochs": 2})
-    wait_for_holder(repo, first)
-    refused = trigger(repo, env, {"workspace.lock_timeout": 1})
-    waiting = trigger(repo, env, {"train.epochs": 1})
-    assert wait_final(refused, repo, env) == "FAILED"
+    holder = wait_for_holder(repo, first)
+    # Freeze the first run while it holds the workspace, so that the others meet it there however
+    # fast it would otherwise train (the tiny model finished before a second run started).
+    os.kill(holder["pid"], signal.SIGSTOP)
+    try:
+        refused = trigger(repo, env, {"workspace.lock_timeout": 1})
+        waiting = trigger(repo, env, {"train.epochs": 1})
+        assert wait_final(refused, repo, env) == "FAILED"
+        wait_for_log(waiting, "waiting up to", repo, env)
+    finally:
+        os.kill(holder["pid"], signal.SIGCONT)
     logs = prefect("flow-run", "logs", refused, repo=repo, env=env).stdout
     assert "is in use by another pipeline" in logs and first in logs and "workspace.lock_timeout" in logs
     assert wait_final(first, repo, env) == "COMPLETED" and wait_final(waiting, repo, env) == "COMPLETED"

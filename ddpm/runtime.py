@@ -70,5 +70,8 @@ def runtime_settings() -> dict[str, str]:
     """What a benchmark or a run should record about how MindSpore was set up."""
     import mindspore as ms
 
+    from ddpm.kernels.build import native_library
+
     return {"mindspore": ms.__version__, "device": ms.get_context("device_target"),
+            "native_kernels": "on" if native_library() is not None else "off (MindSpore's own operators)",
             **{key: os.environ.get(key, "") for key in ENV_DEFAULTS}}

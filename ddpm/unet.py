@@ -65,6 +65,12 @@ def split_heads(x, heads: int):
     return x.reshape(b, heads, c // heads, h * w)
 
 
+def split_qkv(qkv, heads: int):
+    """(B, 3*heads*d, H, W), the to_qkv conv's output -> q, k, v, each (B, heads, d, H*W)."""
+    q, k, v = ops.chunk(qkv, 3, axis=1)
+    return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+
+
 class Attention(nn.Cell):
     """Full softmax self-attention over all positions (used once, at the lowest resolution)."""
 
@@ -90,7 +96,7 @@ class _FullAttention(nn.Cell):
 
     def construct(self, qkv):
         b, _, h, w = qkv.shape
-        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(qkv, 3, axis=1))
+        q, k, v = split_qkv(qkv, self.heads)
         q = q * self.scale
         attn = ops.softmax(ops.matmul(q.swapaxes(2, 3), k), axis=-1)  # (B, heads, HW, HW)
         out = ops.matmul(attn, v.swapaxes(2, 3))  # (B, heads, HW, d)
@@ -148,7 +154,7 @@ class _LinearAttention(nn.Cell):
 
     def construct(self, qkv):
         b, _, h, w = qkv.shape
-        q, k, v = (split_heads(part, self.heads) for part in ops.chunk(qkv, 3, axis=1))
+        q, k, v = split_qkv(qkv, self.heads)
         q = ops.softmax(q, axis=-2) * self.scale
         k = ops.softmax(k, axis=-1)
         v = v / (h * w)

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
-
-def _same_dtype(*dtypes):
-    return dtypes[0]
+from ddpm.kernels.custom import aot_op
 
 
 class NativeChannelLayerNorm(nn.Cell):
@@ -20,10 +18,9 @@ class NativeChannelLayerNorm(nn.Cell):
     def __init__(self, library: Path, eps: float):
         super().__init__()
         self.eps = ms.Tensor(np.array([eps], np.float32))
-        self.forward_op = ops.Custom(f"{library}:ChannelNormForward", out_shape=lambda x, g, eps: x,
-                                     out_dtype=_same_dtype, func_type="aot")
-        self.backward_op = ops.Custom(f"{library}:ChannelNormBackward", out_shape=lambda x, g, dy, eps: (x, g),
-                                      out_dtype=lambda x, g, dy, eps: (x, g), func_type="aot")
+        self.forward_op = aot_op(library, "ChannelNormForward")
+        dx_dg = lambda x, g, dy, eps: (x, g)  # noqa: E731
+        self.backward_op = aot_op(library, "ChannelNormBackward", dx_dg, dx_dg)
 
     def construct(self, x, g):
         return self.forward_op(x, g, self.eps)
@@ -41,10 +38,8 @@ class NativeAttentionCore(nn.Cell):
         super().__init__()
         self.scale = ms.Tensor(np.array([scale], np.float32))
         self.heads = ms.Tensor(np.array([heads], np.int64))
-        self.forward_op = ops.Custom(f"{library}:{operator}Forward", out_shape=self.output_shape,
-                                     out_dtype=_same_dtype, func_type="aot")
-        self.backward_op = ops.Custom(f"{library}:{operator}Backward", out_shape=lambda qkv, dout, s, h: qkv,
-                                      out_dtype=_same_dtype, func_type="aot")
+        self.forward_op = aot_op(library, f"{operator}Forward", out_shape=self.output_shape)
+        self.backward_op = aot_op(library, f"{operator}Backward")
 
     @staticmethod
     def output_shape(qkv, scale, heads):

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
+
+from ddpm.kernels.custom import aot_op
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad: int, transposed: bool) -> int:
@@ -29,10 +31,9 @@ class NativeConv2d(nn.Cell):
         self.stride, self.pad, self.groups, self.transposed = stride, pad, groups, transposed
         # stride_h, stride_w, pad top/left/bottom/right, groups, transposed: read by the C++ side
         self.config = ms.Tensor(np.array([stride, stride, pad, pad, pad, pad, groups, int(transposed)], np.int64))
-        self.forward_op = ops.Custom(f"{library}:ConvForward", out_shape=self.output_shape,
-                                     out_dtype=lambda x, w, config: x, func_type="aot")
-        self.backward_op = ops.Custom(f"{library}:ConvBackward", out_shape=lambda x, w, dy, config: (x, w),
-                                      out_dtype=lambda x, w, dy, config: (x, w), func_type="aot")
+        self.forward_op = aot_op(library, "ConvForward", out_shape=self.output_shape)
+        dx_dw = lambda x, w, dy, config: (x, w)  # noqa: E731
+        self.backward_op = aot_op(library, "ConvBackward", dx_dw, dx_dw)
 
     def output_shape(self, x, w, config):
         channels = w[1] * self.groups if self.transposed else w[0]
@@ -47,7 +48,17 @@ class NativeConv2d(nn.Cell):
         return dx, dw
 
 
-class Conv2d(nn.Conv2d):
+class _NativeForward:
+    """construct() for an nn conv cell that holds a NativeConv2d as `native`: its weight, then its bias."""
+
+    def construct(self, x):
+        out = self.native(x, self.weight)
+        if self.has_bias:
+            out = self.bias_add(out, self.bias)
+        return out
+
+
+class Conv2d(_NativeForward, nn.Conv2d):
     """nn.Conv2d with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
 
     def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -56,14 +67,8 @@ class Conv2d(nn.Conv2d):
                          has_bias=has_bias)
         self.native = NativeConv2d(library, stride, padding)
 
-    def construct(self, x):
-        out = self.native(x, self.weight)
-        if self.has_bias:
-            out = self.bias_add(out, self.bias)
-        return out
 
-
-class Conv2dTranspose(nn.Conv2dTranspose):
+class Conv2dTranspose(_NativeForward, nn.Conv2dTranspose):
     """nn.Conv2dTranspose with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
 
     def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -71,9 +76,3 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         super().__init__(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
                          has_bias=has_bias)
         self.native = NativeConv2d(library, stride, padding, transposed=True)
-
-    def construct(self, x):
-        out = self.native(x, self.weight)
-        if self.has_bias:
-            out = self.bias_add(out, self.bias)
-        return out

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
-
-def _same_shape(*shapes):
-    return shapes[0]
-
-
-def _same_dtype(*dtypes):
-    return dtypes[0]
+from ddpm.kernels.custom import aot_op
 
 
 class NativeGELU(nn.Cell):
@@ -22,10 +16,8 @@ class NativeGELU(nn.Cell):
 
     def __init__(self, library: Path):
         super().__init__()
-        self.forward_op = ops.Custom(f"{library}:GeluForward", out_shape=_same_shape, out_dtype=_same_dtype,
-                                     func_type="aot")
-        self.backward_op = ops.Custom(f"{library}:GeluBackward", out_shape=_same_shape, out_dtype=_same_dtype,
-                                      func_type="aot")
+        self.forward_op = aot_op(library, "GeluForward")
+        self.backward_op = aot_op(library, "GeluBackward")
 
     def construct(self, x):
         return self.forward_op(x)
@@ -41,11 +33,9 @@ class NativeGroupNorm(nn.Cell):
     def __init__(self, library: Path, eps: float):
         super().__init__()
         self.eps = ms.Tensor(np.array([eps], np.float32))
-        self.forward_op = ops.Custom(f"{library}:GroupNormForward", out_shape=_same_shape, out_dtype=_same_dtype,
-                                     func_type="aot")
-        self.backward_op = ops.Custom(f"{library}:GroupNormBackward",
-                                      out_shape=lambda x, gamma, dy, eps: (x, gamma, gamma),
-                                      out_dtype=lambda x, gamma, dy, eps: (x, gamma, gamma), func_type="aot")
+        self.forward_op = aot_op(library, "GroupNormForward")
+        dx_dgamma_dbeta = lambda x, gamma, dy, eps: (x, gamma, gamma)  # noqa: E731
+        self.backward_op = aot_op(library, "GroupNormBackward", dx_dgamma_dbeta, dx_dgamma_dbeta)
 
     def construct(self, x, gamma, beta):
         return self.forward_op(x, gamma, beta, self.eps)

@@ -50,14 +50,8 @@ def epoch_path(directory: str | Path, epoch: int) -> Path:
 def save_checkpoint(directory: str | Path, parameters: list, config: Config, epoch: int,
                     global_step: int, keep: int, metrics: dict[str, float] | None = None) -> Path:
     """Write epoch_NNNN.ckpt atomically, then drop all but the newest `keep` epochs."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = epoch_path(directory, epoch)
-    tmp = directory / f".{final.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
-    meta = {**_meta(config, epoch, global_step), META_PREFIX + METRICS_KEY: json.dumps(metrics or {})}
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(tmp),
-                       append_dict=meta, crc_check=True)
-    os.replace(tmp, final)
+    meta = {**_meta(config, epoch, global_step), METRICS_KEY: json.dumps(metrics or {})}
+    final = write_ckpt(epoch_path(directory, epoch), [{"name": p.name, "data": p} for p in parameters], meta)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     log.info("saved %s", final)
@@ -83,21 +77,38 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    meta, params = read_ckpt(path, META_KEYS, FORMAT_VERSION, "delete it to fall back to the previous epoch's checkpoint")
+    metrics = json.loads(_scalar(params.pop(META_PREFIX + METRICS_KEY, "{}")))
+    config = config_from_dict(yaml.safe_load(meta["config_yaml"]))
+    return Checkpoint(path, config, int(meta["epoch"]), int(meta["global_step"]), params, metrics)
+
+
+def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
+    """`weights` (a Cell, or a list of {"name", "data"}) with `meta` beside them, CRC-checked, written
+    to a temporary name and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
+    ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_ckpt(path: Path, keys: tuple[str, ...], version: int, fix: str) -> tuple[dict, dict]:
+    """(meta, params) of a file write_ckpt wrote: `keys` of its metadata as Python values, the rest
+    as Parameters. Damage, missing keys or another format `version` are a CheckpointError; `fix`
+    says what to do about damage."""
     try:
         params = ms.load_checkpoint(str(path), crc_check=True)
     except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is damaged or not a checkpoint ({e}); "
-                              "delete it to fall back to the previous epoch's checkpoint") from None
-    missing = [k for k in META_KEYS if META_PREFIX + k not in params]
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({e}); {fix}") from None
+    missing = [k for k in keys if META_PREFIX + k not in params]
     if missing:
-        raise CheckpointError(f"{path} lacks {missing}: not written by ddpm")
-    meta = {k: params.pop(META_PREFIX + k) for k in META_KEYS}
-    metrics = json.loads(_scalar(params.pop(META_PREFIX + METRICS_KEY, "{}")))
-    version = int(_scalar(meta["format_version"]))
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {version}, this ddpm reads {FORMAT_VERSION}")
-    config = config_from_dict(yaml.safe_load(_scalar(meta["config_yaml"])))
-    return Checkpoint(path, config, int(_scalar(meta["epoch"])), int(_scalar(meta["global_step"])), params, metrics)
+        raise CheckpointError(f"{path} lacks {missing}: not written by ddpm, or by another part of it")
+    meta = {k: _scalar(params.pop(META_PREFIX + k)) for k in keys}
+    if int(meta["format_version"]) != version:
+        raise CheckpointError(f"{path} has format version {meta['format_version']}, this ddpm reads {version}")
+    return meta, params
 
 
 def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
@@ -105,13 +116,7 @@ def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> P
     checkpoint for serving, a third of a training checkpoint's size."""
     state = load_checkpoint(path)
     weights = [{"name": name, "data": p} for name, p in sampling_weights(state, use_ema).items()]
-    meta = _meta(state.config, state.epoch, state.global_step)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.stem}.partial.ckpt"
-    ms.save_checkpoint(weights, str(tmp), append_dict=meta, crc_check=True)
-    os.replace(tmp, out)
-    return out
+    return write_ckpt(out, weights, _meta(state.config, state.epoch, state.global_step))
 
 
 def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
@@ -123,9 +128,8 @@ def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
 
 
 def _meta(config: Config, epoch: int, global_step: int) -> dict:
-    meta = {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump(config.to_dict()),
+    return {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump(config.to_dict()),
             "epoch": epoch, "global_step": global_step}
-    return {META_PREFIX + k: v for k, v in meta.items()}
 
 
 def _is_training_state(name: str) -> bool:

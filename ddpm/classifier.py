@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ import yaml
 from mindspore import nn, ops
 from tqdm import tqdm
 
-from ddpm.checkpoint import CheckpointError
+from ddpm.checkpoint import CheckpointError, read_ckpt, write_ckpt
 from ddpm.config import ClassifierConfig, Config, config_from_dict
 from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
 from ddpm.runtime import select_device
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 FORMAT_VERSION = 1
-META_PREFIX = "meta."
 META_KEYS = ("format_version", "config_yaml", "test_accuracy")
 
 # (B, 1, 28, 28) float32 in [-1, 1] -> features (B, F), logits (B, 10), both float32 numpy
@@ -168,13 +166,9 @@ def test_accuracy(network: FeatureNetwork, root: str, batch_size: int, progress:
 
 def save_classifier(path: str | Path, net: FashionClassifier, config: ClassifierConfig, accuracy: float) -> Path:
     """Write the weights with the config and test accuracy beside them, atomically, CRC-checked."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
     meta = {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump({"classifier": _plain(config)}),
             "test_accuracy": repr(accuracy)}  # a string: numbers come back as float32
-    ms.save_checkpoint(net, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True)
-    os.replace(tmp, path)
+    path = write_ckpt(path, net, meta)
     log.info("saved %s", path)
     return path
 
@@ -206,25 +200,10 @@ def _read(path: Path) -> tuple[ClassifierConfig, float, dict]:
     if not path.is_file():
         raise CheckpointError(f"classifier checkpoint not found: {path}; train it with `ddpm classifier` "
                               "(or `dvc repro classifier`)")
-    try:
-        params = ms.load_checkpoint(str(path), crc_check=True)
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is damaged or not a checkpoint ({e}); delete it and retrain") from None
-    missing = [k for k in META_KEYS if META_PREFIX + k not in params]
-    if missing:
-        raise CheckpointError(f"{path} lacks {missing}: not a classifier written by ddpm")
-    meta = {k: params.pop(META_PREFIX + k) for k in META_KEYS}
-    version = int(_scalar(meta["format_version"]))
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has classifier format version {version}, this ddpm reads {FORMAT_VERSION}")
-    config = config_from_dict(yaml.safe_load(_scalar(meta["config_yaml"]))).classifier
-    return config, float(_scalar(meta["test_accuracy"])), params
+    meta, params = read_ckpt(path, META_KEYS, FORMAT_VERSION, "delete it and retrain")
+    config = config_from_dict(yaml.safe_load(meta["config_yaml"])).classifier
+    return config, float(meta["test_accuracy"]), params
 
 
 def _plain(config: ClassifierConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-def _scalar(value):
-    """append_dict values come back as Parameters (numbers) or plain strings."""
-    return value if isinstance(value, str) else value.asnumpy().item()

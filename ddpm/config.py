@@ -6,7 +6,6 @@ out-of-range values, listing every bad field in one error before anything starts
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from ddpm.data import DataError
 from flows import PROJECT_LOGGERS, steps
 from flows.config import load_params
 from flows.data import fetch_data

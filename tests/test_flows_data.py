@@ -91,3 +91,42 @@ def test_no_source_at_all_names_every_attempt(repo, tmp_path):
     with pytest.raises(DataError) as info:
         fetch_data(repo, ROOT_DIR, (str(tmp_path / "a"), str(tmp_path / "b")))
     assert str(tmp_path / "a") in str(info.value) and str(tmp_path / "b") in str(info.value)
+
+
+FLAKY_THEN_MISSING = """
+import sys
+from prefect import flow
+from flows import pipeline
+
+attempts = []
+real_fetch = pipeline.fetch_data
+
+def first_attempt_times_out(*args):
+    attempts.append(1)
+    if len(attempts) == 1:
+        raise OSError("the DVC remote timed out")
+    return real_fetch(*args)
+
+pipeline.fetch_data = first_attempt_times_out
+pipeline.IO_RETRY_DELAY = 0
+
+@flow
+def fetch_only(repo: str, sources: list[str]):
+    return pipeline.fetch.with_options(retry_delay_seconds=0)(repo, "data/fashion-mnist", tuple(sources), "")
+
+state = fetch_only(sys.argv[1], sys.argv[2:], return_state=True)
+print("ATTEMPTS", len(attempts), state.type.value)
+"""
+
+
+def test_pipeline_fetch_retries_io_errors_but_not_missing_or_damaged_data(repo, tmp_path):
+    """The Prefect task's retry condition: a transient OSError is retried, a DataError (nothing
+    to fetch, or damaged) fails at once with its message, since a retry would fail the same way."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-c", FLAKY_THEN_MISSING, str(repo), str(tmp_path / "nowhere")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert "ATTEMPTS 2 FAILED" in done.stdout, output  # the timeout retried once, the DataError not at all
+    assert "could not get Fashion-MNIST from the DVC remote or any source" in output
+    assert str(tmp_path / "nowhere") in output and "NameError" not in output

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"  # beside the checkpoints, so a resumed training continues its run
 WORKSPACE_TAG = "workspace"  # host:path of the checkout that owns a run
 FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
+SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 
@@ -72,13 +73,25 @@ def end_stale_runs(pipeline: PipelineConfig, repo: Path) -> list[str]:
     if experiment is None:
         return []
     owner = workspace_id(repo)
-    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    running = _all_runs(client, experiment.experiment_id, "attributes.status = 'RUNNING'")
     stale = [run.info.run_id for run in running if run.data.tags.get(WORKSPACE_TAG) == owner]
     for run_id in stale:
         client.set_tag(run_id, FAILURE_TAG, "interrupted: its process died without ending the run")
         client.set_terminated(run_id, "KILLED")
         log.warning("MLflow run %s was left RUNNING by a process that died; ended it KILLED", run_id)
     return stale
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str):
+    """Every run matching `filter_string`, page by page (one search returns at most SEARCH_PAGE; the
+    workspace tag is compared by the caller, since a path can hold characters a filter string cannot)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=SEARCH_PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], resume: bool) -> str:

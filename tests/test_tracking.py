@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from ddpm.config import config_from_dict
 from ddpm.train import EpochEnd
+from flows import tracking
 from flows.config import params_from_dict
 from flows.tracking import (FAILURE_TAG, RESUMED_TAG, WORKSPACE_TAG, MlflowLogger, TrackingError, connect,
                             end_stale_runs, start_run, workspace_id)
@@ -104,6 +105,20 @@ def test_stale_runs_of_this_workspace_end_killed_and_resume_reopens_one(pipeline
     assert resumed.info.status == "FINISHED" and FAILURE_TAG not in resumed.data.tags
     assert resumed.data.tags[RESUMED_TAG] == "1"
     assert len(client.search_runs([resumed.info.experiment_id])) == 2  # no new run
+
+
+def test_stale_runs_are_found_beyond_the_first_page_of_search_results(pipeline, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    config = config_from_dict({"train": {"checkpoint_dir": str(repo / "checkpoints")}})
+    run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)
+    mlflow.end_run("RUNNING")
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id
+    for n in range(5):  # newer runs of other checkouts: they fill the first pages
+        client.create_run(experiment_id, tags={WORKSPACE_TAG: workspace_id(tmp_path / f"other{n}")})
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
+    assert end_stale_runs(pipeline, repo) == [run_id]
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_resuming_a_run_the_store_lacks_names_the_run_and_the_fix(pipeline, tmp_path):

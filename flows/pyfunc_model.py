@@ -1,7 +1,8 @@
 """The registered model, logged from code (MLflow has no MindSpore flavor).
 
 `mlflow.pyfunc.load_model("models:/ddpm-fashion-mnist@champion").predict({"num": [16], "sampler":
-["ddim"], "steps": [50], "seed": [0]})` returns (num, 1, 28, 28) float32 images in [-1, 1].
+["ddim"], "steps": [50], "seed": [0], "eta": [1.0]})` returns (num, 1, 28, 28) float32 images in [-1, 1];
+sampler, steps, seed and eta are optional (the model's own sample config, seed 0).
 The `ddpm` package travels with the model (code_paths), so loading needs only its dependencies.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ class DdpmSampler(mlflow.pyfunc.PythonModel):
         num, seed = int(row["num"]), int(row.get("seed", 0))
         sampler = str(row.get("sampler", "ddim"))
         steps = int(row["steps"]) if pd.notna(row.get("steps")) else None
-        return self.sampler.draw(num, seed, sampler, steps)
+        eta = float(row["eta"]) if pd.notna(row.get("eta")) else None
+        return self.sampler.draw(num, seed, sampler, steps, eta)
 
 
 mlflow.models.set_model(DdpmSampler())

@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
-# One row: how many images, which sampler, how many DDIM steps, which seed. Output (num, 1, 28, 28).
+# One row: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0 deterministic,
+# 1 stochastic). Output (num, 1, 28, 28). Omitted columns take the model's own sample config.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
-                   ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)]),
+                   ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False),
+                   ColSpec("double", "eta", required=False)]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]))
 # MLflow loads the logged model and predicts this before registering: a broken model never registers.
 INPUT_EXAMPLE = pd.DataFrame({"num": [2], "sampler": ["ddim"], "steps": [2], "seed": [0]})

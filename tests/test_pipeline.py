@@ -137,11 +137,13 @@ def test_champion_loads_and_samples_through_pyfunc(workspace, first_run):
     tmp, repo, uri = workspace
     code = ("import mlflow, pandas as pd, sys; mlflow.set_tracking_uri(sys.argv[1]);"
             "m = mlflow.pyfunc.load_model('models:/ddpm-fashion-mnist@champion');"
-            "x = m.predict(pd.DataFrame({'num': [3], 'sampler': ['ddim'], 'steps': [4], 'seed': [1]}));"
-            "print(x.shape, x.dtype, float(abs(x).max()) <= 1.0)")
+            "draw = lambda eta: m.predict(pd.DataFrame({'num': [3], 'sampler': ['ddim'], 'steps': [4], 'seed': [1], "
+            "                                           'eta': [eta]}));"
+            "x, same, stochastic = draw(0.0), draw(0.0), draw(1.0);"
+            "print(x.shape, x.dtype, float(abs(x).max()) <= 1.0, (x == same).all(), (x != stochastic).any())")
     result = run([sys.executable, "-c", code, uri], tmp, {})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "(3, 1, 28, 28) float32 True"
+    assert result.stdout.strip().splitlines()[-1] == "(3, 1, 28, 28) float32 True True True"  # eta is honoured
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(workspace):

@@ -11,6 +11,7 @@ import pytest
 
 from ddpm.data import DEBIAN_DATASET_DIR, FILES, DataError, sha256_of
 from flows.data import fetch_data
+from tests.test_pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOT_DIR = "data/fashion-mnist"
@@ -108,7 +109,6 @@ def first_attempt_times_out(*args):
     return real_fetch(*args)
 
 pipeline.fetch_data = first_attempt_times_out
-pipeline.IO_RETRY_DELAY = 0
 
 @flow
 def fetch_only(repo: str, sources: list[str]):
@@ -122,10 +122,8 @@ print("ATTEMPTS", len(attempts), state.type.value)
 def test_pipeline_fetch_retries_io_errors_but_not_missing_or_damaged_data(repo, tmp_path):
     """The Prefect task's retry condition: a transient OSError is retried, a DataError (nothing
     to fetch, or damaged) fails at once with its message, since a retry would fail the same way."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-c", FLAKY_THEN_MISSING, str(repo), str(tmp_path / "nowhere")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run([sys.executable, "-c", FLAKY_THEN_MISSING, str(repo), str(tmp_path / "nowhere")], ROOT,
+               {"PREFECT_HOME": str(tmp_path / "prefect-home")})
     output = done.stdout + done.stderr
     assert "ATTEMPTS 2 FAILED" in done.stdout, output  # the timeout retried once, the DataError not at all
     assert "could not get Fashion-MNIST from the DVC remote or any source" in output

@@ -2,7 +2,8 @@
 
 `mlflow.pyfunc.load_model("models:/ddpm-fashion-mnist@champion").predict({"num": [16], "sampler":
 ["ddim"], "steps": [50], "seed": [0], "eta": [1.0]})` returns (num, 1, 28, 28) float32 images in [-1, 1];
-sampler, steps, seed and eta are optional (the model's own sample config, seed 0).
+every column but num is optional: sampler defaults to ddim, seed to 0, steps and eta to the model's own
+sample config.
 The `ddpm` package travels with the model (code_paths), so loading needs only its dependencies.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
 # One row: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0 deterministic,
-# 1 stochastic). Output (num, 1, 28, 28). Omitted columns take the model's own sample config.
+# 1 stochastic). Output (num, 1, 28, 28). Omitted: sampler ddim, seed 0, steps and eta from the model's config.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
                    ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False),

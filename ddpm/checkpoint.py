@@ -12,7 +12,6 @@ import os
 import re
 from pathlib import Path
 
-import mindspore as ms
 import yaml
 
 from ddpm.config import Config, config_from_dict
@@ -86,6 +85,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     """`weights` (a Cell, or a list of {"name", "data"}) with `meta` beside them, CRC-checked, written
     to a temporary name and renamed into place."""
+    import mindspore as ms  # here, not at the top: the pipeline reads checkpoint names without loading MindSpore
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
@@ -98,6 +99,8 @@ def read_ckpt(path: Path, keys: tuple[str, ...], version: int, fix: str) -> tupl
     """(meta, params) of a file write_ckpt wrote: `keys` of its metadata as Python values, the rest
     as Parameters. Damage, missing keys or another format `version` are a CheckpointError; `fix`
     says what to do about damage."""
+    import mindspore as ms
+
     try:
         params = ms.load_checkpoint(str(path), crc_check=True)
     except (ValueError, RuntimeError) as e:

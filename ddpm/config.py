@@ -86,10 +86,16 @@ class TrainConfig:
     threads: int = 0  # CPU kernel threads; 0 = MindSpore's default. 1 lets two runs pinned one per core make ~1.3x
     workers: int = 1  # data-parallel processes under msrun, each on batch_size / workers images of every batch
     checkpoint_dir: str = "checkpoints"
-    sample_every: int = 1  # draw a sample grid every N epochs for the callbacks; 0 never
+    sample_every: int = 1  # draw a preview grid every N epochs for the callbacks; 0 never
+    # The preview grid: DDIM (stochastic, clipped) with its own settings, apart from the `sample`
+    # section, which is the evaluation's: changing how a model is scored never re-runs its training.
+    sample_num: int = 16
+    sample_steps: int = 25
+    sample_seed: int = 0
 
     def check(self) -> list[str]:
-        errors = _at_least(self, epochs=1, batch_size=1, warmup_steps=0, seed=0, sample_every=0, workers=1, threads=0)
+        errors = _at_least(self, epochs=1, batch_size=1, warmup_steps=0, seed=0, sample_every=0, workers=1, threads=0,
+                           sample_num=1, sample_steps=1, sample_seed=0)
         if self.workers >= 1 and self.batch_size % self.workers:
             errors.append(f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}")
         if not 0.0 < self.lr < 1.0:
@@ -177,6 +183,9 @@ class Config:
         errors = []
         if self.sample.steps > self.diffusion.timesteps:
             errors.append(f"sample.steps: {self.sample.steps} exceeds diffusion.timesteps {self.diffusion.timesteps}")
+        if self.train.sample_steps > self.diffusion.timesteps:
+            errors.append(f"train.sample_steps: {self.train.sample_steps} exceeds diffusion.timesteps "
+                          f"{self.diffusion.timesteps}")
         if self.evaluate.t_points > self.diffusion.timesteps:
             errors.append(f"evaluate.t_points: {self.evaluate.t_points} exceeds diffusion.timesteps")
         return errors

@@ -18,7 +18,8 @@ from mindspore import nn, ops
 from tqdm import tqdm
 
 from ddpm import checkpoint as ckpt
-from ddpm.config import Config
+from ddpm.callbacks import Callback, EpochEnd, FitResult
+from ddpm.config import Config, SampleConfig
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
 from ddpm.distributed import World, init_world
@@ -31,52 +32,18 @@ log = logging.getLogger(__name__)
 EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
 FLIP_PROBABILITY = 0.5  # random horizontal flip, as the tutorial's RandomHorizontalFlip
 KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
+PREVIEW_ETA = 1.0  # the preview grid's DDIM draws fresh noise each step, as the default sampler does
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
-RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.device", "train.threads", "train.workers",
-                     "data.num_workers"}
+RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.sample_num", "train.sample_steps",
+                     "train.sample_seed", "train.device", "train.threads", "train.workers", "data.num_workers"}
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or Inf loss."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochEnd:
-    """What callbacks see at the end of an epoch."""
-    epoch: int  # 0-based index of the epoch that just finished
-    global_step: int
-    metrics: dict[str, float]
-    checkpoint: Path
-    # (num, seed) -> (num, C, H, W) in [-1, 1], with the weights (EMA if any) of when it is called
-    draw_samples: Callable[..., np.ndarray]
-
-
-class Callback:
-    """Hooks called by `fit`; override what you need."""
-
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None: ...
-
-    def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_epoch_end(self, end: EpochEnd) -> None: ...
-
-    def on_resume(self, last: EpochEnd) -> None:
-        """Resuming after `last`, the newest checkpointed epoch: its checkpoint is written before
-        `on_epoch_end`, so a crash in between leaves that epoch unreported; catch up here."""
-
-    def on_train_end(self, result: "FitResult") -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class FitResult:
-    checkpoint: Path
-    epochs: int
-    global_step: int
-    metrics: dict[str, float]
 
 
 def learning_rates(train, steps_per_epoch: int) -> np.ndarray:
@@ -297,8 +264,13 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
 
 
 def make_sampler(trainer: Trainer) -> Callable[..., np.ndarray]:
-    """A function drawing images with the trainer's sampling weights and the config's sampler."""
-    def draw(num: int | None = None, seed: int | None = None, progress: bool = False) -> np.ndarray:
-        return draw_samples(trainer.noise_predictor(), trainer.diffusion, trainer.config, num, seed, progress)
-    return draw
+    """A function drawing the preview grid with the trainer's sampling weights: DDIM with the train
+    section's preview settings, never the `sample` section (the evaluation's)."""
+    train = trainer.config.train
+    preview = SampleConfig(sampler="ddim", steps=train.sample_steps, eta=PREVIEW_ETA, clip_x0=True,
+                           num=train.sample_num, seed=train.sample_seed, batch_size=train.sample_num)
+    config = dataclasses.replace(trainer.config, sample=preview)
 
+    def draw(num: int | None = None, seed: int | None = None, progress: bool = False) -> np.ndarray:
+        return draw_samples(trainer.noise_predictor(), trainer.diffusion, config, num, seed, progress)
+    return draw

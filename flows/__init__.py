@@ -8,6 +8,12 @@ import os
 PROJECT_LOGGERS = ("ddpm", "flows")
 PREFECT_ENV_DEFAULTS = {"PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(PROJECT_LOGGERS),
                          "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                         # our loggers outside a flow run (DVC stages, promote) log locally, without a warning
+                         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 for _key, _value in PREFECT_ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+
+# One log line format for every command of the pipeline (stages, workers, data, promote).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"

@@ -15,6 +15,15 @@ from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
 
 
+SQLITE_PREFIX = "sqlite:///"  # then a path, relative unless it starts with "/"
+
+
+def checkout_root() -> Path:
+    """The checkout the pipeline runs for: DVC's DVC_ROOT (the original one, also for experiments
+    that DVC runs in temporary copies), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     # Where to bootstrap Fashion-MNIST when the DVC remote lacks it, tried in order.
@@ -69,7 +78,14 @@ class PipelineConfig:
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+        """The store: MLFLOW_TRACKING_URI, else tracking.uri, a relative SQLite path resolved against the
+        checkout, so that DVC's queued and --temp experiments (run in copies of it, DVC_ROOT naming the
+        original) record into the checkout's store, not into a copy deleted after the run."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+        path = uri.removeprefix(SQLITE_PREFIX)
+        if uri.startswith(SQLITE_PREFIX) and not Path(path).is_absolute():
+            return SQLITE_PREFIX + str(checkout_root() / path)
+        return uri
 
     @property
     def dvc_remote(self) -> str:
@@ -80,9 +96,25 @@ PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must skip exactly these sections"
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:
-    """Both halves of params.yaml, validated together: one error lists every bad field."""
-    return params_from_dict(ddpm_config.read_params(path), overrides)
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = (),
+                repo: str | Path | None = None) -> tuple[Config, PipelineConfig]:
+    """Both halves of params.yaml, validated together: one error lists every bad field. With `repo`,
+    the checkout the pipeline runs in, paths that would point at the checkout itself are errors too."""
+    config, pipeline = params_from_dict(ddpm_config.read_params(path), overrides)
+    errors = checkout_path_errors(config, Path(repo)) if repo is not None else []
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config, pipeline
+
+
+def checkout_path_errors(config: Config, repo: Path) -> list[str]:
+    """train.checkpoint_dir must be a directory of its own: a training clears it before the next one."""
+    repo = repo.resolve()
+    directory = (repo / config.train.checkpoint_dir).resolve()
+    if directory == repo or directory in repo.parents:
+        return [f"train.checkpoint_dir: {config.train.checkpoint_dir!r} is the checkout {repo} or a folder holding "
+                f"it; name a directory of its own inside it, e.g. checkpoints"]
+    return []
 
 
 def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:

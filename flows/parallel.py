@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from ddpm.config import Config
 from ddpm.distributed import launch_workers
-from ddpm.train import FitResult
+from ddpm.callbacks import FitResult
 
 from flows.config import PipelineConfig
 

@@ -22,11 +22,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from ddpm.config import Config
 from ddpm.data import DataError
-from flows import PROJECT_LOGGERS, steps
-from flows.config import load_params
+from flows import PROJECT_LOGGERS
+from flows.config import PipelineConfig, load_params
 from flows.data import fetch_data
 from flows.tracking import connect, run_url
+from flows.steps import USER_ERRORS, Trained
 from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
@@ -50,50 +52,56 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 
 
 @task
-def classifier(params: str, overrides: list[str], repo: str) -> dict:
-    config, _ = load_params(params, overrides)
-    return steps.classifier(config, Path(repo), progress=sys.stderr.isatty())
+def classifier(config: Config, repo: str) -> dict:
+    from flows.steps.classifier import classifier
+
+    return classifier(config, Path(repo), progress=sys.stderr.isatty())
 
 
 @task
-def train(params: str, overrides: list[str], repo: str) -> steps.Trained:
-    config, pipeline = load_params(params, overrides)
+def train(config: Config, pipeline: PipelineConfig, repo: str) -> Trained:
+    from flows.steps.train import train
+
     connect(pipeline)
-    return steps.train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty())
+    return train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(),
+                 continue_finished=True)
 
 
 @task
-def evaluate(params: str, overrides: list[str], repo: str, trained: steps.Trained) -> dict:
-    config, pipeline = load_params(params, overrides)
+def evaluate(config: Config, pipeline: PipelineConfig, repo: str, trained: Trained) -> dict:
+    from flows.steps.evaluate import evaluate
+
     connect(pipeline)
-    return steps.evaluate(config, pipeline, Path(repo), trained, progress=sys.stderr.isatty())
+    return evaluate(config, pipeline, Path(repo), trained, progress=sys.stderr.isatty(), skip_done=True)
 
 
 @task
-def register(params: str, overrides: list[str], repo: str, trained: steps.Trained) -> dict:
-    _, pipeline = load_params(params, overrides)
+def register(pipeline: PipelineConfig, repo: str, trained: Trained) -> dict:
+    from flows.steps.register import register
+
     connect(pipeline)
-    return steps.register(pipeline, Path(repo), trained).__dict__
+    return register(pipeline, Path(repo), trained).__dict__
 
 
 @flow(name="ddpm-pipeline", log_prints=False)
 def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml") -> dict:
     """Fetch the data, train the FID feature network unless a matching one exists, train with MLflow
-    tracking (resuming an interrupted training), evaluate, register the model as @candidate."""
+    tracking (resuming an interrupted training, or taking up a finished one that a failure kept from
+    being registered), evaluate, register the model as @candidate."""
     show_project_logs()
     repo = os.getcwd()
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
-    config, pipeline = load_params(params, sets)  # invalid params fail here, before any work
+    config, pipeline = load_params(params, sets, repo=repo)  # invalid params fail here, before any work
     connect(pipeline)  # and so does an unreachable tracking server
     with hold_workspace(Path(repo), pipeline, str(flow_run.id)):  # one pipeline at a time in this checkout
         fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-        classifier(params, sets, repo)
-        trained = train(params, sets, repo)
-        metrics = evaluate(params, sets, repo, trained)
-        registration = register(params, sets, repo, trained)
+        classifier(config, repo)
+        trained = train(config, pipeline, repo)
+        metrics = evaluate(config, pipeline, repo, trained)
+        registration = register(pipeline, repo, trained)
         publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
-    return {"run_id": trained.run_id, "eval_loss": metrics["eval_loss"], "fid": metrics["fid"],
-            "fid_floor": metrics["fid_floor"], **registration}
+    return {"run_id": trained.run_id, "model_id": trained.model_id, "eval_loss": metrics["eval_loss"],
+            "fid": metrics["fid"], "fid_floor": metrics["fid_floor"], **registration}
 
 
 def show_project_logs() -> None:
@@ -102,7 +110,7 @@ def show_project_logs() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def publish_summary(trained: steps.Trained, metrics: dict, registration: dict, url: str) -> None:
+def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str) -> None:
     """A markdown artifact with the final sample grid and a link to the MLflow run."""
     from ddpm.images import make_grid
     from ddpm.sampling import load_sampler
@@ -143,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
-        _, pipeline = load_params(args.params, args.set)  # before Prefect starts anything
+        _, pipeline = load_params(args.params, args.set, repo=os.getcwd())  # before Prefect starts anything
         connect(pipeline)
         overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
         result = ddpm_pipeline(overrides, args.params)
-    except steps.USER_ERRORS as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     sys.stdout.write(json.dumps(result) + "\n")

@@ -9,18 +9,19 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from ddpm.checkpoint import export_weights
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from flows.config import RegistryConfig
+from flows.errors import RegistrationError, TrackingError
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
+MODEL_NAME = "model"  # the logged model's name in its training run: runs:/<run_id>/model
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
 # One row: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0 deterministic,
 # 1 stochastic). Output (num, 1, 28, 28). Omitted: sampler ddim, seed 0, steps and eta from the model's config.
@@ -40,17 +41,49 @@ class Registration:
     run_id: str
 
 
-def register_model(run_id: str, checkpoint: str, registry: RegistryConfig) -> Registration:
-    """Log the slim sampling checkpoint as a pyfunc model in `run_id`, register it, alias it candidate."""
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(slim)},
-            code_paths=[str(DDPM_PACKAGE)], pip_requirements=MODEL_REQUIREMENTS, signature=SIGNATURE,
-            input_example=INPUT_EXAMPLE,
-            registered_model_name=registry.model_name)
-    version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
+def log_sampler_model(checkpoint: str) -> str:
+    """Log the slim sampling checkpoint as a pyfunc model (an MLflow LoggedModel) in the active run,
+    the training's; returns its model id. MLflow loads it and predicts the input example first, so
+    a model that cannot sample is never logged."""
+    from ddpm.checkpoint import export_weights
+
+    run_id = mlflow.active_run().info.run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={"checkpoint": str(slim)},
+                code_paths=[str(DDPM_PACKAGE)], pip_requirements=MODEL_REQUIREMENTS, signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE)
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"logging the model of run {run_id} failed ({e}). The training and its checkpoint "
+                            f"{checkpoint} are intact: rerun to log, evaluate and register it.") from None
+    log.info("logged the model of run %s as %s", run_id, info.model_uri)
+    return info.model_id
+
+
+def registered_version(registry: RegistryConfig, run_id: str) -> str | None:
+    """The version of the registered model that holds run `run_id`'s model, if one does."""
+    versions = MlflowClient().search_model_versions(f"name = '{registry.model_name}' and run_id = '{run_id}'")
+    return str(versions[0].version) if versions else None
+
+
+def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Registration:
+    """Register the training run's logged model (once: a rerun finds the version it made) and alias
+    it candidate. The training run is not touched, so a failure here leaves it FINISHED."""
+    client = MlflowClient()
+    try:
+        version = registered_version(registry, run_id)
+        if version is None:
+            version = str(mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", registry.model_name).version)
+        else:
+            log.info("run %s is registered already as %s v%s", run_id, registry.model_name, version)
+        client.set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
+    except MlflowException as e:
+        raise RegistrationError(
+            f"registering model {model_id} of run {run_id} as {registry.model_name} failed ({e.message}). The "
+            f"training run and its evaluation are intact: rerun the pipeline (or `dvc repro register`) to "
+            f"register it.") from None
     log.info("registered %s version %s as @%s", registry.model_name, version, registry.candidate_alias)
     return Registration(registry.model_name, version, run_id)
 

@@ -1,41 +1,46 @@
 """DVC stage entry points: `python -m flows.stages classifier|train|evaluate|register`. Each parses
-params.yaml (with the values `dvc exp run -S` set there) and calls the one step that does the work."""
+params.yaml (with the values `dvc exp run -S` set there) and calls its one step, importing only that
+step's module: dvc.yaml lists exactly the code each stage runs (tests/test_dvc_stages.py checks it)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
 
-from flows import steps
+from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
+from flows.steps import TRAIN_JSON, USER_ERRORS, Trained
 from flows.tracking import connect
 from flows.workspace import hold_workspace
 
 log = logging.getLogger("flows.stages")
 
+STAGES = ("classifier", "train", "evaluate", "register")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=("classifier", "train", "evaluate", "register"))
+    parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
     repo = Path.cwd()
     try:
-        config, pipeline = load_params(args.params)
+        config, pipeline = load_params(args.params, repo=repo)
         connect(pipeline)  # every stage: taking the workspace ends this checkout's stale MLflow runs
+        step = importlib.import_module(f"flows.steps.{args.stage}")
         with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
             if args.stage == "classifier":
-                steps.classifier(config, repo)
+                step.classifier(config, repo)
             elif args.stage == "train":
-                steps.train(config, pipeline, repo)
+                step.train(config, pipeline, repo)  # DVC runs it because an input changed: train anew
             elif args.stage == "evaluate":
-                steps.evaluate(config, pipeline, repo, steps.Trained.load(repo))
+                step.evaluate(config, pipeline, repo, Trained.load(repo / TRAIN_JSON))
             else:
-                steps.register(pipeline, repo, steps.Trained.load(repo))
-    except steps.USER_ERRORS as e:
+                step.register(pipeline, repo, Trained.load(repo / TRAIN_JSON))
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

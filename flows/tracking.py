@@ -15,13 +15,15 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import sqlalchemy.exc
 from ddpm.config import Config
 from ddpm.images import make_grid
-from ddpm.train import Callback, EpochEnd, FitResult
+from ddpm.callbacks import Callback, EpochEnd, FitResult
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from flows.config import PipelineConfig, flatten
+from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
+from flows.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,8 @@ FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
 SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
-
-
-class TrackingError(RuntimeError):
-    """The MLflow tracking server cannot be used."""
+ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
+MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
 
 
 def connect(pipeline: PipelineConfig) -> str:
@@ -51,8 +51,25 @@ def connect(pipeline: PipelineConfig) -> str:
                 f"Start it (`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to "
                 f"use the local default {pipeline.tracking.uri}.") from None
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(pipeline.tracking.experiment)
+    use_experiment(uri, pipeline.tracking.experiment)
     return uri
+
+
+def use_experiment(uri: str, name: str) -> None:
+    """Make `name` the active experiment, creating it with its artifacts beside a local SQLite store
+    (MLflow would put them under the working directory, which for a DVC --temp or queued experiment
+    is a copy deleted after the run). A damaged SQLite file is an error naming it, left untouched."""
+    try:
+        client = MlflowClient(uri)
+        if uri.startswith(SQLITE_PREFIX) and client.get_experiment_by_name(name) is None:
+            artifacts = Path(uri.removeprefix(SQLITE_PREFIX)).parent / ARTIFACTS_DIR / name
+            client.create_experiment(name, artifact_location=artifacts.as_uri())
+        mlflow.set_experiment(name)
+    except sqlalchemy.exc.DatabaseError as e:
+        raise TrackingError(
+            f"{uri.removeprefix(SQLITE_PREFIX)} is not a readable MLflow database ({e.orig}). It was left as it is: "
+            f"restore it from a backup, or move it aside to start a new store there (its runs and models are then "
+            f"not shown), or point MLFLOW_TRACKING_URI at another store.") from None
 
 
 def git_commit(repo: Path) -> str:
@@ -109,6 +126,29 @@ def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], re
         mlflow.set_tags(tags)
     log.info("MLflow run %s in experiment %s", run.info.run_id, pipeline.tracking.experiment)
     return run.info.run_id
+
+
+def end_run_with_failure(run_id: str, error: BaseException) -> None:
+    """End the active training run KILLED (interrupted) or FAILED, with the reason as a tag."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        mlflow.set_tag(FAILURE_TAG, f"{type(error).__name__}: {error}"[:MAX_TAG_LENGTH])
+    except MlflowException as tag_error:  # keep the training's error the one raised
+        log.warning("could not tag run %s with the failure: %s", run_id, tag_error)
+    finally:
+        mlflow.end_run(status)
+
+
+def log_evaluation(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
+    """The evaluation's metrics into the training run, linked to its logged model (the UI's Models
+    tab and `search_logged_models` show them per model). The run keeps its status."""
+    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, synchronous=True)
+
+
+def logged_evaluation(run_id: str, keys: tuple[str, ...]) -> dict[str, float] | None:
+    """The evaluation metrics a run holds, or None if it was not evaluated."""
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return metrics if all(key in metrics for key in keys) else None
 
 
 def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.ActiveRun:

@@ -13,9 +13,10 @@ import mlflow
 from ddpm.distributed import init_world
 from ddpm.train import fit
 
+from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.parallel import save_fit_result
-from flows.steps import training_callbacks
+from flows.steps.train import training_callbacks
 from flows.tracking import connect
 
 
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config, pipeline = load_params(args.params)
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this too
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {world.rank} %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.replace("%(levelname)s", f"rank {world.rank} %(levelname)s"),
+                        datefmt=LOG_DATE_FORMAT)
     callbacks = []
     if world.is_main:
         connect(pipeline)

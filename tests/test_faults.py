@@ -4,6 +4,7 @@ a temporary project. docs/reliability.md maps each fault to its test here."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,14 +26,15 @@ from flows.config import load_params
 from flows.data import fetch_data
 from flows.workspace import LOCK_FILE
 from tests import servers
+from tests.freeze import Freezer
 from tests.test_pipeline import make_project, run
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 3  # killed after the first, so the rerun has epochs left to resume
+QUEUED_SECONDS = 30  # a queued deployment run must stay queued this long while the first one runs
 STEPS = EPOCHS * 4  # TINY trains 64 images in batches of 16
 EXPERIMENT = "ddpm-fashion-mnist"
-KILL_DEADLINE = 600  # seconds to wait for the first checkpoint before giving up
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +70,40 @@ def runs_of(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def kill_after_first_epoch(args: list[str], repo: Path, env: dict, log: Path) -> None:
-    """Start `args` in its own process group and SIGKILL the whole group once epoch 1 is checkpointed."""
+FIRST_EPOCH_DONE = "checkpoints/.epoch_0002"  # epoch 2's checkpoint being written: epoch 1's is on disk
+
+
+@pytest.fixture(scope="session")
+def freezer(tmp_path_factory) -> Freezer:
+    return Freezer(tmp_path_factory.mktemp("freezer"))
+
+
+def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
-    process = subprocess.Popen(args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    first = repo / "checkpoints" / "epoch_0001.ckpt"
-    deadline = time.monotonic() + KILL_DEADLINE
-    while not first.exists():
-        assert process.poll() is None, f"exited with {process.returncode} before epoch 1:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no epoch 1 checkpoint in {KILL_DEADLINE} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.05)
+    return subprocess.Popen(args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
+    """Start `args` in its own process group and SIGKILL the whole group when one of its processes
+    opens a file matching `pattern` (it stops there first: no race with a fast training)."""
+    freezer.arm(pattern)
+    process = start(args, repo, {**env, **freezer.env}, log)
+    try:
+        freezer.wait_frozen(alive=lambda: process.poll() is None)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
+    finally:
+        freezer.disarm()
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def kill_after_first_epoch(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer) -> None:
+    kill_at(args, repo, env, log, freezer, FIRST_EPOCH_DONE)
     left = ckpt.list_checkpoints(repo / "checkpoints")
-    assert left and left[-1].name != f"epoch_{EPOCHS:04d}.ckpt", "killed too late: training had finished"
+    assert [p.name for p in left] == ["epoch_0001.ckpt"], left
 
 
 class Losses(Callback):
@@ -132,10 +152,10 @@ def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
     return run_id
 
 
-def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp_path):
+def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp_path, freezer):
     set_params(project, train={"epochs": EPOCHS})
     repro = [sys.executable, "-m", "dvc", "repro", "train"]
-    kill_after_first_epoch(repro, project, {}, tmp_path / "killed.log")
+    kill_after_first_epoch(repro, project, {}, tmp_path / "killed.log", freezer)
     client = store(project)
     assert [r.info.status for r in runs_of(client)] == ["RUNNING"]  # what kill -9 leaves behind
 
@@ -203,6 +223,75 @@ def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training
     assert "Beginning flow run" not in caplog.text and not (project / "checkpoints").exists()
 
 
+def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_state, caplog):
+    """Two complete trainings in runs/ours: the second deletes the first's checkpoints and markers,
+    never a file beside them; a directory holding a file no training wrote is refused, not cleaned."""
+    caplog.set_level(logging.INFO, logger="flows")
+    set_params(project, train={"checkpoint_dir": "runs/ours"})
+    beside = project / "runs" / "notes.txt"
+    beside.parent.mkdir()
+    beside.write_text("mine")
+    monkeypatch.chdir(project)
+    for _ in range(2):
+        assert stages.main(["train"]) == 0, caplog.text
+    assert beside.read_text() == "mine" and (project / "params.yaml").is_file()
+    assert len(runs_of(store(project))) == 2 and "holds a finished training" in caplog.text
+
+    inside = project / "runs" / "ours" / "keep.txt"
+    inside.write_text("mine too")
+    assert stages.main(["train"]) == 2
+    assert "holds 1 files no training wrote (keep.txt)" in caplog.text and "train.checkpoint_dir" in caplog.text
+    assert inside.read_text() == "mine too" and len(runs_of(store(project))) == 2
+    assert (project / "runs" / "ours" / "finished.json").is_file()  # the finished training is still there
+
+
+@pytest.mark.parametrize("directory", [".", ""])
+def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(project, monkeypatch, mlflow_state,
+                                                                               caplog, directory):
+    monkeypatch.chdir(project)
+    assert pipeline.main(["--set", f"train.checkpoint_dir='{directory}'"]) == 2
+    assert "train.checkpoint_dir" in caplog.text and "is the checkout" in caplog.text
+    assert not (project / "mlflow.db").exists() and (project / "params.yaml").is_file()
+
+
+def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_registers_it(project, monkeypatch,
+                                                                                      mlflow_state, caplog):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.chdir(project)
+    assert stages.main(["train"]) == 0
+    register = mlflow.register_model
+
+    def upload_fails(*args, **kwargs):  # simulated: the registry refuses the upload
+        raise MlflowException("simulated: no space left on the artifact store")
+
+    monkeypatch.setattr(mlflow, "register_model", upload_fails)
+    assert stages.main(["register"]) == 2
+    assert "registering model" in caplog.text and "no space left" in caplog.text and "rerun" in caplog.text
+    client = store(project)
+    [trained] = runs_of(client)
+    assert trained.info.status == "FINISHED" and "failure" not in trained.data.tags
+    assert client.search_model_versions() == []
+
+    monkeypatch.setattr(mlflow, "register_model", register)
+    assert stages.main(["register"]) == 0 and stages.main(["register"]) == 0  # twice: still one version
+    [version] = client.search_model_versions()
+    assert version.run_id == trained.info.run_id and len(runs_of(client)) == 1
+
+
+def test_a_damaged_mlflow_db_is_one_error_naming_it_and_left_as_it_was(project, monkeypatch, mlflow_state, caplog):
+    db = project / "mlflow.db"
+    db.write_bytes(b"not a database " * 100)
+    before = db.read_bytes()
+    monkeypatch.chdir(project)
+    assert stages.main(["train"]) == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert str(db) in error and "not a readable MLflow database" in error and "backup" in error
+    assert db.read_bytes() == before and not (project / "checkpoints").exists()
+    assert pipeline.main([]) == 2
+
+
 # ---- slow: the Prefect paths (ephemeral API, then a real server, worker and deployment) ----
 
 def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
@@ -221,11 +310,11 @@ def dead_holder(repo: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(project, tmp_path):
+def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(project, tmp_path, freezer):
     set_params(project, train={"epochs": EPOCHS})
     env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}  # the ephemeral API's database survives the kill
     job = [sys.executable, "-m", "flows.pipeline"]
-    kill_after_first_epoch(job, project, env, tmp_path / "killed.log")
+    kill_after_first_epoch(job, project, env, tmp_path / "killed.log", freezer)
     killed_flow_run = dead_holder(project)["flow_run_id"]
     assert flow_run_state(killed_flow_run, project, env) == "RUNNING"  # what kill -9 leaves behind
 
@@ -269,8 +358,31 @@ def test_nan_loss_through_the_prefect_flow_fails_it_and_registers_nothing(projec
     assert client.search_model_versions() == [] and not (project / "outputs" / "registered.json").exists()
 
 
+@pytest.mark.slow
+def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_training(project, tmp_path, freezer):
+    """A failure after training costs the evaluation, not the training: the rerun of the main job
+    takes up the finished training (one MLflow run, no new epoch) and registers it once."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    job = [sys.executable, "-m", "flows.pipeline"]
+    kill_at(job, project, env, tmp_path / "killed.log", freezer, "outputs/.metrics.json")  # scored, not recorded
+    client = store(project)
+    [trained] = runs_of(client)
+    assert trained.info.status == "FINISHED" and client.search_model_versions() == []
+    steps_before = len(client.get_metric_history(trained.info.run_id, "train_loss"))
+
+    rerun = run(job, project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "finished training" in rerun.stderr and "continuing with it" in rerun.stderr
+    [again] = runs_of(client)
+    assert again.info.run_id == trained.info.run_id and "fid" in again.data.metrics
+    assert len(client.get_metric_history(trained.info.run_id, "train_loss")) == steps_before  # not retrained
+    [version] = client.search_model_versions()
+    assert version.run_id == trained.info.run_id
+    assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
+
+
 @pytest.fixture(scope="module")
-def deployment(template, tmp_path_factory):
+def deployment(template, tmp_path_factory, freezer):
     """The project deployed on a real Prefect server with a process worker, tracking to a real MLflow server."""
     tmp = tmp_path_factory.mktemp("deployment")
     repo = tmp / "project"
@@ -285,9 +397,10 @@ def deployment(template, tmp_path_factory):
             result = prefect(*args, repo=repo, env=env)
             assert result.returncode == 0, result.stdout + result.stderr
         worker = subprocess.Popen([str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-                                  cwd=repo, env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+                                  cwd=repo, env={**os.environ, **env, **freezer.env,  # its flow runs inherit the freezer
+                                                 "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
                                   stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        yield repo, env, MlflowClient(uri), tmp
+        yield repo, env, MlflowClient(uri), tmp, freezer
     finally:
         if worker is not None:
             servers.stop(worker)
@@ -335,17 +448,16 @@ def wait_for_holder(repo: Path, flow_run_id: str, timeout: float = 300) -> dict:
 
 @pytest.mark.slow
 def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(deployment):
-    repo, env, client, tmp = deployment
-    killed = trigger(repo, env)
-    holder = wait_for_holder(repo, killed)
-    first = repo / "checkpoints" / "epoch_0001.ckpt"
-    deadline = time.monotonic() + KILL_DEADLINE
-    while not first.exists():
-        assert time.monotonic() < deadline, f"no epoch 1 checkpoint in {KILL_DEADLINE} s"
-        time.sleep(0.05)
-    os.kill(holder["pid"], signal.SIGKILL)  # the worker's flow-run process
+    repo, env, client, tmp, freezer = deployment
+    freezer.arm(FIRST_EPOCH_DONE)
+    try:
+        killed = trigger(repo, env)
+        pid = freezer.wait_frozen()  # the worker's flow-run process, stopped after epoch 1
+    finally:
+        freezer.disarm()
+    os.kill(pid, signal.SIGKILL)
     assert wait_final(killed, repo, env, timeout=120) == "CRASHED"
-    assert ckpt.latest_checkpoint(repo / "checkpoints").name != f"epoch_{EPOCHS:04d}.ckpt", "killed too late"
+    assert [p.name for p in ckpt.list_checkpoints(repo / "checkpoints")] == ["epoch_0001.ckpt"]
 
     rerun = trigger(repo, env)
     assert wait_final(rerun, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
@@ -355,32 +467,26 @@ def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(depl
     assert version.run_id == run_id
 
 
-
 @pytest.mark.slow
-def test_concurrent_deployment_runs_wait_or_are_refused_and_clobber_nothing(deployment):
-    repo, env, client, tmp = deployment
+def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deployment):
+    """prefect.yaml's concurrency limit: the server queues the second run (no worker, no process, no
+    lock wait that could time out) and starts it when the first ends."""
+    repo, env, client, tmp, freezer = deployment
     first = trigger(repo, env, {"train.epochs": 2})
     holder = wait_for_holder(repo, first)
-    # Freeze the first run while it holds the workspace, so that the others meet it there however
-    # fast it would otherwise train (the tiny model finished before a second run started).
-    os.kill(holder["pid"], signal.SIGSTOP)
+    os.kill(holder["pid"], signal.SIGSTOP)  # the first holds its slot as long as it likes
     try:
-        refused = trigger(repo, env, {"workspace.lock_timeout": 1})
-        waiting = trigger(repo, env, {"train.epochs": 1})
-        assert wait_final(refused, repo, env) == "FAILED"
-        wait_for_log(waiting, "waiting up to", repo, env)
+        second = trigger(repo, env, {"train.epochs": 1, "workspace.lock_timeout": 1})
+        time.sleep(QUEUED_SECONDS)  # long enough for a worker to have started it, were it not queued
+        shown = json.loads(prefect("flow-run", "inspect", second, "-o", "json", repo=repo, env=env).stdout)
+        assert (shown["state"]["type"], shown["state"]["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
     finally:
         os.kill(holder["pid"], signal.SIGCONT)
-    logs = prefect("flow-run", "logs", refused, repo=repo, env=env).stdout
-    assert "is in use by another pipeline" in logs and first in logs and "workspace.lock_timeout" in logs
-    assert wait_final(first, repo, env) == "COMPLETED" and wait_final(waiting, repo, env) == "COMPLETED"
-    waited = prefect("flow-run", "logs", waiting, repo=repo, env=env).stdout
-    assert "waiting up to 600 s" in waited and first in waited
-
+    assert wait_final(first, repo, env) == "COMPLETED"
+    assert wait_final(second, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
     runs = {r.data.tags.get("prefect_flow_run_id"): r for r in client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id])}
-    assert refused not in runs  # refused before it created anything
-    a, b = runs[first], runs[waiting]
+    a, b = runs[first], runs[second]
     assert a.data.params["train.epochs"] == "2" and b.data.params["train.epochs"] == "1"
     assert a.info.status == b.info.status == "FINISHED" and b.info.start_time > a.info.end_time  # one at a time
     versions = {v.run_id: v.version for v in client.search_model_versions("name='ddpm-fashion-mnist'")}

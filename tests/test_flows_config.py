@@ -26,9 +26,11 @@ def test_one_error_lists_bad_fields_of_both_halves():
         assert fragment in text
 
 
-def test_environment_overrides_service_addresses(monkeypatch):
+def test_environment_overrides_service_addresses(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     _, pipeline = params_from_dict({"tracking": {"uri": "sqlite:///a.db"}, "fetch": {"remote": "local"}})
-    assert pipeline.tracking_uri == "sqlite:///a.db" and pipeline.dvc_remote == "local"
+    assert pipeline.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'a.db'}" and pipeline.dvc_remote == "local"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setenv("DDPM_DVC_REMOTE", "s3remote")
     assert pipeline.tracking_uri == "http://127.0.0.1:5000" and pipeline.dvc_remote == "s3remote"
@@ -50,3 +52,29 @@ def test_unreadable_params_are_a_config_error_not_a_traceback(tmp_path):
     with pytest.raises(ConfigError) as info:
         params_from_dict({"tracking": "http://x", "workspace": {"lock_timeout": -1}})
     assert "tracking: must be a mapping" in str(info.value) and "workspace.lock_timeout: must be >= 0" in str(info.value)
+
+
+def test_a_relative_sqlite_store_is_the_checkouts_even_in_a_dvc_temporary_copy(monkeypatch, tmp_path):
+    """DVC runs queued and --temp experiments in a copy of the checkout, deleted afterwards, with
+    DVC_ROOT naming the original: their runs and models must land in the original's store."""
+    copy = tmp_path / "checkout" / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "checkout"))
+    _, pipeline = params_from_dict({"tracking": {"uri": "sqlite:///mlflow.db"}})
+    assert pipeline.tracking_uri == f"sqlite:///{(tmp_path / 'checkout').resolve() / 'mlflow.db'}"
+    _, absolute = params_from_dict({"tracking": {"uri": "sqlite:////srv/mlflow.db"}})
+    assert absolute.tracking_uri == "sqlite:////srv/mlflow.db"
+
+
+@pytest.mark.parametrize("directory", [".", "", "./", "..", str(ROOT), "checkpoints/../.."])
+def test_a_checkpoint_dir_that_is_the_checkout_or_holds_it_is_refused(directory):
+    with pytest.raises(ConfigError, match="train.checkpoint_dir: .* is the checkout"):
+        load_params(ROOT / "params.yaml", [f"train.checkpoint_dir={directory!r}" if directory == "" else
+                                           f"train.checkpoint_dir={directory}"], repo=ROOT)
+
+
+def test_a_checkpoint_dir_of_its_own_is_accepted(tmp_path):
+    for directory in ("checkpoints", "runs/a", str(tmp_path / "elsewhere")):
+        config, _ = load_params(ROOT / "params.yaml", [f"train.checkpoint_dir={directory}"], repo=ROOT)
+        assert config.train.checkpoint_dir == directory

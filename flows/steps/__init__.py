@@ -1,0 +1,64 @@
+"""The pipeline's steps, one module each (classifier, train, evaluate, register), shared by the DVC
+stages (flows.stages), the Prefect flow (flows.pipeline) and the CLI. Steps exchange paths and ids
+through small files in outputs/, never tensors. This module holds what they share; it loads neither
+MindSpore nor MLflow, so a stage imports only the code it runs (dvc.yaml lists exactly that).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.config import ConfigError
+from ddpm.data import DataError
+from ddpm.distributed import WorkerError
+from ddpm.runtime import DeviceError
+
+from flows.errors import RegistrationError, TrackingError
+from flows.workspace import WorkspaceBusy
+
+OUTPUTS = Path("outputs")
+TRAIN_JSON = OUTPUTS / "train.json"  # the finished training (run, checkpoint, logged model), read by evaluate and register
+METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics of the evaluation
+LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
+REGISTERED_JSON = OUTPUTS / "registered.json"
+CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
+# What the entry points (flow, DVC stages) report as one clear line, exit 2, rather than a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, TrackingError, RegistrationError,
+               WorkspaceBusy, FileExistsError, FileNotFoundError, FloatingPointError, WorkerError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A finished training: its MLflow run, final checkpoint, last epoch's metrics and the logged model."""
+    run_id: str
+    checkpoint: str
+    metrics: dict
+    model_id: str  # the MLflow LoggedModel holding its sampling weights: models:/<model_id>
+
+    def save(self, path: Path) -> None:
+        write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "Trained":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: run the train step first (`dvc repro train`)")
+        return cls(**json.loads(path.read_text()))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A record a step wrote, or None if there is none (or only half of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader sees the old record or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,36 @@
+"""The evaluate step: held-out denoising loss and sample quality (FID beside its floor, class
+coverage) of a finished training, into its MLflow run and model and the DVC metrics file."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ddpm.config import Config
+
+from flows.config import PipelineConfig
+from flows.steps import METRICS_JSON, Trained, write_json
+
+log = logging.getLogger(__name__)
+
+QUALITY_METRICS = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy")
+
+
+def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trained, progress: bool = True,
+             skip_done: bool = False) -> dict:
+    """Score the model; with `skip_done`, return the scores its run already holds instead (a rerun
+    of the flow after a failure later on)."""
+    from flows.tracking import log_evaluation, logged_evaluation
+
+    if skip_done and (done := logged_evaluation(trained.run_id, QUALITY_METRICS)) is not None:
+        log.info("run %s is evaluated already (fid %.4g); not scoring it again", trained.run_id, done["fid"])
+        return done
+    from ddpm.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(trained.checkpoint, config, progress)
+    summary = {**{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
+               "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
+               "images_per_second": trained.metrics.get("images_per_second"), "per_t": {
+                   k: v for k, v in metrics.items() if k.startswith("eval_loss_t")}}
+    write_json(repo / METRICS_JSON, summary)
+    log_evaluation(trained.run_id, trained.model_id, metrics)  # last: a run with a fid is an evaluated one
+    return metrics

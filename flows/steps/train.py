@@ -1,0 +1,179 @@
+"""The train step: `fit` with MLflow tracking in train.checkpoint_dir, then the model logged to its
+run (an MLflow LoggedModel), so that a finished training is never lost to a later failure.
+
+What the checkpoint directory holds decides what a run does:
+- nothing: a new training;
+- checkpoints of an unfinished training (killed, stopped, failed): resume it in the same MLflow run;
+- a finished training (its marker names run and model) already registered: a new training, after
+  deleting only the files a training writes there;
+- a finished training not registered yet: the Prefect flow continues with it (evaluate, register,
+  no retraining); a DVC train stage, which runs only when one of its inputs changed, trains anew
+  (the previous model stays in MLflow, logged).
+A directory holding any file a training did not write is refused, never cleaned.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from ddpm.callbacks import Callback
+from ddpm.config import Config
+
+from flows.config import PipelineConfig
+from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record of a finished training
+LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
+# Every name a training writes into its checkpoint directory (ddpm.checkpoint, flows.tracking,
+# flows.parallel, msrun's logs): the only files the pipeline ever deletes there.
+OWNED_FILES = re.compile(r"^(\.?epoch_\d{4,}(\.partial)?\.ckpt|\.?step_\d+(\.partial)?\.ckpt|mlflow_run_id"
+                         r"|worker_params\.yaml|\.?fit_result\.json(\.partial)?|finished\.json|\.finished\.json\.partial"
+                         r"|COMPLETE)$")
+OWNED_DIRS = {"worker_logs"}
+MAX_LISTED = 5  # foreign files named in the error
+
+
+def foreign_files(directory: Path) -> list[Path]:
+    """Files in `directory` that no training wrote."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if not (OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir())))
+
+
+def refuse_foreign_files(directory: Path) -> None:
+    found = foreign_files(directory)
+    if found:
+        names = ", ".join(p.name for p in found[:MAX_LISTED]) + (", ..." if len(found) > MAX_LISTED else "")
+        raise FileExistsError(
+            f"train.checkpoint_dir {directory} holds {len(found)} files no training wrote ({names}); the pipeline "
+            f"deletes only its own files, so it will not train there. Set train.checkpoint_dir to a new or empty "
+            f"directory (--set train.checkpoint_dir=checkpoints/NAME), or move those files out.")
+
+
+def clear_training(directory: Path) -> None:
+    """Delete what a training wrote in `directory`, and nothing else."""
+    refuse_foreign_files(directory)  # checked again: nothing foreign is ever deleted
+    for path in directory.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)  # worker_logs: msrun's logs of our own workers
+        else:
+            path.unlink()
+
+
+def finished_training(directory: Path) -> Trained | None:
+    record = read_json(directory / FINISHED_MARKER)
+    return Trained(**record) if record is not None else None
+
+
+class LossCsv(Callback):
+    """Appends step,train_loss rows for `dvc plots`; a fresh run starts a fresh file, a resumed one
+    keeps the rows up to its checkpoint (the steps after it run again)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_epoch and self.path.is_file():
+            with open(self.path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start_epoch * steps_per_epoch]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([["step", "train_loss"], *kept])
+
+    def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}"])
+
+
+
+def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
+    """MLflow logging (per step, per epoch, sample grids) and the DVC loss plot."""
+    from flows.tracking import MlflowLogger
+
+    return [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.train.sample_num,
+                         config.train.sample_seed), LossCsv(repo / LOSS_CSV)]
+
+
+def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,
+          progress: bool = True, continue_finished: bool = False) -> Trained:
+    """Train (or resume, or with `continue_finished` take up a finished, unregistered training),
+    log the model to the run, and record it in outputs/train.json and the checkpoint directory.
+    A failure of the training ends its run FAILED with the reason as a tag; damaged data fails
+    before any run exists."""
+    from ddpm.data import verify_dataset
+
+    verify_dataset(repo / config.data.root)
+    directory = repo / config.train.checkpoint_dir
+    refuse_foreign_files(directory)
+    finished = finished_training(directory)
+    if finished is not None and continue_finished and _unregistered_same_training(finished, config, pipeline):
+        log.info("%s holds a finished training (MLflow run %s) that is not registered yet; continuing with it",
+                 directory, finished.run_id)
+        finished.save(repo / TRAIN_JSON)
+        return finished
+    if finished is not None or (directory / LEGACY_MARKER).is_file():
+        if finished is not None:
+            log.info("%s holds a finished training (run %s, model %s); starting a new one", directory,
+                     finished.run_id, finished.model_id)
+        clear_training(directory)
+    trained = _fit_and_log(config, pipeline, repo, directory, flow_run_id, progress)
+    write_json(directory / FINISHED_MARKER, trained.__dict__)
+    trained.save(repo / TRAIN_JSON)
+    return trained
+
+
+def _unregistered_same_training(finished: Trained, config: Config, pipeline: PipelineConfig) -> bool:
+    from ddpm.checkpoint import load_checkpoint
+    from ddpm.train import resume_conflicts
+
+    from flows.registry import registered_version
+
+    if registered_version(pipeline.registry, finished.run_id) is not None:
+        return False
+    saved = load_checkpoint(finished.checkpoint).config
+    if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config):
+        log.info("the finished training in %s (run %s, model %s, not registered) was trained with other settings; "
+                 "it stays in MLflow as a logged model", Path(finished.checkpoint).parent, finished.run_id,
+                 finished.model_id)
+        return False
+    return True
+
+
+def _fit_and_log(config: Config, pipeline: PipelineConfig, repo: Path, directory: Path, flow_run_id: str | None,
+                 progress: bool) -> Trained:
+    import mlflow
+    from ddpm.checkpoint import list_checkpoints
+    from ddpm.train import fit
+
+    from flows.data import dvc_data_hash
+    from flows.parallel import fit_on_workers
+    from flows.registry import log_sampler_model
+    from flows.tracking import WORKSPACE_TAG, end_run_with_failure, git_commit, start_run, workspace_id
+
+    resume = bool(list_checkpoints(directory))
+    if resume:
+        log.info("%s holds an unfinished training; resuming it", directory)
+    tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo), WORKSPACE_TAG: workspace_id(repo)}
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = flow_run_id
+    run_id = start_run(config, pipeline, tags, resume)
+    try:
+        if config.train.workers > 1:
+            result = fit_on_workers(config, pipeline, repo, run_id, resume)
+        else:
+            result = fit(config, training_callbacks(config, pipeline, repo), resume=resume, progress=progress)
+    except BaseException as e:
+        end_run_with_failure(run_id, e)
+        raise
+    try:
+        model_id = log_sampler_model(str(result.checkpoint))
+    finally:
+        mlflow.end_run()  # FINISHED: the training succeeded, whatever happened to the model's upload
+    return Trained(run_id, str(result.checkpoint), result.metrics, model_id)

@@ -20,6 +20,7 @@ from ddpm.images import make_grid
 from ddpm.train import Callback, EpochEnd, FitResult
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import read_mlflow_creds
 
 from flows.config import PipelineConfig, flatten
 
@@ -51,8 +52,25 @@ def connect(pipeline: PipelineConfig) -> str:
                 f"Start it (`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to "
                 f"use the local default {pipeline.tracking.uri}.") from None
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(pipeline.tracking.experiment)
+    try:
+        mlflow.set_experiment(pipeline.tracking.experiment)
+    except MlflowException as e:  # a basic-auth server answers /health to anyone, so this is its first word
+        status = e.get_http_status_code()
+        if status in (http.HTTPStatus.UNAUTHORIZED, http.HTTPStatus.FORBIDDEN):
+            raise TrackingError(refused_message(uri, pipeline.tracking.experiment, status)) from None
+        raise
     return uri
+
+
+def refused_message(uri: str, experiment: str, status: int) -> str:
+    """Why an authenticating server (`mlflow server --app-name basic-auth`) turned the client away."""
+    user = read_mlflow_creds().username
+    if status == http.HTTPStatus.UNAUTHORIZED:
+        given = f"user {user!r}" if user else "none given"
+        return (f"the tracking server {uri} refused the credentials ({given}): set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD to an account on that server (docs/scale.md, 'Who can get in').")
+    return (f"the tracking server {uri} denies user {user!r} access to experiment {experiment!r}: ask its admin "
+            f"for EDIT on it (docs/scale.md, 'Who can get in').")
 
 
 def git_commit(repo: Path) -> str:

@@ -99,6 +99,16 @@ def test_connect_with_no_or_wrong_credentials_names_the_variables(mlflow_server,
     assert time.monotonic() - started < 10
 
 
+def test_connect_as_a_user_denied_the_experiment_names_user_and_experiment(mlflow_server, mlflow_state):
+    with credentials(TRAINER):
+        experiment_id = MlflowClient(mlflow_server).create_experiment("ddpm-auth-denied")
+    with credentials(servers.MLFLOW_ADMIN):
+        AuthServiceClient(mlflow_server).grant_user_permission(READER[0], "experiment", experiment_id, "DENY")
+    with credentials(READER), pytest.raises(TrackingError) as refused:
+        connect(pipeline_for(mlflow_server, "ddpm-auth-denied"))
+    assert "denies user 'reader' access to experiment 'ddpm-auth-denied'" in str(refused.value)
+
+
 def test_a_stage_without_credentials_exits_2_with_one_line(mlflow_server, tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     env = {key: value for key, value in os.environ.items() if key not in CREDENTIAL_VARS}
@@ -151,6 +161,21 @@ def test_only_users_with_edit_on_the_model_can_move_its_champion(mlflow_server):
     with credentials(READER):
         client.set_registered_model_alias(MODEL, "candidate", version)
         assert client.get_model_version_by_alias(MODEL, "candidate").version == version
+
+
+def test_the_admin_changes_its_own_password(mlflow_server):
+    user, bootstrap = servers.MLFLOW_ADMIN
+    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    with credentials(servers.MLFLOW_ADMIN):
+        AuthServiceClient(mlflow_server).update_user_password(user, "rotated-admin-password",
+                                                              current_password=bootstrap)
+    try:
+        assert status_of(search, f"{user}:{bootstrap}") == 401
+        assert status_of(search, f"{user}:rotated-admin-password") == 200
+    finally:
+        with credentials((user, "rotated-admin-password")):
+            AuthServiceClient(mlflow_server).update_user_password(user, bootstrap,
+                                                                  current_password="rotated-admin-password")
 
 
 FLOW = '''

@@ -21,6 +21,7 @@ from ddpm.images import make_grid
 from ddpm.callbacks import Callback, EpochEnd, FitResult
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import read_mlflow_creds
 
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
@@ -65,11 +66,27 @@ def use_experiment(uri: str, name: str) -> None:
             artifacts = Path(uri.removeprefix(SQLITE_PREFIX)).parent / ARTIFACTS_DIR / name
             client.create_experiment(name, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(name)
+    except MlflowException as e:  # a basic-auth server answers /health to anyone, so this is its first word
+        status = e.get_http_status_code()
+        if status in (http.HTTPStatus.UNAUTHORIZED, http.HTTPStatus.FORBIDDEN):
+            raise TrackingError(refused_message(uri, name, status)) from None
+        raise
     except sqlalchemy.exc.DatabaseError as e:
         raise TrackingError(
             f"{uri.removeprefix(SQLITE_PREFIX)} is not a readable MLflow database ({e.orig}). It was left as it is: "
             f"restore it from a backup, or move it aside to start a new store there (its runs and models are then "
             f"not shown), or point MLFLOW_TRACKING_URI at another store.") from None
+
+
+def refused_message(uri: str, experiment: str, status: int) -> str:
+    """Why an authenticating server (`mlflow server --app-name basic-auth`) turned the client away."""
+    user = read_mlflow_creds().username
+    if status == http.HTTPStatus.UNAUTHORIZED:
+        given = f"user {user!r}" if user else "none given"
+        return (f"the tracking server {uri} refused the credentials ({given}): set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD to an account on that server (docs/scale.md, 'Who can get in').")
+    return (f"the tracking server {uri} denies user {user!r} access to experiment {experiment!r}: ask its admin "
+            f"for EDIT on it (docs/scale.md, 'Who can get in').")
 
 
 def git_commit(repo: Path) -> str:

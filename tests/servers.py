@@ -112,3 +112,33 @@ def start_mlflow_on(workdir: Path, backend_uri: str) -> tuple[subprocess.Popen, 
                      "--backend-store-uri", backend_uri, "--artifacts-destination", str(workdir / "artifacts"),
                      "--workers", "1"], f"http://127.0.0.1:{port}/health", workdir / "mlflow.log")
     return process, f"http://127.0.0.1:{port}"
+
+
+MLFLOW_ADMIN = ("admin", "test-admin-password")  # MLflow ships no admin password and wants >= 12 characters
+
+
+def start_mlflow_basic_auth(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server --app-name basic-auth` with its own user database; admin is MLFLOW_ADMIN."""
+    config = workdir / "basic_auth.ini"
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
+                      f"admin_username = {MLFLOW_ADMIN[0]}\n")
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_ADMIN[1],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its 8 job consumers serve GenAI jobs we never run
+    port = free_port()
+    process = start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+                     "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                     "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
+                    f"http://127.0.0.1:{port}/health", workdir / "mlflow.log", env)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_prefect_with_auth(workdir: Path, auth_string: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`prefect server start` that answers only requests carrying `auth_string` ("user:password");
+    the returned client env lacks PREFECT_API_AUTH_STRING: callers add it."""
+    port = free_port()
+    env = prefect_env(workdir, port)
+    process = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    f"http://127.0.0.1:{port}/api/health", workdir / "prefect.log",
+                    {**env, "PREFECT_SERVER_API_AUTH_STRING": auth_string})
+    return process, env

@@ -25,6 +25,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
+from flows.steps import PER_T_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
 SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
+PER_T_METRIC = "eval_loss_per_t"  # logged as one metric, step = t
+DATASET_NAME = "fashion-mnist"
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
 
@@ -134,7 +138,7 @@ def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], re
     run_file = Path(config.train.checkpoint_dir) / RUN_ID_FILE
     run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
     if run_id is None:
-        run = mlflow.start_run(tags=tags)
+        run = mlflow.start_run(run_name=run_name(config), tags=tags)
         mlflow.log_params(flatten(config.to_dict()))
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
@@ -158,8 +162,31 @@ def end_run_with_failure(run_id: str, error: BaseException) -> None:
 
 def log_evaluation(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
     """The evaluation's metrics into the training run, linked to its logged model (the UI's Models
-    tab and `search_logged_models` show them per model). The run keeps its status."""
-    mlflow.log_metrics(metrics, run_id=run_id, model_id=model_id, synchronous=True)
+    tab and `search_logged_models` show them per model); the per-timestep losses as one metric with
+    step = t, one curve in the UI. The run keeps its status."""
+    per_t = {int(key.removeprefix(PER_T_PREFIX)): value for key, value in metrics.items() if key.startswith(PER_T_PREFIX)}
+    scalars = {key: value for key, value in metrics.items() if not key.startswith(PER_T_PREFIX)}
+    mlflow.log_metrics(scalars, run_id=run_id, model_id=model_id, synchronous=True)
+    for t, value in sorted(per_t.items()):
+        mlflow.log_metric(PER_T_METRIC, value, step=t, run_id=run_id, synchronous=True)
+
+
+def log_dataset(data_root: Path, data_hash: str) -> None:
+    """Fashion-MNIST as the active run's training input, its DVC hash as the digest (the run page's
+    Datasets panel; runs trained on other data show another digest)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = LocalArtifactDatasetSource(data_root.resolve().as_uri())
+    mlflow.log_input(MetaDataset(source, name=DATASET_NAME, digest=data_hash), context="training")
+
+
+def run_name(config: Config) -> str:
+    """What sets a training apart, for the runs table: network, schedule, learning rate, images seen."""
+    model, train = config.model, config.train
+    images = train.epochs * (config.data.limit or TRAIN_IMAGES)
+    mults = "-".join(map(str, model.dim_mults))
+    return f"dim{model.dim}x{mults} {config.diffusion.schedule} lr{train.lr:g} {images / 1000:g}k img"
 
 
 def logged_evaluation(run_id: str, keys: tuple[str, ...]) -> dict[str, float] | None:

@@ -381,6 +381,45 @@ def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_trainin
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
 
 
+QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experiment
+
+
+@pytest.mark.slow
+def test_a_queued_dvc_experiment_records_into_the_checkouts_store(project, tmp_path):
+    """DVC runs queued experiments in a temporary copy of the checkout, deleted afterwards: the run,
+    its logged model and the registered version must land in the checkout's own mlflow.db and
+    mlruns/, readable after the copy is gone."""
+    dvc = [sys.executable, "-m", "dvc"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    assert run([*git, "add", "-A"], project, {}).returncode == 0  # DVC queues from a commit
+    assert run([*git, "commit", "-qm", "fetched"], project, {}).returncode == 0
+    queued = run([*dvc, "exp", "run", "--queue", "--name", "queued", "-S", "train.epochs=1"], project, {})
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    started = subprocess.run([*dvc, "queue", "start", "--jobs", "1"], cwd=project, timeout=300,
+                             env={**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its worker keeps pipes open
+    assert started.returncode == 0
+    deadline = time.monotonic() + QUEUE_DEADLINE
+    while True:
+        status = run([*dvc, "queue", "status"], project, {}).stdout
+        line = next((row for row in status.splitlines() if "queued" in row.split()[:2]), "")
+        if "Success" in line or "Failed" in line:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    logs = run([*dvc, "queue", "logs", "queued"], project, {}).stdout
+    assert "Success" in line, logs[-5000:]
+    run([*dvc, "queue", "stop", "--kill"], project, {})
+    client = store(project)
+    [trained] = runs_of(client)
+    assert trained.info.status == "FINISHED" and trained.data.params["train.epochs"] == "1"
+    [version] = client.search_model_versions()
+    assert version.run_id == trained.info.run_id
+    artifacts = Path(trained.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(project / "mlruns") and any(artifacts.iterdir())
+    assert not any((project / ".dvc" / "tmp" / "exps").glob("*/mlflow.db"))
+
+
 @pytest.fixture(scope="module")
 def deployment(template, tmp_path_factory, freezer):
     """The project deployed on a real Prefect server with a process worker, tracking to a real MLflow server."""

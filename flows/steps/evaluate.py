@@ -2,13 +2,14 @@
 coverage) of a finished training, into its MLflow run and model and the DVC metrics file."""
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
 from ddpm.config import Config
 
 from flows.config import PipelineConfig
-from flows.steps import METRICS_JSON, Trained, write_json
+from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,16 @@ def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trai
     summary = {**{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
                "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
                "images_per_second": trained.metrics.get("images_per_second"), "per_t": {
-                   k: v for k, v in metrics.items() if k.startswith("eval_loss_t")}}
+                   k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}}
     write_json(repo / METRICS_JSON, summary)
+    write_loss_per_t(repo / EVAL_LOSS_CSV, summary["per_t"])
     log_evaluation(trained.run_id, trained.model_id, metrics)  # last: a run with a fid is an evaluated one
     return metrics
+
+
+def write_loss_per_t(path: Path, per_t: dict[str, float]) -> None:
+    """The held-out loss against t, a DVC plot (one curve: how well each noise level is denoised)."""
+    rows = sorted((int(key.removeprefix(PER_T_PREFIX)), value) for key, value in per_t.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["t", "eval_loss"], *((t, f"{value:.6f}") for t, value in rows)])

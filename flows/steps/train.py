@@ -155,16 +155,18 @@ def _fit_and_log(config: Config, pipeline: PipelineConfig, repo: Path, directory
     from flows.data import dvc_data_hash
     from flows.parallel import fit_on_workers
     from flows.registry import log_sampler_model
-    from flows.tracking import WORKSPACE_TAG, end_run_with_failure, git_commit, start_run, workspace_id
+    from flows.tracking import WORKSPACE_TAG, end_run_with_failure, git_commit, log_dataset, start_run, workspace_id
 
     resume = bool(list_checkpoints(directory))
     if resume:
         log.info("%s holds an unfinished training; resuming it", directory)
-    tags = {"git_commit": git_commit(repo), "dvc_data_hash": dvc_data_hash(repo), WORKSPACE_TAG: workspace_id(repo)}
+    data_hash = dvc_data_hash(repo)
+    tags = {"git_commit": git_commit(repo), "dvc_data_hash": data_hash, WORKSPACE_TAG: workspace_id(repo)}
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id
     run_id = start_run(config, pipeline, tags, resume)
     try:
+        log_dataset(repo / config.data.root, data_hash)
         if config.train.workers > 1:
             result = fit_on_workers(config, pipeline, repo, run_id, resume)
         else:

@@ -8,6 +8,7 @@ resumes exactly there and is deleted once a newer checkpoint supersedes it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -33,6 +34,7 @@ PROGRESS_KEY = "progress_json"  # a mid-epoch checkpoint's EpochProgress; absent
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
+MINDSPORE_TMP_SUFFIX = ".tmp"  # ms.save_checkpoint writes x.tmp, then renames it to x.ckpt
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
 
 
@@ -149,7 +151,7 @@ def check_writable(directory: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointWriteError(f"cannot write checkpoints to {directory} ({e.strerror or e}): make it a "
+        raise CheckpointWriteError(f"cannot write checkpoints to {directory} ({_reason(e, directory)}): make it a "
                                    "writable directory or set train.checkpoint_dir to one") from None
 
 
@@ -162,21 +164,34 @@ def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()},
-                           crc_check=True)
+        with _mindspore_log_off():  # its "Failed to save ..." line would precede our one clear error
+            ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()},
+                               crc_check=True)
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
         _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
         _remove_partial(tmp)
         raise CheckpointWriteError(
-            f"could not write checkpoint {path} ({_reason(e)}); the previous checkpoints are intact. Free space "
+            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. Free space "
             f"on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun with "
             "--resume") from None
     except BaseException:  # e.g. a second Ctrl-C while writing
         _remove_partial(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def _mindspore_log_off():
+    from mindspore import log as ms_log
+
+    logger = ms_log._get_logger()  # MindSpore's own logger object (it has no public handle)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _fsync(path: Path, flags: int) -> None:
@@ -188,14 +203,19 @@ def _fsync(path: Path, flags: int) -> None:
 
 
 def _remove_partial(tmp: Path) -> None:
-    try:
-        tmp.unlink(missing_ok=True)
-    except OSError as e:  # e.g. the directory itself is gone or not one: nothing was left there
-        log.debug("could not remove %s: %s", tmp, e)
+    """Delete our temporary file and MindSpore's own (it writes <stem>.tmp, then renames it to tmp)."""
+    for partial in (tmp, tmp.with_suffix(MINDSPORE_TMP_SUFFIX)):
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError as e:  # e.g. the directory is not one: nothing was left there
+            log.debug("could not remove %s: %s", partial, e)
 
 
-def _reason(error: BaseException) -> str:
-    """The OS's reason for a failed write (MindSpore wraps it in a RuntimeError)."""
+def _reason(error: BaseException, directory: Path) -> str:
+    """The OS's reason for a failed write into `directory` (MindSpore wraps it in a RuntimeError)."""
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{blocker} is a file, not a directory"
     cause = error if isinstance(error, OSError) else error.__cause__ or error.__context__
     if isinstance(cause, OSError) and cause.errno is not None:
         return f"{errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}"

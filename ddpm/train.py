@@ -25,7 +25,8 @@ from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
 from ddpm.distributed import World, init_world
-from ddpm.interrupt import StopRequest, TrainingInterrupted
+from ddpm.interrupt import StopRequest
+from ddpm.resume import Checkpointer, resume_point
 from ddpm.runtime import select_device, set_cpu_threads
 from ddpm.sampling import draw_samples
 from ddpm.unet import build_unet
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
 FLIP_PROBABILITY = 0.5  # random horizontal flip, as the tutorial's RandomHorizontalFlip
-KEEP_CHECKPOINTS = 2  # complete epochs' checkpoints kept on disk (the newest), besides one newer mid-epoch one
-SECONDS_PER_MINUTE = 60
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
@@ -241,7 +240,7 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
 
     global_step, metrics, partial = start.global_step, start.metrics, start.progress
     with StopRequest(enabled=world.size == 1) as stop:
-        saver = Checkpointer(trainer, directory, callbacks, stop)
+        saver = Checkpointer(trainer, directory, callbacks, stop, start.metrics)
         for epoch in range(start.epoch, config.train.epochs):
             metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress, saver, partial)
             partial = None
@@ -260,70 +259,6 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     for cb in callbacks:
         cb.on_train_end(result)
     return result
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-    path: Path | None
-    epoch: int  # complete epochs
-    global_step: int
-    metrics: dict[str, float]  # of the last complete epoch
-    progress: ckpt.EpochProgress | None  # into epoch `epoch + 1`, for a mid-epoch checkpoint
-
-
-def resume_point(trainer: Trainer, directory: Path, resume: bool) -> ResumePoint:
-    """Where training starts: nothing done, or the newest checkpoint restored into `trainer`."""
-    latest = ckpt.latest_checkpoint(directory)
-    if latest is None:
-        return ResumePoint(None, 0, 0, {}, None)
-    if not resume:
-        raise FileExistsError(f"{directory} already holds checkpoints ({latest.name}); pass --resume "
-                              "to continue that run, or set train.checkpoint_dir to a new directory")
-    state = ckpt.load_checkpoint(latest)
-    trainer.restore(state)
-    done = state.epoch * trainer.steps_per_epoch + (state.progress.step if state.progress else 0)
-    if done != state.global_step:
-        raise ckpt.CheckpointError(f"{latest} is at step {state.global_step}, its epochs make {done}: "
-                                   "not a checkpoint of this training; use a new train.checkpoint_dir")
-    where = f", {state.progress.step} steps into the next" if state.progress else ""
-    log.info("resuming from %s: %d epochs done%s", latest, state.epoch, where)
-    return ResumePoint(latest, state.epoch, state.global_step, state.metrics, state.progress)
-
-
-class Checkpointer:
-    """Writes a run's checkpoints (rank 0 alone): at every epoch's end, mid-epoch when
-    `train.checkpoint_minutes` have passed since the last one or a stop was requested."""
-
-    def __init__(self, trainer: Trainer, directory: Path, callbacks: Sequence[Callback], stop: StopRequest):
-        self.trainer, self.directory, self.callbacks, self.stop = trainer, directory, callbacks, stop
-        self.interval = trainer.config.train.checkpoint_minutes * SECONDS_PER_MINUTE
-        self.last = time.monotonic()
-        self.metrics: dict[str, float] = {}  # of the last complete epoch, carried by mid-epoch checkpoints
-
-    def due(self) -> bool:
-        """A mid-epoch checkpoint is wanted now."""
-        return self.stop.requested or (self.interval > 0 and time.monotonic() - self.last >= self.interval)
-
-    def save(self, epoch: int, global_step: int, metrics: dict[str, float] | None = None,
-             progress: ckpt.EpochProgress | None = None) -> Path:
-        """Checkpoint epoch `epoch` (0-based) at its end (`metrics`), or `progress` into it."""
-        for cb in self.callbacks:
-            cb.on_checkpoint(global_step)
-        if metrics is not None:
-            self.metrics = metrics
-        done = epoch + 1 if progress is None else epoch
-        if self.trainer.world.is_main:
-            path = ckpt.save_checkpoint(self.directory, self.trainer.parameters(), self.trainer.config, done,
-                                        global_step, KEEP_CHECKPOINTS, self.metrics, progress)
-        else:
-            path = (ckpt.epoch_path(self.directory, done) if progress is None
-                    else ckpt.mid_epoch_path(self.directory, epoch + 1, progress.step))
-        self.last = time.monotonic()
-        return path
-
-    def stop_if_requested(self, path: Path, global_step: int, where: str) -> None:
-        if self.stop.requested:
-            raise TrainingInterrupted(self.stop.signum, path, global_step, where)
 
 
 def draw_step(rng: np.random.Generator, trainer: Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

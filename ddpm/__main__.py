@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ WORKER_LOGS = "worker_logs"  # msrun's logs, inside train.checkpoint_dir
 def train(args: argparse.Namespace) -> None:
     from ddpm.config import load_config
     from ddpm.distributed import in_msrun, init_world, launch_workers
+    from ddpm.interrupt import TrainingInterrupted
     from ddpm.train import fit
 
     config = load_config(args.params, args.set)
@@ -26,7 +28,12 @@ def train(args: argparse.Namespace) -> None:
         launch_workers(config.train.workers, command + (["--resume"] if args.resume else []),
                        Path(config.train.checkpoint_dir) / WORKER_LOGS)
         return
-    result = fit(config, resume=args.resume)
+    try:
+        result = fit(config, resume=args.resume)
+    except TrainingInterrupted as e:  # exit as a shell reports the signal: 130 for SIGINT, 143 for SIGTERM
+        resume = ["ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set), "--resume"]
+        log.warning("%s; continue with `%s`", e, shlex.join(resume))
+        raise SystemExit(e.exit_code) from None
     if world.is_main:
         log.info("trained %d epochs (%d steps); checkpoint %s", result.epochs, result.global_step, result.checkpoint)
 
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) from params.yaml")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=2")
-    p.add_argument("--resume", action="store_true", help="continue after the last complete epoch")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (mid-epoch ones too)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("sample", help="draw a PNG grid from a checkpoint")

@@ -25,9 +25,15 @@ class EpochEnd:
 class Callback:
     """Hooks called by `fit`; override what you need."""
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None: ...
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
+        """Training starts (or resumes) with `start_epoch` epochs and `start_step` steps done: a resumed
+        run's first step is `start_step + 1`, which may lie inside epoch `start_epoch + 1`."""
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, global_step: int) -> None:
+        """A checkpoint after `global_step` is about to be written (mid-epoch or at an epoch's end):
+        store what the steps so far produced, since a resume continues after them."""
 
     def on_epoch_end(self, end: EpochEnd) -> None: ...
 

@@ -1,11 +1,16 @@
 """Checkpoints: weights, optimizer and EMA state with the config beside them, written atomically.
 
-A checkpoint is one MindSpore `.ckpt` file with a CRC check, written to a temporary name and
-renamed into place, so a crash leaves either the previous file or the new one, never half of one.
+A checkpoint is one MindSpore `.ckpt` file with a CRC check, written to a temporary name, fsynced,
+renamed into place and the rename fsynced, so a crash or a power loss leaves either the previous
+file or the new one, never half of one. `epoch_NNNN.ckpt` holds N complete epochs;
+`epoch_NNNN_step_SSSSSS.ckpt` is a mid-epoch checkpoint, S steps into epoch N (1-based), which
+resumes exactly there and is deleted once a newer checkpoint supersedes it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -20,16 +25,33 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.ckpt$")
+MID_EPOCH_FILE = re.compile(r"^epoch_(\d{4,})_step_(\d{6,})\.ckpt$")
 META_PREFIX = "meta."  # keeps metadata apart from tensor names such as Adam's "global_step"
 META_KEYS = ("format_version", "config_yaml", "epoch", "global_step")
 METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoints still load
+PROGRESS_KEY = "progress_json"  # a mid-epoch checkpoint's EpochProgress; absent at an epoch's end
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
+WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
+MINDSPORE_TMP_SUFFIX = ".tmp"  # ms.save_checkpoint writes x.tmp, then renames it to x.ckpt
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read back intact."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that cannot be written (full disk, unwritable directory); the previous one is intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochProgress:
+    """How far into an epoch a mid-epoch checkpoint is: what resuming there needs to finish the epoch
+    exactly as an uninterrupted run would (its metrics included)."""
+    step: int  # steps of the epoch done
+    losses: tuple[float, ...]  # their losses, for the epoch's mean
+    seconds: float  # training time spent in the epoch so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,35 +61,67 @@ class Checkpoint:
     epoch: int  # number of completed epochs
     global_step: int
     params: dict  # name -> Parameter, for net ("..."), optimizer ("moment1.*", ...) and EMA ("ema.*")
-    metrics: dict = dataclasses.field(default_factory=dict)  # of the epoch that ended here
+    metrics: dict = dataclasses.field(default_factory=dict)  # of the last complete epoch
+    progress: EpochProgress | None = None  # into the next epoch; None at an epoch's end
 
 
 def epoch_path(directory: str | Path, epoch: int) -> Path:
     return Path(directory) / f"epoch_{epoch:04d}.ckpt"
 
 
+def mid_epoch_path(directory: str | Path, epoch: int, step: int) -> Path:
+    """The checkpoint `step` steps into epoch `epoch` (1-based: epoch - 1 epochs complete)."""
+    return Path(directory) / f"epoch_{epoch:04d}_step_{step:06d}.ckpt"
+
+
 def save_checkpoint(directory: str | Path, parameters: list, config: Config, epoch: int,
-                    global_step: int, keep: int, metrics: dict[str, float] | None = None) -> Path:
-    """Write epoch_NNNN.ckpt atomically, then drop all but the newest `keep` epochs."""
+                    global_step: int, keep: int, metrics: dict[str, float] | None = None,
+                    progress: EpochProgress | None = None) -> Path:
+    """Write epoch_NNNN.ckpt (`epoch` complete epochs), or with `progress` the mid-epoch checkpoint
+    that far into the next epoch, atomically; then drop the checkpoints it supersedes: older
+    mid-epoch ones, and all but the newest `keep` complete epochs (a mid-epoch checkpoint never
+    replaces a complete epoch's)."""
     meta = {**_meta(config, epoch, global_step), METRICS_KEY: json.dumps(metrics or {})}
-    final = write_ckpt(epoch_path(directory, epoch), [{"name": p.name, "data": p} for p in parameters], meta)
-    for old in list_checkpoints(directory)[:-keep]:
+    if progress is None:
+        path = epoch_path(directory, epoch)
+    else:
+        path = mid_epoch_path(directory, epoch + 1, progress.step)
+        meta[PROGRESS_KEY] = json.dumps(dataclasses.asdict(progress))
+    final = write_ckpt(path, [{"name": p.name, "data": p} for p in parameters], meta)
+    found = list_checkpoints(directory)
+    newer = found.index(final)
+    stale = [p for p in found[:newer] if MID_EPOCH_FILE.match(p.name)]
+    if progress is None:
+        stale += [p for p in found if EPOCH_FILE.match(p.name)][:-keep]
+    for old in stale:
         old.unlink()
     log.info("saved %s", final)
     return final
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete epoch checkpoints in `directory`, oldest first."""
+    """The checkpoints in `directory` (complete epochs and mid-epoch ones), oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := EPOCH_FILE.match(p.name))]
+    found = []
+    for p in directory.iterdir():
+        if m := EPOCH_FILE.match(p.name):
+            found.append(((int(m.group(1)), 0), p))  # N epochs done, 0 steps into the next
+        elif m := MID_EPOCH_FILE.match(p.name):
+            found.append(((int(m.group(1)) - 1, int(m.group(2))), p))
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint in `directory`, where a resume continues."""
     found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def latest_epoch_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint of a complete epoch in `directory`."""
+    found = [p for p in list_checkpoints(directory) if EPOCH_FILE.match(p.name)]
     return found[-1] if found else None
 
 
@@ -78,21 +132,95 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     meta, params = read_ckpt(path, META_KEYS, FORMAT_VERSION, "delete it to fall back to the previous epoch's checkpoint")
     metrics = json.loads(_scalar(params.pop(META_PREFIX + METRICS_KEY, "{}")))
+    progress = params.pop(META_PREFIX + PROGRESS_KEY, None)
+    if progress is not None:
+        fields = json.loads(_scalar(progress))
+        progress = EpochProgress(fields["step"], tuple(fields["losses"]), fields["seconds"])
     config = config_from_dict(yaml.safe_load(meta["config_yaml"]))
-    return Checkpoint(path, config, int(meta["epoch"]), int(meta["global_step"]), params, metrics)
+    return Checkpoint(path, config, int(meta["epoch"]), int(meta["global_step"]), params, metrics, progress)
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create `directory` and a file in it (then delete it), or raise CheckpointWriteError: an
+    unwritable checkpoint directory is found before training, not after the first epoch."""
+    directory = Path(directory)
+    probe = directory / WRITE_PROBE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoints to {directory} ({_reason(e, directory)}): make it a "
+                                   "writable directory or set train.checkpoint_dir to one") from None
 
 
 def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     """`weights` (a Cell, or a list of {"name", "data"}) with `meta` beside them, CRC-checked, written
-    to a temporary name and renamed into place."""
+    to a temporary name, fsynced, renamed into place and the directory fsynced, so the rename
+    survives a power loss. A failed write (full disk, unwritable directory) leaves no partial file
+    and raises CheckpointWriteError naming the file and the fix; `path` keeps its previous content."""
     import mindspore as ms  # here, not at the top: the pipeline reads checkpoint names without loading MindSpore
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
-    ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _mindspore_log_off():  # its "Failed to save ..." line would precede our one clear error
+            ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()},
+                               crc_check=True)
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
+        _remove_partial(tmp)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. Free space "
+            f"on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun with "
+            "--resume") from None
+    except BaseException:  # e.g. a second Ctrl-C while writing
+        _remove_partial(tmp)
+        raise
     return path
+
+
+@contextlib.contextmanager
+def _mindspore_log_off():
+    from mindspore import log as ms_log
+
+    logger = ms_log._get_logger()  # MindSpore's own logger object (it has no public handle)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_partial(tmp: Path) -> None:
+    """Delete our temporary file and MindSpore's own (it writes <stem>.tmp, then renames it to tmp)."""
+    for partial in (tmp, tmp.with_suffix(MINDSPORE_TMP_SUFFIX)):
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError as e:  # e.g. the directory is not one: nothing was left there
+            log.debug("could not remove %s: %s", partial, e)
+
+
+def _reason(error: BaseException, directory: Path) -> str:
+    """The OS's reason for a failed write into `directory` (MindSpore wraps it in a RuntimeError)."""
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{blocker} is a file, not a directory"
+    cause = error if isinstance(error, OSError) else error.__cause__ or error.__context__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return f"{errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}"
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
 
 
 def read_ckpt(path: Path, keys: tuple[str, ...], version: int, fix: str) -> tuple[dict, dict]:

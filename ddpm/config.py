@@ -86,6 +86,7 @@ class TrainConfig:
     threads: int = 0  # CPU kernel threads; 0 = MindSpore's default. 1 lets two runs pinned one per core make ~1.3x
     workers: int = 1  # data-parallel processes under msrun, each on batch_size / workers images of every batch
     checkpoint_dir: str = "checkpoints"
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch when this long has passed since the last; 0 = off
     sample_every: int = 1  # draw a preview grid every N epochs for the callbacks; 0 never
     # The preview grid: DDIM (stochastic, clipped) with its own settings, apart from the `sample`
     # section, which is the evaluation's: changing how a model is scored never re-runs its training.
@@ -102,6 +103,8 @@ class TrainConfig:
             errors.append(f"train.lr: must be in (0, 1), got {self.lr}")
         if not 0.0 <= self.min_lr <= self.lr:
             errors.append(f"train.min_lr: must be in [0, lr], got {self.min_lr}")
+        if not 0.0 <= self.checkpoint_minutes:
+            errors.append(f"train.checkpoint_minutes: must be >= 0 (0 = only at epoch ends), got {self.checkpoint_minutes}")
         if not 0.0 <= self.ema_decay < 1.0:
             errors.append(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         return errors

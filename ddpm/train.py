@@ -1,7 +1,10 @@
 """The one training loop: `fit(config, callbacks)`, used by the CLI, the DVC stage and the Prefect flow.
 
 Side effects (tracking, progress, early stopping) enter through callbacks; checkpointing and
-resume live here because they decide which epochs run.
+resume live here because they decide which steps run. A checkpoint is written at the end of every
+epoch, every `train.checkpoint_minutes` within one, and at the step boundary after a SIGTERM or
+SIGINT (`ddpm.interrupt`); a resume continues at the exact step, replaying the data order and the
+draws of the steps it skips, so it ends with the weights of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from ddpm.config import Config, SampleConfig
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
 from ddpm.distributed import World, init_world
+from ddpm.interrupt import StopRequest
+from ddpm.resume import Checkpointer, resume_point
 from ddpm.runtime import select_device, set_cpu_threads
 from ddpm.sampling import draw_samples
 from ddpm.unet import build_unet
@@ -31,14 +36,14 @@ log = logging.getLogger(__name__)
 
 EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
 FLIP_PROBABILITY = 0.5  # random horizontal flip, as the tutorial's RandomHorizontalFlip
-KEEP_CHECKPOINTS = 2  # epochs of checkpoints kept on disk (the newest ones)
 PREVIEW_ETA = 1.0  # the preview grid's DDIM draws fresh noise each step, as the default sampler does
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
 RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.sample_num", "train.sample_steps",
-                     "train.sample_seed", "train.device", "train.threads", "train.workers", "data.num_workers"}
+                     "train.sample_seed", "train.device", "train.threads", "train.workers", "train.checkpoint_minutes",
+                     "data.num_workers"}
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
@@ -173,44 +178,43 @@ def resume_conflicts(saved: Config, current: Config) -> list[str]:
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:
     """Train `config.train.epochs` epochs, checkpointing each; with `resume`, continue after the
-    last complete epoch in `train.checkpoint_dir`. Under msrun (`ddpm.distributed`), every worker
-    calls this; rank 0 alone checkpoints and runs the callbacks."""
+    newest checkpoint in `train.checkpoint_dir`, mid-epoch ones included. On SIGTERM or SIGINT,
+    finish the step, checkpoint and raise TrainingInterrupted. Under msrun (`ddpm.distributed`),
+    every worker calls this; rank 0 alone checkpoints and runs the callbacks, and signals act as
+    without fit (msrun kills its workers on Ctrl-C)."""
     select_device(config.train.device)
     set_cpu_threads(config.train.threads)
     world = init_world(config.train.device)
     verify_dataset(config.data.root)
+    directory = Path(config.train.checkpoint_dir)
+    if world.is_main:
+        ckpt.check_writable(directory)
     trainer = Trainer(config, world)
     if not world.is_main:
         callbacks, progress = (), False
-    directory = Path(config.train.checkpoint_dir)
-    start_epoch, global_step, metrics = 0, 0, {}
-    latest = ckpt.latest_checkpoint(directory)
-    if resume and latest is not None:
-        state = ckpt.load_checkpoint(latest)
-        trainer.restore(state)
-        start_epoch, global_step, metrics = state.epoch, state.global_step, state.metrics
-        log.info("resuming from %s: %d epochs done", latest, start_epoch)
-    elif latest is not None:
-        raise FileExistsError(f"{directory} already holds checkpoints ({latest.name}); pass --resume "
-                              "to continue that run, or set train.checkpoint_dir to a new directory")
+    start = resume_point(trainer, directory, resume)
     for cb in callbacks:
-        cb.on_train_start(config, start_epoch, trainer.steps_per_epoch)
-    if start_epoch:
-        last = EpochEnd(start_epoch - 1, global_step, metrics, latest, make_sampler(trainer))
+        cb.on_train_start(config, start.epoch, trainer.steps_per_epoch, start.global_step)
+    if start.epoch and start.progress is None:
+        last = EpochEnd(start.epoch - 1, start.global_step, start.metrics, start.path, make_sampler(trainer))
         for cb in callbacks:
             cb.on_resume(last)
 
-    path = latest
-    for epoch in range(start_epoch, config.train.epochs):
-        metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress)
-        # Checkpoint before the callbacks report the epoch: a crash while they do loses no training.
-        path = ckpt.epoch_path(directory, epoch + 1)
-        if world.is_main:
-            ckpt.save_checkpoint(directory, trainer.parameters(), config, epoch + 1, global_step, KEEP_CHECKPOINTS,
-                                 metrics)
-        end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
-        for cb in callbacks:
-            cb.on_epoch_end(end)
+    global_step, metrics, partial = start.global_step, start.metrics, start.progress
+    with StopRequest(enabled=world.size == 1) as stop:
+        saver = Checkpointer(trainer, directory, callbacks, stop, start.metrics)
+        for epoch in range(start.epoch, config.train.epochs):
+            metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress, saver, partial)
+            partial = None
+            # Checkpoint before the callbacks report the epoch: a crash while they do loses no training.
+            path = saver.save(epoch, global_step, metrics)
+            where = f"end of epoch {epoch + 1}"
+            saver.stop_if_requested(path, global_step, where)  # the resume reports it (on_resume)
+            end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
+            for cb in callbacks:
+                cb.on_epoch_end(end)
+            saver.stop_if_requested(path, global_step, where)
+    path = ckpt.latest_epoch_checkpoint(directory)
     if path is None:
         raise ValueError(f"nothing to train: train.epochs={config.train.epochs} and no checkpoint in {directory}")
     result = FitResult(path, config.train.epochs, global_step, metrics)
@@ -219,27 +223,42 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     return result
 
 
-def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequence[Callback],
-              progress: bool) -> tuple[dict[str, float], int]:
-    """One pass over the data; returns the epoch's metrics and the new global step."""
+def draw_step(rng: np.random.Generator, trainer: Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One global batch's flips (B,), timesteps t (B,) and noise (B, C, H, W), in the order training draws them."""
+    config = trainer.config
+    batch, model = config.train.batch_size, config.model
+    shape = (batch, model.channels, model.image_size, model.image_size)
+    flips = rng.random(batch) < FLIP_PROBABILITY if config.data.flip else np.zeros(batch, bool)
+    t = rng.integers(0, trainer.diffusion.timesteps, size=shape[:1], dtype=np.int32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    return flips, t, noise
+
+
+def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequence[Callback], progress: bool,
+              saver: Checkpointer, resumed: ckpt.EpochProgress | None = None) -> tuple[dict[str, float], int]:
+    """One pass over the data (from `resumed.step` on, if given); returns the epoch's metrics and the
+    new global step. Checkpoints mid-epoch when `saver` says so, and stops after one on a signal."""
     config = trainer.config
     data, train = config.data, config.train
+    done = resumed.step if resumed else 0
     rng = np.random.default_rng([train.seed, epoch, 1])  # flips, t and noise, replayable per epoch
+    for _ in range(done):  # replay the draws of the steps the checkpoint holds
+        draw_step(rng, trainer)
     world = trainer.world
     dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit,
                             num_workers=data.num_workers, rank=world.rank, world=world.size)
+    if done:
+        dataset = dataset.skip(done)  # batches, in the epoch's fixed order
     mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
     trainer.net.set_train(True)
-    losses = []
+    losses = list(resumed.losses) if resumed else []
+    spent = resumed.seconds if resumed else 0.0
     started = time.perf_counter()
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    bar = tqdm(batches, total=trainer.steps_per_epoch, desc=f"epoch {epoch + 1}/{train.epochs}",
+    bar = tqdm(batches, total=trainer.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{train.epochs}",
                unit="step", disable=not progress, leave=False)
     for (x0,) in bar:
-        shape = (train.batch_size, *x0.shape[1:])
-        flips = rng.random(train.batch_size) < FLIP_PROBABILITY if data.flip else np.zeros(train.batch_size, bool)
-        t = rng.integers(0, trainer.diffusion.timesteps, size=shape[:1], dtype=np.int32)
-        noise = rng.standard_normal(shape, dtype=np.float32)
+        flips, t, noise = draw_step(rng, trainer)
         x0 = flip_horizontally(x0, flips[mine])
         decay = ema_decay_at(global_step, train.ema_decay)
         loss = float(trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]),
@@ -247,14 +266,20 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss} at epoch {epoch + 1}, step {global_step + 1}; no checkpoint was written for "
-                f"this epoch. Lower train.lr (now {train.lr}) or check the data, then rerun with --resume.")
+                f"this step. Lower train.lr (now {train.lr}) or check the data, then rerun with --resume.")
         lr = float(trainer.lr[global_step])  # the rate this step used
         global_step += 1
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
         for cb in callbacks:
             cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
-    seconds = time.perf_counter() - started
+        if len(losses) < trainer.steps_per_epoch and saver.due():
+            state = ckpt.EpochProgress(len(losses), tuple(losses), spent + time.perf_counter() - started)
+            path = saver.save(epoch, global_step, progress=state)
+            saver.stop_if_requested(path, global_step, f"{state.step} of {trainer.steps_per_epoch} steps "
+                                                       f"into epoch {epoch + 1}")
+    bar.close()
+    seconds = spent + time.perf_counter() - started
     images = len(losses) * train.batch_size
     metrics = {"train_loss_epoch": float(np.mean(losses)), "epoch_seconds": seconds,
                "images_per_second": images / seconds}

@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from ddpm.config import Config
 from ddpm.data import DataError
+from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, load_params
 from flows.data import fetch_data
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", e)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
+        log.warning("%s; the same command continues from there", e)
+        return e.exit_code
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ddpm.interrupt import TrainingInterrupted
+
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", e)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
+        log.warning("%s; `dvc repro` continues from there", e)
+        return e.exit_code
     return 0
 
 

@@ -254,7 +254,7 @@ class MlflowLogger(Callback):
         for operations in pending:
             operations.wait()
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
         client, run_id = MlflowClient(), mlflow.active_run().info.run_id
         self.steps_per_epoch = steps_per_epoch
         self.done_steps = logged_steps(client, run_id, "train_loss")
@@ -269,6 +269,9 @@ class MlflowLogger(Callback):
             self.pending.append(mlflow.log_metrics(metrics, step=global_step, synchronous=False))
         if global_step % self.steps_per_epoch == 0:
             self.flush()  # an epoch's steps are stored before its checkpoint is written
+
+    def on_checkpoint(self, global_step: int) -> None:
+        self.flush()  # the steps up to a checkpoint are stored before it is written
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         step = end.epoch + 1

@@ -50,7 +50,7 @@ def image_steps(client, run_id):
 def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
     with mlflow.start_run() as run:  # the first attempt: epoch 1 done, killed in epoch 2 after step 6
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH)
+        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
         first.on_epoch_end(epoch_end(0))
@@ -58,7 +58,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH)
+        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
         for step in range(5, 9):
             second.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
@@ -73,12 +73,12 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
 def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     with mlflow.start_run() as run:  # killed between epoch 1's checkpoint and its report
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH)
+        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH)
+        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
     client = MlflowClient()
     assert steps_of(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]

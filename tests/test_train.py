@@ -1,18 +1,29 @@
+import os
+import signal
+
+import mindspore as ms
 import numpy as np
 import pytest
 
 from ddpm import checkpoint as ckpt
 from ddpm import train as train_module
-from ddpm.config import TrainConfig, config_from_dict
+from ddpm.config import ConfigError, TrainConfig, config_from_dict
+from ddpm.interrupt import TrainingInterrupted
 from ddpm.train import Callback, NonFiniteLossError, fit, learning_rates, resume_conflicts
 
 
 class Recorder(Callback):
     def __init__(self):
-        self.losses, self.epochs, self.resumed = [], [], []
+        self.losses, self.epochs, self.resumed, self.starts, self.checkpoints = [], [], [], [], []
+
+    def on_train_start(self, config, start_epoch, steps_per_epoch, start_step):
+        self.starts.append((start_epoch, start_step))
 
     def on_step_end(self, global_step, metrics):
         self.losses.append(metrics["train_loss"])
+
+    def on_checkpoint(self, global_step):
+        self.checkpoints.append(global_step)
 
     def on_epoch_end(self, end):
         self.epochs.append(end)
@@ -66,6 +77,122 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     for name in a.params:
         np.testing.assert_allclose(a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+class SignalAt(Recorder):
+    """Sends this process `signals` (in turn) after step `step`, as `kill` or Ctrl-C would."""
+
+    def __init__(self, step, *signals):
+        super().__init__()
+        self.step, self.signals = step, signals
+
+    def on_step_end(self, global_step, metrics):
+        super().on_step_end(global_step, metrics)
+        if global_step == self.step:
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+
+def checkpoint_names(directory):
+    return [p.name for p in ckpt.list_checkpoints(directory)]
+
+
+def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_config, tmp_path):
+    """Stopped by SIGTERM inside epoch 1 and again inside epoch 2, resumed each time: the per-step
+    losses, epoch metrics and every tensor (net, Adam, EMA) equal an uninterrupted run."""
+    def config(directory):
+        return tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / directory)})
+
+    straight = Recorder()
+    fit(config("a"), [straight], progress=False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    pieces = []
+    for stop_after, names in ((2, ["epoch_0001_step_000002.ckpt"]),
+                              (6, ["epoch_0001.ckpt", "epoch_0002_step_000002.ckpt"])):
+        piece = SignalAt(stop_after, signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            fit(config("b"), [piece], resume=bool(pieces), progress=False)
+        assert stopped.value.signum == signal.SIGTERM and stopped.value.global_step == stop_after
+        assert stopped.value.checkpoint.name == names[-1] and stopped.value.exit_code == 143
+        assert checkpoint_names(tmp_path / "b") == names  # the mid-epoch one beside the last complete epoch
+        assert piece.checkpoints[-1] == stop_after  # callbacks were told before the checkpoint was written
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+        pieces.append(piece)
+    last = Recorder()
+    resumed = fit(config("b"), [last], resume=True, progress=False)
+    assert [p.starts for p in pieces[1:]] + [last.starts] == [[(0, 2)], [(1, 6)]]  # the exact resume points
+    assert last.resumed == []  # epoch 1 was reported before any checkpoint inside epoch 2 existed
+    assert checkpoint_names(tmp_path / "b") == ["epoch_0001.ckpt", "epoch_0002.ckpt"]  # superseded ones gone
+    losses = pieces[0].losses + pieces[1].losses + last.losses  # steps 1-2, 3-6, 7-8
+    np.testing.assert_allclose(losses, straight.losses, rtol=1e-5)
+    assert [e.epoch for e in pieces[1].epochs + last.epochs] == [0, 1]
+    for a, b in zip(straight.epochs, pieces[1].epochs + last.epochs):
+        assert a.global_step == b.global_step
+        assert a.metrics["train_loss_epoch"] == pytest.approx(b.metrics["train_loss_epoch"], rel=1e-5)
+    a = ckpt.load_checkpoint(tmp_path / "a" / "epoch_0002.ckpt")
+    b = ckpt.load_checkpoint(resumed.checkpoint)
+    assert a.global_step == b.global_step == 8 and set(a.params) == set(b.params)
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tiny_config):
+    config = tiny_config()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        fit(config, [SignalAt(1, signal.SIGINT, signal.SIGINT)], progress=False)
+    assert type(interrupted.value) is KeyboardInterrupt  # the default handler's, not a checkpointed stop
+    assert ckpt.list_checkpoints(config.train.checkpoint_dir) == []
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+class Listing(Recorder):
+    def __init__(self, directory):
+        super().__init__()
+        self.directory, self.seen = directory, {}
+
+    def on_step_end(self, global_step, metrics):
+        super().on_step_end(global_step, metrics)
+        self.seen[global_step] = checkpoint_names(self.directory)
+
+
+def test_checkpoint_minutes_checkpoint_inside_epochs_and_keep_the_last_complete_one(tiny_config):
+    config = tiny_config(train={"epochs": 2, "checkpoint_minutes": 1e-9})  # due after every step
+    listing = Listing(config.train.checkpoint_dir)
+    fit(config, [listing], progress=False)
+    seen = listing.seen  # before the checkpoint of each step
+    assert seen[2] == ["epoch_0001_step_000001.ckpt"] and seen[4] == ["epoch_0001_step_000003.ckpt"]
+    assert seen[5] == ["epoch_0001.ckpt"]  # the end of epoch 1 superseded its mid-epoch checkpoints
+    assert seen[6] == ["epoch_0001.ckpt", "epoch_0002_step_000001.ckpt"]
+    assert checkpoint_names(config.train.checkpoint_dir) == ["epoch_0001.ckpt", "epoch_0002.ckpt"]
+    assert listing.checkpoints == list(range(1, 9))
+    with pytest.raises(ConfigError, match="train.checkpoint_minutes: must be >= 0"):
+        tiny_config(train={"checkpoint_minutes": -1})
+
+
+def test_a_mid_epoch_checkpoint_holds_the_partial_epoch(tiny_config):
+    config = tiny_config(train={"epochs": 1})
+    with pytest.raises(TrainingInterrupted) as stopped:
+        fit(config, [SignalAt(3, signal.SIGTERM)], progress=False)
+    state = ckpt.load_checkpoint(stopped.value.checkpoint)
+    assert (state.epoch, state.global_step, state.progress.step, len(state.progress.losses)) == (0, 3, 3, 3)
+    assert state.progress.seconds > 0
+
+
+def test_write_ckpt_fsyncs_the_file_then_the_directory_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, (tmp_path / "w.ckpt").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    weights = [{"name": "w", "data": ms.Parameter(ms.Tensor(np.ones(3, np.float32)), name="w")}]
+    ckpt.write_ckpt(tmp_path / "w.ckpt", weights, {"format_version": 1})
+    assert synced == [(str(tmp_path / ".w.partial.ckpt"), False), (str(tmp_path), True)]
 
 
 def test_existing_checkpoints_need_resume(tiny_config):

@@ -31,7 +31,7 @@ FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record o
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # Every name a training writes into its checkpoint directory (ddpm.checkpoint, flows.tracking,
 # flows.parallel, msrun's logs): the only files the pipeline ever deletes there.
-OWNED_FILES = re.compile(r"^(\.?epoch_\d{4,}(\.partial)?\.ckpt|\.?step_\d+(\.partial)?\.ckpt|mlflow_run_id"
+OWNED_FILES = re.compile(r"^(\.?epoch_\d{4,}(_step_\d{6,})?(\.partial)?\.(ckpt|tmp)|\.write_probe|mlflow_run_id"
                          r"|worker_params\.yaml|\.?fit_result\.json(\.partial)?|finished\.json|\.finished\.json\.partial"
                          r"|COMPLETE)$")
 OWNED_DIRS = {"worker_logs"}
@@ -78,12 +78,12 @@ class LossCsv(Callback):
     def __init__(self, path: Path):
         self.path = path
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int) -> None:
+    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if start_epoch and self.path.is_file():
+        if start_step and self.path.is_file():
             with open(self.path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start_epoch * steps_per_epoch]
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start_step]
         with open(self.path, "w", newline="") as f:
             csv.writer(f).writerows([["step", "train_loss"], *kept])
 

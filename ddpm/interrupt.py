@@ -1,0 +1,71 @@
+"""SIGTERM and SIGINT during training: finish the step, checkpoint, stop (`fit` raises TrainingInterrupted).
+
+While `StopRequest` is active, the first SIGTERM or SIGINT only records the request; `fit` checks it
+after every step. The handlers that were there before come back at once, so a second signal acts
+as it would without us (Ctrl-C raises KeyboardInterrupt at once, a second SIGTERM terminates), and
+again when the block ends. A signal that was ignored when the block began (`nohup`, a background
+job) stays ignored. Signals reach only the main thread, so elsewhere the block does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SHELL_SIGNAL_EXIT = 128  # a shell reports death by signal N as exit status 128 + N (130 SIGINT, 143 SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM or SIGINT after checkpointing at a step boundary: a KeyboardInterrupt,
+    so callers that end runs KILLED on Ctrl-C do so; `checkpoint` is where `--resume` continues."""
+
+    def __init__(self, signum: int, checkpoint: Path, global_step: int, where: str):
+        self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
+        super().__init__(f"training stopped by {signal.Signals(signum).name} after step {global_step} ({where}); "
+                         f"checkpoint {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return SHELL_SIGNAL_EXIT + self.signum
+
+
+class StopRequest:
+    """A context manager recording the first SIGTERM or SIGINT in `signum` instead of acting on it."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler in (signal.SIG_IGN, None):  # None: installed outside Python, cannot be put back
+                continue
+            self.previous[signum] = handler
+            signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _record(self, signum: int, frame) -> None:
+        self.signum = signum
+        self._restore()
+        log.warning("%s: finishing this step, then checkpointing and stopping (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}

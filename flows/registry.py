@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from ddpm.checkpoint import export_weights
+from ddpm.config import ConfigError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
-# One row: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0 deterministic,
-# 1 stochastic). Output (num, 1, 28, 28). Omitted: sampler ddim, seed 0, steps and eta from the model's config.
+# One row per request: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0
+# deterministic, 1 stochastic); the answer concatenates the rows' images, (sum of num, 1, 28, 28). Omitted:
+# sampler ddim, seed 0, steps and eta from the model's config. Columns, not inference params, so each row
+# is a whole request; ddpm.sampling states and checks the ranges.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
                    ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False),
@@ -42,6 +46,7 @@ class Registration:
 
 def register_model(run_id: str, checkpoint: str, registry: RegistryConfig) -> Registration:
     """Log the slim sampling checkpoint as a pyfunc model in `run_id`, register it, alias it candidate."""
+    require_gate(registry)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
         info = mlflow.pyfunc.log_model(
@@ -63,16 +68,26 @@ class GateDecision:
     previous_champion: str | None
 
 
+def require_gate(registry: RegistryConfig) -> None:
+    """Refuse a registry config that would move the champion alias without the gate (RegistryConfig.check)."""
+    if errors := registry.check():
+        raise ConfigError("invalid registry configuration:\n  " + "\n  ".join(errors))
+
+
 def metric_of(client: MlflowClient, name: str, version: str, metric: str) -> float:
     run_id = client.get_model_version(name, version).run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
         raise MlflowException(f"{name} v{version} (run {run_id}) has no metric {metric!r}; evaluate it first")
+    if not math.isfinite(metrics[metric]):
+        raise MlflowException(f"{name} v{version} (run {run_id}) has {metric}={metrics[metric]}; the gate compares "
+                              "finite values only: evaluate it again")
     return metrics[metric]
 
 
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
     """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
+    require_gate(registry)
     client = MlflowClient()
     name, metric = registry.model_name, registry.metric
     version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version

@@ -12,8 +12,10 @@ import urllib.request
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from flows.config import RegistryConfig
@@ -137,3 +139,17 @@ def test_readme_batch_path_draws_the_champion_to_an_npz(server, tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     images = np.load(tmp_path / "samples.npz")["images"]
     assert images.shape == (5, 1, 28, 28) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
+
+
+def test_python_predict_checks_the_same_way(server):
+    """The README's Python API: the same rows, the same check, an MlflowException naming the value."""
+    mlflow.set_tracking_uri(server.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    images = model.predict(pd.DataFrame({"num": [3], "sampler": ["ddim"], "steps": [2], "seed": [1], "eta": [1.0]}))
+    assert images.shape == (3, 1, 28, 28) and images.dtype == np.float32
+    with pytest.raises(MlflowException, match=r"eta must be a number in \[0, 1\], got 2.0") as caught:
+        model.predict(pd.DataFrame({"num": [3], "eta": [2.0]}))
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -37,7 +37,7 @@ class SampleRequest:
     num: int
     seed: int
     sampler: str
-    steps: int  # DDIM steps; the ddpm sampler always walks all T
+    steps: int  # DDIM steps; the ddpm sampler always walks all T (steps = T)
     eta: float
 
 
@@ -65,9 +65,9 @@ def request_errors(num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, time
         errors.append(f"steps must be an integer in [1, {timesteps}] (T, the model's timesteps), got {steps!r}")
     if eta is not None and not (_is_real(eta) and 0.0 <= eta <= 1.0):
         errors.append(f"eta must be a number in [0, 1], got {eta!r}")
-    if sampler == "ddpm" and (steps is not None or eta is not None):
-        errors.append(f"sampler ddpm walks all T = {timesteps} steps and takes no steps or eta; "
-                      "omit them or use sampler ddim")
+    if sampler == "ddpm" and ((steps is not None and steps != timesteps) or eta is not None):
+        errors.append(f"sampler ddpm walks all T = {timesteps} steps and takes no eta; omit steps (or give "
+                      f"{timesteps}) and eta, or use sampler ddim")
     return errors
 
 

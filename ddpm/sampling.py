@@ -21,6 +21,7 @@ from ddpm.runtime import select_device
 from ddpm.unet import build_unet
 
 SAMPLERS = ("ddpm", "ddim")
+REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered model's columns
 # Images one request may ask of the registered model (all its rows together). 256 DDIM-50 images take
 # about 2 min on 2 CPU cores and answer ~4 MB of JSON; draw more with `ddpm sample --out x.npz`.
 MAX_REQUEST_IMAGES = 256
@@ -94,6 +95,9 @@ class CheckpointSampler:
         errors, checked = [] if rows else ["the request has no rows; send at least one, e.g. {num: 4}"], []
         for i, row in enumerate(rows):
             given = {key: value for key, value in row.items() if value is not None}
+            if unknown := sorted(set(given) - set(REQUEST_KEYS)):
+                errors.append(f"row {i}: unknown {', '.join(unknown)}; a row has {', '.join(REQUEST_KEYS)}")
+                continue
             try:
                 checked.append(self.request(given.get("num"), given.get("seed", 0), given.get("sampler"),
                                             given.get("steps"), given.get("eta"), max_num))

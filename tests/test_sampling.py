@@ -69,6 +69,8 @@ def test_rows_are_requests_checked_together_before_any_sampling(sampler):
                                  "row 2: eta must be a number in [0, 1], got 3.0")
     with pytest.raises(SampleRequestError, match="the rows ask 300 images together, more than 256 per request"):
         sampler.requests([{"num": 200}, {"num": 100}])
+    with pytest.raises(SampleRequestError, match="row 0: unknown setps; a row has num, sampler, steps, seed, eta"):
+        sampler.requests([{"num": 2, "setps": 3}])
     with pytest.raises(SampleRequestError, match="the request has no rows"):
         sampler.requests([])
 

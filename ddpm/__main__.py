@@ -39,12 +39,40 @@ def train(args: argparse.Namespace) -> None:
 
 
 def sample(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from ddpm.arrays import write_arrays
     from ddpm.images import save_grid
     from ddpm.sampling import load_sampler
 
     sampler = load_sampler(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
-    images = sampler.draw(args.num, args.seed, args.sampler, args.steps, args.eta, progress=True)
-    log.info("wrote %s", save_grid(images, args.out))
+    request = sampler.request(args.num, args.seed, args.sampler, args.steps, args.eta)  # before any sampling
+    if args.batch_size is not None:
+        sampler = sampler.with_batch_size(args.batch_size)
+    if args.out.suffix == ".png":
+        path = save_grid(sampler.sample(request, progress=True), args.out)
+    else:
+        m = sampler.config.model
+        settings = {**dataclasses.asdict(request), "batch_size": sampler.config.sample.batch_size,  # seeds per batch
+                    "checkpoint": str(args.checkpoint),
+                    "weights": "raw" if args.raw_weights else "ema"}
+        path = write_arrays(args.out, sampler.batches(request, progress=True),
+                            (request.num, m.channels, m.image_size, m.image_size), settings)
+    log.info("wrote %s (%d images, %s)", path, request.num, request)
+
+
+def sample_output(value: str) -> Path:
+    """--out: a PNG grid, or a .npy/.npz array of every image."""
+    path = Path(value)
+    if path.suffix not in (".png", ".npy", ".npz"):
+        raise argparse.ArgumentTypeError(f"{value!r}: end it in .png (a grid), .npy or .npz (arrays)")
+    return path
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def classifier(args: argparse.Namespace) -> None:
@@ -92,16 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (mid-epoch ones too)")
     p.set_defaults(func=train)
 
-    p = sub.add_parser("sample", help="draw a PNG grid from a checkpoint")
+    p = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid, or .npy/.npz arrays")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the checkpoint's config")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's config)")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=64, help="images, >= 1 (.npy/.npz: any number, in batches)")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim (default: the checkpoint's config)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps in [1, T] (default: the checkpoint's config); ddpm walks all T")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise in [0, 1] (default: the checkpoint's config)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**63 - 1]")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per batch (default: the checkpoint's sample.batch_size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", type=sample_output, default=Path("samples.png"),
+                   help=".png: a grid; .npy/.npz: float32 images in [-1, 1], shape (num, 1, 28, 28), "
+                        "the .npz with the settings")
     p.set_defaults(func=sample)
 
     p = sub.add_parser("classifier", help="train the Fashion-MNIST classifier whose features define FID")
@@ -140,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.data import DataError
     from ddpm.distributed import WorkerError
     from ddpm.runtime import DeviceError
+    from ddpm.sampling import SampleRequestError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -147,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             args.func(args)
-    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError, WorkerError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError, WorkerError,
+            SampleRequestError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -1,8 +1,14 @@
-"""Sampling from a saved checkpoint: what `ddpm sample` and the registered model use."""
+"""Sampling from a saved checkpoint: what `ddpm sample` and the registered model use.
+
+Every request is checked here, in one place, before any sampling: `num`, `sampler`, `steps`,
+`eta` and `seed` each have a stated range, and one `SampleRequestError` names every bad value.
+"""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -14,19 +20,115 @@ from ddpm.diffusion import GaussianDiffusion, NoisePredictor, make_noise_predict
 from ddpm.runtime import select_device
 from ddpm.unet import build_unet
 
+SAMPLERS = ("ddpm", "ddim")
+REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered model's columns
+# Images one request may ask of the registered model (all its rows together). 256 DDIM-50 images take
+# about 2 min on 2 CPU cores and answer ~4 MB of JSON; draw more with `ddpm sample --out x.npz`.
+MAX_REQUEST_IMAGES = 256
+MAX_SEED = int(np.iinfo(np.int64).max)  # the registered model's `seed` column is int64; numpy takes any int >= 0
+
+
+class SampleRequestError(ValueError):
+    """A sampling request outside the stated ranges; the message names every bad value and its range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """A checked request: `num` images from `sampler` (DDIM: `steps` steps, stochasticity `eta`), seeded."""
+    num: int
+    seed: int
+    sampler: str
+    steps: int  # DDIM steps; the ddpm sampler always walks all T (steps = T)
+    eta: float
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def request_errors(num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, timesteps: int,
+                   max_num: int | None = None) -> list[str]:
+    """Every problem with a request's values (steps/eta None = not given), each with its allowed range."""
+    errors = []
+    allowed = f"an integer in [1, {max_num:,}] per request" if max_num else "an integer >= 1"
+    if not (_is_int(num) and 1 <= num <= (max_num or num)):
+        more = " (draw more with `ddpm sample --out images.npz`)" if _is_int(num) and num > 1 else ""
+        errors.append(f"num must be {allowed}, got {num!r}{more}")
+    if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        errors.append(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    if sampler not in SAMPLERS:
+        errors.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if steps is not None and not (_is_int(steps) and 1 <= steps <= timesteps):
+        errors.append(f"steps must be an integer in [1, {timesteps}] (T, the model's timesteps), got {steps!r}")
+    if eta is not None and not (_is_real(eta) and 0.0 <= eta <= 1.0):
+        errors.append(f"eta must be a number in [0, 1], got {eta!r}")
+    if sampler == "ddpm" and ((steps is not None and steps != timesteps) or eta is not None):
+        errors.append(f"sampler ddpm walks all T = {timesteps} steps and takes no eta; omit steps (or give "
+                      f"{timesteps}) and eta, or use sampler ddim")
+    return errors
+
+
 @dataclasses.dataclass
 class CheckpointSampler:
     config: Config
     diffusion: GaussianDiffusion
     predict: NoisePredictor
 
+    def request(self, num: Any, seed: Any = 0, sampler: Any = None, steps: Any = None, eta: Any = None,
+                max_num: int | None = None) -> SampleRequest:
+        """Check a request (None = the checkpoint's sample config) and fill in its defaults."""
+        s, timesteps = self.config.sample, self.diffusion.timesteps
+        sampler = s.sampler if sampler is None else sampler
+        errors = request_errors(num, seed, sampler, steps, eta, timesteps, max_num)
+        if errors:
+            raise SampleRequestError("bad sampling request: " + "; ".join(errors))
+        steps = timesteps if sampler == "ddpm" else int(s.steps if steps is None else steps)
+        return SampleRequest(int(num), int(seed), sampler, steps, float(s.eta if eta is None else eta))
+
+    def requests(self, rows: Sequence[Mapping[str, Any]], max_num: int = MAX_REQUEST_IMAGES) -> list[SampleRequest]:
+        """Check several rows, each its own request (omitted or None keys take the defaults, seed 0);
+        together they may ask at most `max_num` images. One error names every bad value of every row."""
+        errors, checked = [] if rows else ["the request has no rows; send at least one, e.g. {num: 4}"], []
+        for i, row in enumerate(rows):
+            given = {key: value for key, value in row.items() if value is not None}
+            if unknown := sorted(set(given) - set(REQUEST_KEYS)):
+                errors.append(f"row {i}: unknown {', '.join(unknown)}; a row has {', '.join(REQUEST_KEYS)}")
+                continue
+            try:
+                checked.append(self.request(given.get("num"), given.get("seed", 0), given.get("sampler"),
+                                            given.get("steps"), given.get("eta"), max_num))
+            except SampleRequestError as e:
+                where = f"row {i}: " if len(rows) > 1 else ""
+                errors.append(where + str(e).removeprefix("bad sampling request: "))
+        total = sum(r.num for r in checked)
+        if not errors and total > max_num:
+            errors.append(f"num: the rows ask {total:,} images together, more than {max_num:,} per request "
+                          "(draw more with `ddpm sample --out images.npz`)")
+        if errors:
+            raise SampleRequestError("bad sampling request: " + "; ".join(errors))
+        return checked
+
+    def with_batch_size(self, batch_size: int) -> CheckpointSampler:
+        sample = dataclasses.replace(self.config.sample, batch_size=batch_size)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, sample=sample))
+
+    def batches(self, request: SampleRequest, progress: bool = False) -> Iterator[np.ndarray]:
+        """The request's images, batch after batch of sample.batch_size: (B, C, H, W) float32 in [-1, 1]."""
+        return sample_batches(self.predict, self.diffusion, self.config, request.num, request.seed, progress,
+                              request.sampler, request.steps, request.eta)
+
+    def sample(self, request: SampleRequest, progress: bool = False) -> np.ndarray:
+        """(num, C, H, W) float32 images in [-1, 1]; the same request gives the same images."""
+        return np.concatenate(list(self.batches(request, progress)))
+
     def draw(self, num: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
              eta: float | None = None, progress: bool = False) -> np.ndarray:
-        """(num, C, H, W) float32 images in [-1, 1]; the same arguments give the same images."""
-        config = self.config
-        if eta is not None:
-            config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, eta=eta))
-        return draw_samples(self.predict, self.diffusion, config, num, seed, progress, sampler, steps)
+        """(num, C, H, W) float32 images in [-1, 1]; None takes the checkpoint's sample config."""
+        return self.sample(self.request(num, seed, sampler, steps, eta), progress)
 
 
 def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -> CheckpointSampler:
@@ -41,23 +143,27 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
                              make_noise_predictor(net))
 
 
-def draw_samples(predict: NoisePredictor, diffusion: GaussianDiffusion, config: Config, num: int | None = None,
-                 seed: int | None = None, progress: bool = True, sampler: str | None = None,
-                 steps: int | None = None) -> np.ndarray:
-    """(num, C, H, W) images in [-1, 1], drawn in batches of sample.batch_size."""
+def sample_batches(predict: NoisePredictor, diffusion: GaussianDiffusion, config: Config, num: int, seed: int,
+                   progress: bool, sampler: str, steps: int, eta: float) -> Iterator[np.ndarray]:
+    """(B, C, H, W) batches of sample.batch_size in [-1, 1]; batch i is seeded [seed, i]."""
     s, m = config.sample, config.model
-    num = s.num if num is None else num
-    seed = s.seed if seed is None else seed
-    sampler = sampler or s.sampler
-    steps = steps or s.steps
     starts = range(0, num, s.batch_size)
-    batches = []
     with tqdm(total=num, desc=f"sampling {sampler}", unit="img", disable=not progress) as images_bar:
         for i, start in enumerate(starts):
             size = min(s.batch_size, num - start)
             bar = (lambda it: tqdm(it, desc=f"batch {i + 1}/{len(starts)}", unit="step", leave=False)) \
                 if progress else iter
-            batches.append(diffusion.sample(predict, (size, m.channels, m.image_size, m.image_size), [seed, i],
-                                            sampler, steps, s.eta, s.clip_x0, bar))
+            x0 = diffusion.sample(predict, (size, m.channels, m.image_size, m.image_size), [seed, i],
+                                  sampler, steps, eta, s.clip_x0, bar)
             images_bar.update(size)
-    return np.clip(np.concatenate(batches), -1.0, 1.0)
+            yield np.clip(x0, -1.0, 1.0)
+
+
+def draw_samples(predict: NoisePredictor, diffusion: GaussianDiffusion, config: Config, num: int | None = None,
+                 seed: int | None = None, progress: bool = True, sampler: str | None = None,
+                 steps: int | None = None) -> np.ndarray:
+    """(num, C, H, W) images in [-1, 1] with the config's sample settings, drawn in batches of sample.batch_size."""
+    s = config.sample
+    return np.concatenate(list(sample_batches(
+        predict, diffusion, config, s.num if num is None else num, s.seed if seed is None else seed, progress,
+        sampler or s.sampler, steps or s.steps, s.eta)))

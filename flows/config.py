@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,24 @@ class RegistryConfig:
     greater_is_better: bool = False
 
     def check(self) -> list[str]:
-        return [] if self.model_name else ["registry.model_name: must not be empty"]
+        """Also what keeps the gate closed: a candidate alias equal to the champion's would make every
+        registration a promotion, and a flipped direction for a known metric would promote worse models."""
+        errors = [] if self.model_name else ["registry.model_name: must not be empty"]
+        for key in ("candidate_alias", "champion_alias"):
+            alias = getattr(self, key)
+            if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+                errors.append(f"registry.{key}: MLflow aliases are 1-255 letters, digits, _ or -, not 'latest' "
+                              f"or v<number>; got {alias!r}")
+        if self.candidate_alias.lower() == self.champion_alias.lower():
+            errors.append(f"registry.candidate_alias: must differ from champion_alias ({self.champion_alias!r}): "
+                          "new versions would become champion without passing the gate")
+        lower_is_better = ("fid", "fid_ratio", "class_kl", "eval_loss")  # what the evaluate step logs
+        if self.metric in lower_is_better and self.greater_is_better:
+            errors.append(f"registry.greater_is_better: {self.metric} is lower-is-better; true would promote "
+                          "worse models")
+        if not self.metric:
+            errors.append("registry.metric: must name the run metric the gate compares, e.g. fid")
+        return errors
 
 
 @dataclass(frozen=True)

@@ -5,22 +5,29 @@ import argparse
 import logging
 import sys
 
+from ddpm.config import ConfigError
+from mlflow.exceptions import MlflowException
+
 from flows.config import load_params
 from flows.registry import promote
-from flows.tracking import connect
+from flows.tracking import TrackingError, connect
 
 log = logging.getLogger("flows.promote")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--version", help="model version to promote (default: the @candidate)")
+    parser.add_argument("--version", help="model version to promote (default: the @candidate); it still passes the gate")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _, pipeline = load_params(args.params)
-    connect(pipeline)
-    decision = promote(pipeline.registry, args.version)
+    try:
+        _, pipeline = load_params(args.params)
+        connect(pipeline)
+        decision = promote(pipeline.registry, args.version)
+    except (ConfigError, MlflowException, TrackingError) as e:
+        log.error("%s", e)
+        return 2
     log.info("%s", decision.reason)
     return 0 if decision.promoted else 1
 

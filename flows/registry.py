@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from ddpm.config import ConfigError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -23,8 +25,10 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
 MODEL_NAME = "model"  # the logged model's name in its training run: runs:/<run_id>/model
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
-# One row: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0 deterministic,
-# 1 stochastic). Output (num, 1, 28, 28). Omitted: sampler ddim, seed 0, steps and eta from the model's config.
+# One row per request: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0
+# deterministic, 1 stochastic); the answer concatenates the rows' images, (sum of num, 1, 28, 28). Omitted:
+# sampler ddim, seed 0, steps and eta from the model's config. Columns, not inference params, so each row
+# is a whole request; ddpm.sampling states and checks the ranges.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
                    ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False),
@@ -71,6 +75,7 @@ def registered_version(registry: RegistryConfig, run_id: str) -> str | None:
 def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Registration:
     """Register the training run's logged model (once: a rerun finds the version it made) and alias
     it candidate. The training run is not touched, so a failure here leaves it FINISHED."""
+    require_gate(registry)
     client = MlflowClient()
     try:
         version = registered_version(registry, run_id)
@@ -96,16 +101,26 @@ class GateDecision:
     previous_champion: str | None
 
 
+def require_gate(registry: RegistryConfig) -> None:
+    """Refuse a registry config that would move the champion alias without the gate (RegistryConfig.check)."""
+    if errors := registry.check():
+        raise ConfigError("invalid registry configuration:\n  " + "\n  ".join(errors))
+
+
 def metric_of(client: MlflowClient, name: str, version: str, metric: str) -> float:
     run_id = client.get_model_version(name, version).run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
         raise MlflowException(f"{name} v{version} (run {run_id}) has no metric {metric!r}; evaluate it first")
+    if not math.isfinite(metrics[metric]):
+        raise MlflowException(f"{name} v{version} (run {run_id}) has {metric}={metrics[metric]}; the gate compares "
+                              "finite values only: evaluate it again")
     return metrics[metric]
 
 
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
     """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
+    require_gate(registry)
     client = MlflowClient()
     name, metric = registry.model_name, registry.metric
     version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version

@@ -142,3 +142,14 @@ def start_prefect_with_auth(workdir: Path, auth_string: str) -> tuple[subprocess
                     f"http://127.0.0.1:{port}/api/health", workdir / "prefect.log",
                     {**env, "PREFECT_SERVER_API_AUTH_STRING": auth_string})
     return process, env
+
+
+def start_model_server(model_uri: str, workdir: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` of a registered model in the local environment, as the README serves @champion."""
+    port = free_port()
+    process = start([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                     "--host", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                    f"http://127.0.0.1:{port}/ping", workdir / "model-server.log",
+                    {"MLFLOW_TRACKING_URI": tracking_uri,  # it runs `uvicorn`, found on PATH as under `uv run`
+                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    return process, f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -36,6 +37,45 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (3 * 30 + 2, 3 * 30 + 2) and grid.mode == "L"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(fashion_root, tmp_path_factory) -> Path:
+    """A tiny trained checkpoint (T = 20) for the sample command."""
+    tmp = tmp_path_factory.mktemp("sample")
+    sets = [f"data.root={fashion_root}", "data.limit=16", "train.epochs=1", "model.dim=8", "model.dim_mults=[1,2]",
+            "train.device=CPU", "train.checkpoint_dir=ck", "diffusion.timesteps=20", "sample.steps=5",
+            "train.sample_every=0"]
+    trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=tmp)
+    assert trained.returncode == 0, trained.stderr
+    return tmp / "ck" / "epoch_0001.ckpt"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--num", "0"], "bad sampling request: num must be an integer >= 1, got 0"),
+    (["--steps", "500", "--eta", "2"], "bad sampling request: steps must be an integer in [1, 20] (T, the model's "
+                                       "timesteps), got 500; eta must be a number in [0, 1], got 2.0"),
+])
+def test_sample_refuses_bad_values_in_one_line(checkpoint, tmp_path, args, named):
+    result = ddpm("sample", "--checkpoint", str(checkpoint), *args, "--out", "x.npz", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(named)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_sample_writes_arrays_with_their_settings(checkpoint, tmp_path):
+    common = ["--checkpoint", str(checkpoint), "--num", "10", "--steps", "3", "--seed", "5", "--batch-size", "4"]
+    for out in ("s.npz", "s.npy"):
+        result = ddpm("sample", *common, "--out", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    archive = np.load(tmp_path / "s.npz")
+    images = archive["images"]
+    assert images.shape == (10, 1, 28, 28) and images.dtype == np.float32
+    assert np.isfinite(images).all() and -1 <= images.min() < images.max() <= 1
+    settings = {key: archive[key].item() for key in archive.files if key != "images"}
+    assert settings == {"num": 10, "seed": 5, "sampler": "ddim", "steps": 3, "eta": 1.0, "batch_size": 4,
+                        "checkpoint": str(checkpoint), "weights": "ema"}
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), images)  # same request, same images
 
 
 def test_bad_config_exits_with_every_problem_named(tmp_path):

@@ -1,10 +1,18 @@
 """The promotion gate against a real MLflow registry (SQLite store): FID, lower is better."""
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
+import yaml
+from ddpm.config import ConfigError
 from mlflow import MlflowClient
 
-from flows.config import RegistryConfig
-from flows.registry import promote
+from flows.config import RegistryConfig, load_params
+from flows.registry import promote, register_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REGISTRY = RegistryConfig(model_name="gate-test")
 
@@ -16,13 +24,13 @@ def client(tmp_path):
     mlflow.set_tracking_uri(None)
 
 
-def add_version(client, fid=None) -> str:
+def add_version(client, fid=None, metric="fid") -> str:
     """A registered version whose run carries `fid`, aliased @candidate like the pipeline does."""
     if not client.search_registered_models(f"name='{REGISTRY.model_name}'"):
         client.create_registered_model(REGISTRY.model_name)
     with mlflow.start_run() as run:
         if fid is not None:
-            mlflow.log_metric("fid", fid)
+            mlflow.log_metric(metric, fid)
     version = client.create_model_version(REGISTRY.model_name, f"{run.info.artifact_uri}/model", run.info.run_id).version
     client.set_registered_model_alias(REGISTRY.model_name, REGISTRY.candidate_alias, version)
     return version
@@ -56,9 +64,9 @@ def test_gate_promotes_first_refuses_worse_and_equal_promotes_better(client):
 
 
 def test_explicit_version_and_greater_is_better(client):
-    registry = RegistryConfig(model_name=REGISTRY.model_name, metric="fid", greater_is_better=True)
-    v1 = add_version(client, 30.0)
-    add_version(client, 10.0)
+    registry = RegistryConfig(model_name=REGISTRY.model_name, metric="score", greater_is_better=True)
+    v1 = add_version(client, 30.0, "score")
+    add_version(client, 10.0, "score")
     assert promote(registry, v1).promoted
     assert not promote(registry).promoted and champion(client) == v1  # 10 < 30 and higher is better
 
@@ -67,3 +75,47 @@ def test_version_without_the_metric_is_an_error(client):
     add_version(client, None)
     with pytest.raises(mlflow.exceptions.MlflowException, match="no metric 'fid'"):
         promote(REGISTRY)
+
+
+def test_version_with_a_nan_metric_is_an_error_even_without_a_champion(client):
+    add_version(client, float("nan"))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="finite values only"):
+        promote(REGISTRY)
+    assert REGISTRY.champion_alias not in client.get_registered_model(REGISTRY.model_name).aliases
+
+
+@pytest.mark.parametrize("override, named", [
+    ("registry.candidate_alias=champion", "must differ from champion_alias"),
+    ("registry.candidate_alias=Champion", "must differ from champion_alias"),
+    ("registry.champion_alias=candidate", "must differ from champion_alias"),
+    ("registry.candidate_alias=''", "registry.candidate_alias: MLflow aliases are 1-255"),
+    ("registry.champion_alias=latest", "registry.champion_alias: MLflow aliases"),
+    ("registry.greater_is_better=true", "fid is lower-is-better"),
+])
+def test_params_that_would_bypass_the_gate_are_refused(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_params(ROOT / "params.yaml", [override])
+
+
+def test_gate_cannot_be_bypassed_by_aliasing_candidates_as_champion(client, tmp_path):
+    """Built around the config check, the same settings still cannot move @champion: registration and
+    promotion refuse them before touching the registry."""
+    bypass = RegistryConfig(model_name=REGISTRY.model_name, candidate_alias="champion")
+    v1 = add_version(client, 30.0)
+    assert promote(REGISTRY).promoted
+    add_version(client, 99.0)  # worse
+    with pytest.raises(ConfigError, match="must differ from champion_alias"):
+        register_model("no-run", "no-model", bypass)
+    with pytest.raises(ConfigError, match="must differ from champion_alias"):
+        promote(bypass)
+    assert champion(client) == v1 and len(client.search_model_versions(f"name='{REGISTRY.model_name}'")) == 2
+
+
+def test_promote_command_refuses_a_bypassing_params_file(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["registry"]["candidate_alias"] = params["registry"]["champion_alias"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "flows.promote", "--params", "params.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "must differ from champion_alias" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()

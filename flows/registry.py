@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
+from flows.steps import MEASURED_PREFIX
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 DDPM_PACKAGE = Path(__file__).resolve().parents[1] / "ddpm"
+MEASURED_METRICS = ("fid_floor", "classifier_accuracy")  # the floor (N and reference images) and the feature network
+LOGGED_MODEL_SOURCE = re.compile(r"models:/(m-[0-9a-f]+)")
 MODEL_NAME = "model"  # the logged model's name in its training run: runs:/<run_id>/model
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
 # One row per request: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0
@@ -107,15 +111,49 @@ def require_gate(registry: RegistryConfig) -> None:
         raise ConfigError("invalid registry configuration:\n  " + "\n  ".join(errors))
 
 
-def metric_of(client: MlflowClient, name: str, version: str, metric: str) -> float:
-    run_id = client.get_model_version(name, version).run_id
-    metrics = client.get_run(run_id).data.metrics
-    if metric not in metrics:
-        raise MlflowException(f"{name} v{version} (run {run_id}) has no metric {metric!r}; evaluate it first")
-    if not math.isfinite(metrics[metric]):
-        raise MlflowException(f"{name} v{version} (run {run_id}) has {metric}={metrics[metric]}; the gate compares "
-                              "finite values only: evaluate it again")
-    return metrics[metric]
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """A version's evaluation: its metrics and how they were measured (the logged model's
+    MEASURED_PREFIX tags, and the floor and classifier behind the FID)."""
+    metrics: dict[str, float]
+    measured: dict[str, str]
+
+
+def scores_of(client: MlflowClient, name: str, version: str) -> Scores:
+    """From the version's logged model (MLflow 3), else, for versions registered without one, its run."""
+    model_version = client.get_model_version(name, version)
+    model_id = model_version.model_id or logged_model_of(model_version.source)
+    if model_id:
+        model = client.get_logged_model(model_id)
+        metrics = {m.key: m.value for m in model.metrics or []}
+        measured = {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
+    else:
+        metrics, measured = client.get_run(model_version.run_id).data.metrics, {}
+    measured.update({key: f"{metrics[key]:.6g}" for key in MEASURED_METRICS if key in metrics})
+    return Scores(metrics, measured)
+
+
+def logged_model_of(source: str) -> str | None:
+    """The LoggedModel id a version was registered from (its source is models:/<model id>); the SQLite
+    registry does not return ModelVersion.model_id."""
+    match = LOGGED_MODEL_SOURCE.fullmatch(source or "")
+    return match.group(1) if match else None
+
+
+def metric_of(scores: Scores, name: str, version: str, metric: str) -> float:
+    if metric not in scores.metrics:
+        raise MlflowException(f"{name} v{version} has no metric {metric!r}; evaluate it first")
+    value = scores.metrics[metric]
+    if not math.isfinite(value):
+        raise MlflowException(f"{name} v{version} has {metric}={value}; the gate compares finite values only: "
+                              "evaluate it again")
+    return value
+
+
+def measured_differently(a: Scores, b: Scores) -> list[str]:
+    """The settings two evaluations were measured with that differ (those both record)."""
+    return [f"{key} {a.measured[key]} vs {b.measured[key]}" for key in sorted(a.measured.keys() & b.measured.keys())
+            if a.measured[key] != b.measured[key]]
 
 
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
@@ -124,7 +162,8 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
     client = MlflowClient()
     name, metric = registry.model_name, registry.metric
     version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version
-    value = metric_of(client, name, version, metric)
+    scores = scores_of(client, name, version)
+    value = metric_of(scores, name, version, metric)
     try:
         champion = client.get_model_version_by_alias(name, registry.champion_alias).version
     except MlflowException:
@@ -132,7 +171,13 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
     if champion == version:
         return GateDecision(False, f"v{version} is already @{registry.champion_alias}", version, champion)
     if champion is not None:
-        best = metric_of(client, name, champion, metric)
+        champion_scores = scores_of(client, name, champion)
+        best = metric_of(champion_scores, name, champion, metric)
+        differ = measured_differently(scores, champion_scores)
+        if differ:
+            return GateDecision(False, f"refused: v{version} and champion v{champion} were scored differently "
+                                       f"({'; '.join(differ)}), so their {metric} do not compare; evaluate one "
+                                       "with the other's settings", version, champion)
         better = value > best if registry.greater_is_better else value < best
         if not better:
             direction = "higher" if registry.greater_is_better else "lower"

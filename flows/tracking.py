@@ -25,7 +25,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
-from flows.steps import PER_T_PREFIX
+from flows.steps import MEASURED_PREFIX, PER_T_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +160,17 @@ def end_run_with_failure(run_id: str, error: BaseException) -> None:
         mlflow.end_run(status)
 
 
-def log_evaluation(run_id: str, model_id: str, metrics: dict[str, float]) -> None:
+def log_evaluation(run_id: str, model_id: str, metrics: dict[str, float], measured: dict[str, str]) -> None:
     """The evaluation's metrics into the training run, linked to its logged model (the UI's Models
     tab and `search_logged_models` show them per model); the per-timestep losses as one metric with
-    step = t, one curve in the UI. The run keeps its status."""
+    step = t, one curve in the UI; `measured` (how the scores were measured) as the model's tags, which
+    the promotion gate compares. The run keeps its status."""
     per_t = {int(key.removeprefix(PER_T_PREFIX)): value for key, value in metrics.items() if key.startswith(PER_T_PREFIX)}
     scalars = {key: value for key, value in metrics.items() if not key.startswith(PER_T_PREFIX)}
     mlflow.log_metrics(scalars, run_id=run_id, model_id=model_id, synchronous=True)
     for t, value in sorted(per_t.items()):
         mlflow.log_metric(PER_T_METRIC, value, step=t, run_id=run_id, synchronous=True)
+    MlflowClient().set_logged_model_tags(model_id, {MEASURED_PREFIX + key: value for key, value in measured.items()})
 
 
 def log_dataset(data_root: Path, data_hash: str) -> None:

@@ -119,3 +119,31 @@ def test_promote_command_refuses_a_bypassing_params_file(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "must differ from champion_alias" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+def add_evaluated_model(client, fid: float, **measured) -> str:
+    """A version registered from a logged model carrying its evaluation, as the pipeline registers them."""
+    from flows.steps import MEASURED_PREFIX
+
+    if not client.search_registered_models(f"name='{REGISTRY.model_name}'"):
+        client.create_registered_model(REGISTRY.model_name)
+    with mlflow.start_run() as run:
+        model = mlflow.initialize_logged_model(name="model")
+        mlflow.log_metrics({"fid": fid, "fid_floor": 5.18}, model_id=model.model_id)
+    client.set_logged_model_tags(model.model_id, {MEASURED_PREFIX + k: str(v) for k, v in
+                                                  {"fid_samples": 2000, "sampler": "ddim-50", **measured}.items()})
+    version = client.create_model_version(REGISTRY.model_name, f"models:/{model.model_id}", run.info.run_id,
+                                          model_id=model.model_id).version
+    client.set_registered_model_alias(REGISTRY.model_name, REGISTRY.candidate_alias, version)
+    return version
+
+
+def test_the_gate_reads_the_logged_models_scores_and_refuses_fids_measured_differently(client):
+    v1 = add_evaluated_model(client, 40.0)
+    assert promote(REGISTRY).promoted and champion(client) == v1
+    add_evaluated_model(client, 10.0, fid_samples=200)  # better on paper, but on 200 samples
+    decision = promote(REGISTRY)
+    assert not decision.promoted and champion(client) == v1
+    assert "scored differently (fid_samples 200 vs 2000)" in decision.reason and "do not compare" in decision.reason
+    v3 = add_evaluated_model(client, 30.0)  # measured the same way, and better
+    assert promote(REGISTRY).promoted and champion(client) == v3

@@ -34,7 +34,7 @@ def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trai
                    k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}}
     write_json(repo / METRICS_JSON, summary)
     write_loss_per_t(repo / EVAL_LOSS_CSV, summary["per_t"])
-    log_evaluation(trained.run_id, trained.model_id, metrics)  # last: a run with a fid is an evaluated one
+    log_evaluation(trained.run_id, trained.model_id, metrics, measurement(config))  # last: then it is evaluated
     return metrics
 
 
@@ -44,3 +44,11 @@ def write_loss_per_t(path: Path, per_t: dict[str, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["t", "eval_loss"], *((t, f"{value:.6f}") for t, value in rows)])
+
+
+def measurement(config: Config) -> dict[str, str]:
+    """How the scores were measured: FIDs compare only when these agree (the promotion gate checks)."""
+    sample = config.sample
+    steps = sample.steps if sample.sampler == "ddim" else config.diffusion.timesteps
+    return {"fid_samples": str(config.evaluate.fid_samples), "seed": str(config.evaluate.seed),
+            "sampler": f"{sample.sampler}-{steps}", "eta": f"{sample.eta:g}", "clip_x0": str(sample.clip_x0)}

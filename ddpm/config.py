@@ -91,7 +91,7 @@ class TrainConfig:
     # The preview grid: DDIM (stochastic, clipped) with its own settings, apart from the `sample`
     # section, which is the evaluation's: changing how a model is scored never re-runs its training.
     sample_num: int = 16
-    sample_steps: int = 25
+    sample_steps: int = 20
     sample_seed: int = 0
 
     def check(self) -> list[str]:

@@ -132,7 +132,8 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 | | |
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
-| registered | `{registration['name']}` v{registration['version']} as @candidate |
+| registered | `{registration['name']}` v{registration['version']} as @candidate (model `{trained.model_id}`) |
+| serve it | `mlflow models serve -m "models:/{registration['name']}/{registration['version']}" --env-manager local -p 5001`, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
 | FID (classifier features) | {metrics['fid']:.4f}, {metrics['fid_ratio']:.2f}x the floor {metrics['fid_floor']:.4f} |
 | class coverage: KL(classes \\|\\| uniform) | {metrics['class_kl']:.4f} (0 balanced, 2.30 one class) |
 | eval_loss (held-out denoising MSE) | {metrics['eval_loss']:.5f} |

@@ -12,12 +12,11 @@ from pathlib import Path
 from ddpm.data import DEBIAN_DATASET_DIR
 
 log = logging.getLogger("ddpm")
-WORKER_LOGS = "worker_logs"  # msrun's logs, inside train.checkpoint_dir
 
 
 def train(args: argparse.Namespace) -> None:
     from ddpm.config import load_config
-    from ddpm.distributed import in_msrun, init_world, launch_workers
+    from ddpm.distributed import WORKER_LOGS, in_msrun, init_world, launch_workers
     from ddpm.interrupt import TrainingInterrupted
     from ddpm.train import fit
 
@@ -168,12 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ddpm.checkpoint import CheckpointError
-    from ddpm.config import ConfigError
-    from ddpm.data import DataError
-    from ddpm.distributed import WorkerError
-    from ddpm.runtime import DeviceError
-    from ddpm.sampling import SampleRequestError
+    from ddpm.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -181,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             args.func(args)
-    except (ConfigError, DataError, CheckpointError, DeviceError, FileExistsError, FloatingPointError, WorkerError,
-            SampleRequestError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from ddpm.errors import CheckpointError, CheckpointWriteError
 from ddpm.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,6 @@ OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
 MINDSPORE_TMP_SUFFIX = ".tmp"  # ms.save_checkpoint writes x.tmp, then renames it to x.ckpt
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read back intact."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint that cannot be written (full disk, unwritable directory); the previous one is intact."""
 
 
 @dataclasses.dataclass(frozen=True)

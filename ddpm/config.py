@@ -18,12 +18,10 @@ Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim"]
-TEST_SPLIT_SIZE = 10_000
+from ddpm.data import TEST_SIZE
+from ddpm.errors import ConfigError
+
 MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not describe a valid configuration."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ class EvaluateConfig:
     def check(self) -> list[str]:
         errors = _at_least(self, num_images=1, t_points=1, seed=0, batch_size=1, fid_samples=2)
         for key in ("num_images", "fid_samples"):
-            if getattr(self, key) > TEST_SPLIT_SIZE:
+            if getattr(self, key) > TEST_SIZE:
                 errors.append(f"evaluate.{key}: the test split has 10,000 images, got {getattr(self, key)}")
         if self.num_images % self.batch_size:
             errors.append(f"evaluate.num_images: {self.num_images} is not a multiple of batch_size {self.batch_size}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm.errors import DataError
+
 log = logging.getLogger(__name__)
 
 # SHA-256 of the decompressed IDX files. Mirrors ship different gzip bytes; these never differ.
@@ -23,10 +25,6 @@ DEBIAN_DATASET_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package datas
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 PIXEL_MAX = 255.0
-
-
-class DataError(RuntimeError):
-    """The dataset is missing, truncated or altered."""
 
 
 def file_hash(path: Path, algorithm: str = "sha256") -> str:

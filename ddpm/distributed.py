@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ddpm.errors import WorkerError
 from ddpm.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,7 @@ log = logging.getLogger(__name__)
 ROLE_ENV = "MS_ROLE"  # msrun sets it in the scheduler and every worker it starts
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 30  # of a failed worker's log, in the error
-
-
-class WorkerError(RuntimeError):
-    """A data-parallel training run (msrun) failed."""
+WORKER_LOGS = "worker_logs"  # msrun's logs of the workers, inside train.checkpoint_dir
 
 
 @dataclasses.dataclass(frozen=True)

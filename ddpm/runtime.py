@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
+from ddpm.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 # Measured on a 2-core x86 VM (see docs/performance.md): without these a training step of the
@@ -25,10 +27,6 @@ def apply_env_defaults() -> dict[str, str]:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in ENV_DEFAULTS}
-
-
-class DeviceError(RuntimeError):
-    """The configured device cannot be used on this machine."""
 
 
 def select_device(device: str) -> str:

@@ -14,6 +14,7 @@ import mindspore as ms
 import numpy as np
 from tqdm import tqdm
 
+from ddpm.errors import SampleRequestError
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
 from ddpm.config import Config
 from ddpm.diffusion import GaussianDiffusion, NoisePredictor, make_noise_predictor
@@ -26,10 +27,6 @@ REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered mode
 # about 2 min on 2 CPU cores and answer ~4 MB of JSON; draw more with `ddpm sample --out x.npz`.
 MAX_REQUEST_IMAGES = 256
 MAX_SEED = int(np.iinfo(np.int64).max)  # the registered model's `seed` column is int64; numpy takes any int >= 0
-
-
-class SampleRequestError(ValueError):
-    """A sampling request outside the stated ranges; the message names every bad value and its range."""
 
 
 @dataclasses.dataclass(frozen=True)

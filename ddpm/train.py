@@ -20,6 +20,7 @@ import numpy as np
 from mindspore import nn, ops
 from tqdm import tqdm
 
+from ddpm.errors import NonFiniteLossError
 from ddpm import checkpoint as ckpt
 from ddpm.callbacks import Callback, EpochEnd, FitResult
 from ddpm.config import Config, SampleConfig
@@ -47,10 +48,6 @@ RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.sample_num", "
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or Inf loss."""
-
-
 def learning_rates(train, steps_per_epoch: int) -> np.ndarray:
     """The learning rate of every step, float32 (total_steps,)."""
     total = train.epochs * steps_per_epoch
@@ -74,7 +71,7 @@ class EMA(nn.Cell):
 
     def __init__(self, params: Sequence[ms.Parameter]):
         super().__init__()
-        self.shadow = ms.ParameterTuple([ms.Parameter(p.value().copy(), name="ema." + p.name, requires_grad=False) for p in params])
+        self.shadow = ms.ParameterTuple([ms.Parameter(p.value().copy(), name=ckpt.EMA_PREFIX + p.name, requires_grad=False) for p in params])
         self.hyper_map = ops.HyperMap()
 
     def construct(self, params, decay):
@@ -82,7 +79,7 @@ class EMA(nn.Cell):
 
     def copy_to(self, net: nn.Cell) -> None:
         """Load the averaged weights into `net` (another instance of the trained network)."""
-        ms.load_param_into_net(net, {s.name[len("ema."):]: ms.Parameter(s.value().copy()) for s in self.shadow},
+        ms.load_param_into_net(net, {s.name.removeprefix(ckpt.EMA_PREFIX): ms.Parameter(s.value().copy()) for s in self.shadow},
                                strict_load=True)
 
 

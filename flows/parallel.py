@@ -12,14 +12,13 @@ from pathlib import Path
 
 import yaml
 from ddpm.config import Config
-from ddpm.distributed import launch_workers
+from ddpm.distributed import WORKER_LOGS, launch_workers
 from ddpm.callbacks import FitResult
 
 from flows.config import PipelineConfig
 
 WORKER_PARAMS = "worker_params.yaml"  # in train.checkpoint_dir: the params every worker reads
 FIT_RESULT = "fit_result.json"  # written by rank 0 when fit() returns
-WORKER_LOGS = "worker_logs"
 
 
 def fit_on_workers(config: Config, pipeline: PipelineConfig, repo: Path, run_id: str, resume: bool) -> FitResult:

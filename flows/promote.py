@@ -5,12 +5,12 @@ import argparse
 import logging
 import sys
 
-from ddpm.config import ConfigError
 from mlflow.exceptions import MlflowException
 
 from flows.config import load_params
 from flows.registry import promote
-from flows.tracking import TrackingError, connect
+from flows.steps import USER_ERRORS
+from flows.tracking import connect
 
 log = logging.getLogger("flows.promote")
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         _, pipeline = load_params(args.params)
         connect(pipeline)
         decision = promote(pipeline.registry, args.version)
-    except (ConfigError, MlflowException, TrackingError) as e:
+    except (*USER_ERRORS, MlflowException) as e:  # a version without the metric is MLflow's error
         log.error("%s", e)
         return 2
     log.info("%s", decision.reason)

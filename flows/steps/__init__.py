@@ -10,11 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ddpm.checkpoint import CheckpointError
-from ddpm.config import ConfigError
-from ddpm.data import DataError
-from ddpm.distributed import WorkerError
-from ddpm.runtime import DeviceError
+from ddpm.errors import USER_ERRORS as DDPM_USER_ERRORS
 
 from flows.errors import RegistrationError, TrackingError
 from flows.workspace import WorkspaceBusy
@@ -29,8 +25,7 @@ PER_T_PREFIX = "eval_loss_t"  # ddpm.evaluate's per-timestep losses, eval_loss_t
 REGISTERED_JSON = OUTPUTS / "registered.json"
 CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
 # What the entry points (flow, DVC stages) report as one clear line, exit 2, rather than a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, TrackingError, RegistrationError,
-               WorkspaceBusy, FileExistsError, FileNotFoundError, FloatingPointError, WorkerError)
+USER_ERRORS = (*DDPM_USER_ERRORS, TrackingError, RegistrationError, WorkspaceBusy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ddpm.callbacks import Callback
 from ddpm.config import Config
+from ddpm.distributed import WORKER_LOGS
 
 from flows.config import PipelineConfig
 from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
@@ -34,7 +35,7 @@ LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 OWNED_FILES = re.compile(r"^(\.?epoch_\d{4,}(_step_\d{6,})?(\.partial)?\.(ckpt|tmp)|\.write_probe|mlflow_run_id"
                          r"|worker_params\.yaml|\.?fit_result\.json(\.partial)?|finished\.json|\.finished\.json\.partial"
                          r"|COMPLETE)$")
-OWNED_DIRS = {"worker_logs"}
+OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
 
 

@@ -20,14 +20,13 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-
 from torch_unet import UnetConfig, build_unet, count_parameters
 
 log = logging.getLogger("torch_reference")
@@ -152,7 +151,7 @@ class Reference:
         """A whole DDIM run (Song et al., 2021, eq. 12) from pure noise, as ddpm/diffusion.py's sampler."""
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        ts = sorted({int(round(v)) for v in np.linspace(0, self.timesteps - 1, steps)}, reverse=True)
+        ts = sorted({round(float(v)) for v in np.linspace(0, self.timesteps - 1, steps)}, reverse=True)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
             a_t = self.alphas_cumprod[t]
             a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)

@@ -32,7 +32,7 @@ class UnetConfig:
     convnext_mult: int = 2
 
     @classmethod
-    def from_params(cls, path: str | Path) -> "UnetConfig":
+    def from_params(cls, path: str | Path) -> UnetConfig:
         """Read the model section of a params file; unknown keys are errors."""
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
         unknown = sorted(set(section) - {f.name for f in fields(cls)})

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters  # noqa: E402
+from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with params.yaml's model section

@@ -1,0 +1,65 @@
+"""benchmarks/torch_reference.py: the PyTorch twin of our U-Net. Skipped where torch is not installed
+(it never is in the project's environment: run `uv run --with torch==2.13.0 pytest tests/test_torch_reference.py`)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with params.yaml's model section
+
+
+def test_reference_has_our_networks_parameter_count():
+    net = build_unet(UnetConfig.from_params(ROOT / "params.yaml"))
+    assert count_parameters(net) == TUTORIAL_PARAMETERS
+
+
+def test_reference_with_our_weights_computes_our_networks_output():
+    import mindspore as ms
+    import numpy as np
+
+    from ddpm.unet import Unet
+
+    ms.set_seed(0)
+    ours = Unet(8, 1, (1, 2), fast=False)  # MindSpore's own cells, the reference of ddpm/unet.py
+    ours.set_train(False)
+    twin = build_unet(UnetConfig(dim=8, dim_mults=(1, 2))).eval()
+    pairs = list(zip(ours.trainable_params(), twin.parameters(), strict=True))  # same definition order
+    with torch.no_grad():
+        for p_ms, p_torch in pairs:
+            assert tuple(p_ms.shape) == tuple(p_torch.shape), p_ms.name
+            p_torch.copy_(torch.from_numpy(p_ms.asnumpy()))
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+        t = np.array([0, 150], np.int32)
+        expected = ours(ms.Tensor(x), ms.Tensor(t)).asnumpy()
+        got = twin(torch.from_numpy(x), torch.from_numpy(t).long()).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_model_key_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {dim: 8, dims: [1, 2]}\n")
+    with pytest.raises(ValueError, match=r"unknown model keys \['dims'\]"):
+        UnetConfig.from_params(params)
+
+
+@pytest.mark.slow
+def test_script_trains_a_tiny_net_with_a_finite_loss(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {image_size: 8, channels: 1, dim: 8, dim_mults: [1, 2], convnext_mult: 1}\n"
+                      "diffusion: {timesteps: 20}\nsample: {steps: 2, eta: 1.0, clip_x0: true}\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--params", str(params),
+                          "--what", "train,ddim", "--batch", "2", "--repeats", "1", "--warmup", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    train, ddim = (json.loads(line) for line in out.splitlines())
+    assert (train["what"], train["batch"], ddim["what"], ddim["ddim_steps"]) == ("train", 2, "ddim", 2)
+    assert math.isfinite(train["loss"]) and train["img_s_best"] > 0 and ddim["wall_s_min"] > 0
+    assert len(train["foreign_frac"]) == 1 and 0 <= train["foreign_frac"][0] <= 1

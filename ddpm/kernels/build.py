@@ -67,6 +67,9 @@ def native_library() -> Path | None:
     except KernelUnavailable as err:
         log.warning("native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
                     "slower training): %s", err)
+        from ddpm.runtime import lower_isa_cap  # here: runtime imports this module
+
+        lower_isa_cap()
         return None
 
 

@@ -161,7 +161,8 @@ class Unet(nn.Cell):
 
         last = len(in_out) - 1
         self.downs = nn.CellList([
-            Level(layers, d_in, d_out, time_dim, convnext_mult, downsample(layers, d_out) if i < last else nn.Identity())
+            Level(layers, d_in, d_out, time_dim, convnext_mult,
+                  downsample(layers, d_out) if i < last else nn.Identity())
             for i, (d_in, d_out) in enumerate(in_out)])
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(layers, mid_dim, mid_dim, time_dim, convnext_mult)

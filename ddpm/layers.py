@@ -101,17 +101,17 @@ class DepthwiseConv2d(nn.Cell):
     MindSpore hands grouped convolutions to oneDNN in plain NCHW, which leaves it im2col + GEMM
     per group; forward, input and weight gradient were among the slowest kernels of the step.
     With the native `library` all three run as oneDNN's direct depthwise kernels through
-    ddpm/kernels (the layout conversions happen inside the operator, in bfloat16 with `bf16`);
-    without it the MindSpore formulation: the input gradient as the forward conv with the flipped
+    ddpm/kernels (the layout conversions happen inside the operator; always float32: in bf16 they
+    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input gradient as the forward conv with the flipped
     kernel, the weight gradient MindSpore's.
     """
 
-    def __init__(self, channels: int, kernel_size: int, library: Path | None = None, bf16: bool = False):
+    def __init__(self, channels: int, kernel_size: int, library: Path | None = None):
         super().__init__()
         self.weight = ms.Parameter(initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)),
                                    name="weight")  # nn.Conv2d's default init
         if library is not None:
-            self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels, bf16=bf16)
+            self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels)
         else:
             self.conv = _DepthwiseConv(channels, kernel_size)
 
@@ -209,8 +209,9 @@ class Layers:
 
     `native`: ddpm/kernels' operators where the library builds (else the faster MindSpore
     formulations above); False: MindSpore's own cells, the reference. `precision`: "bf16" runs
-    every convolution's products in bfloat16 (f32 tensors in and out, f32 accumulation, f32
-    weight gradients; the weights stay f32); norms, GELU, attention and all else stay f32.
+    every dense convolution's products in bfloat16 (f32 tensors in and out, f32 accumulation, f32
+    weight gradients; the weights stay f32); the depthwise convs, norms, GELU, attention and all
+    else stay f32.
     """
 
     native: bool = True
@@ -262,7 +263,7 @@ class Layers:
         if not self.native:
             return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
                              group=channels)
-        return DepthwiseConv2d(channels, kernel_size, self.library, self.bf16)
+        return DepthwiseConv2d(channels, kernel_size, self.library)
 
     def group_norm(self, num_channels: int, eps: float) -> nn.Cell:
         """GroupNorm(1, C)."""

@@ -84,6 +84,27 @@ def lower_isa_cap() -> None:
         os.environ[ISA_ENV] = FALLBACK_ISA
 
 
+# dnnl_cpu_isa_t (oneapi/dnnl/dnnl_types.h) -> the names ONEDNN_MAX_CPU_ISA takes
+DNNL_ISAS = {0x1: "SSE41", 0x3: "AVX", 0x7: "AVX2", 0xF: "AVX2_VNNI", 0x1F: "AVX2_VNNI_2", 0x27: "AVX512_CORE",
+             0x67: "AVX512_CORE_VNNI", 0xE7: "AVX512_CORE_BF16", 0x1EF: "AVX10_1_512",
+             0xFEF: "AVX10_1_512_AMX", 0x1FEF: "AVX10_1_512_AMX_FP16", 0x201FF: "AVX10_2_512",
+             0x22FFF: "AVX10_2_512_AMX_2"}
+
+
+def effective_isa() -> str:
+    """The ISA oneDNN dispatches to in this process (its cap and the processor's, whichever is lower),
+    from MindSpore's own libdnnl; "" where that library is missing. Fixes the cap if nothing has yet."""
+    import ctypes
+
+    from ddpm.kernels.build import libdnnl_path
+
+    path = libdnnl_path()
+    if path is None:
+        return ""
+    value = ctypes.CDLL(str(path)).dnnl_get_effective_cpu_isa()
+    return DNNL_ISAS.get(value, hex(value))
+
+
 def resolve_precision(precision: str, target: str | None = None, flags: frozenset[str] | None = None) -> str:
     """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's):
     auto is bf16 on a CPU with bf16 matrix units (amx_bf16 or avx512_bf16 in its flags), else fp32.

@@ -105,9 +105,12 @@ def effective_isa() -> str:
     return DNNL_ISAS.get(value, hex(value))
 
 
-def resolve_precision(precision: str, target: str | None = None, flags: frozenset[str] | None = None) -> str:
-    """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's):
-    auto is bf16 on a CPU with bf16 matrix units (amx_bf16 or avx512_bf16 in its flags), else fp32.
+def resolve_precision(precision: str, target: str | None = None, flags: frozenset[str] | None = None,
+                      isa: str | None = None) -> str:
+    """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's),
+    a processor with `flags` (default: this one's) and oneDNN's cap `isa` (default: the one in force).
+    auto is bf16 where the processor has bf16 matrix units (amx_bf16 or avx512_bf16) and the cap
+    reaches them, else fp32; bf16 asked for where they are missing is fp32, with a warning naming why.
     A GPU or Ascend keeps MindSpore's own path, fp32."""
     if precision not in PRECISION_SETTINGS:
         raise ValueError(f"precision must be one of {PRECISION_SETTINGS}, got {precision!r}")
@@ -117,11 +120,14 @@ def resolve_precision(precision: str, target: str | None = None, flags: frozense
         target = ms.get_context("device_target")
     if target != "CPU" or precision == "fp32":
         return "fp32"
-    has_bf16 = bf16_isa(cpu_flags() if flags is None else flags) is not None
-    if precision == "bf16" and not has_bf16:
-        log.warning("precision bf16 on a processor without bf16 units (no amx_bf16 or avx512_bf16 flag): "
-                    "oneDNN emulates it, slower than fp32")
-    return "bf16" if precision == "bf16" or has_bf16 else "fp32"
+    has_units = bf16_isa(cpu_flags() if flags is None else flags) is not None
+    isa = os.environ.get(ISA_ENV, "") if isa is None else isa
+    capped = isa.upper() in MINDSPORE_CONV_ISAS  # oneDNN has no bf16 convs at AVX2
+    if precision == "bf16" and not (has_units and not capped):
+        why = (f"{ISA_ENV}={isa} caps oneDNN below its bf16 kernels (unset it)" if has_units
+               else "this processor has no bf16 units (amx_bf16, avx512_bf16)")
+        log.warning("train.precision is bf16 but %s: running fp32", why)
+    return "bf16" if has_units and not capped else "fp32"
 
 
 class DeviceError(RuntimeError):

@@ -21,7 +21,7 @@ from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.layers import (GELU, DepthwiseConv2d, LayerGroupNorm, Layers, _ChannelNorm, _DepthwiseConv, _FullAttention,
-                         _LinearAttention, _Normalize)
+                         _LinearAttention, _Normalize, network_layers)
 from ddpm.runtime import ISA_ENV
 from ddpm.unet import Attention, ChannelLayerNorm, LinearAttention, build_unet
 
@@ -105,7 +105,7 @@ def test_the_training_network_runs_its_convs_norms_gelus_and_attention_natively(
         assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm, NativeChannelLayerNorm,
                 NativeAttentionCore} <= kinds
         assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize, _ChannelNorm, _LinearAttention, _FullAttention}
-        if precision == "bf16" or not runtime.mindspore_convs_are_fast():  # MindSpore's would fall to slow kernels
+        if network_layers(precision).bf16 or not runtime.mindspore_convs_are_fast():  # MindSpore's: slow kernels
             assert nn.Conv2d not in kinds, "every conv on ddpm/kernels"
 
 

@@ -35,6 +35,8 @@ def library():
     path = native_library()
     if path is None:
         pytest.skip("native kernels unavailable here: bf16 runs on them only")
+    if runtime.resolve_precision("auto", "CPU") != "bf16":
+        pytest.skip("no bf16 convs here: the processor lacks bf16 units or ONEDNN_MAX_CPU_ISA caps oneDNN below them")
     return path
 
 
@@ -53,16 +55,21 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
                                                    (AVX2_ONLY, "fp32", "AVX2"),
                                                    (frozenset(), "fp32", "AVX2")])
 def test_auto_picks_bf16_only_where_the_processor_has_bf16_units(flags, precision, isa):
-    assert runtime.resolve_precision("auto", "CPU", flags) == precision
+    assert runtime.resolve_precision("auto", "CPU", flags, runtime.isa_cap(flags)) == precision
     assert runtime.isa_cap(flags) == isa
     assert runtime.isa_cap(flags, native_kernels=False) == "AVX2"  # MindSpore's own convs want AVX2
 
 
-def test_explicit_precision_and_other_devices():
-    assert runtime.resolve_precision("fp32", "CPU", AMX) == "fp32"
-    assert runtime.resolve_precision("bf16", "CPU", AVX2_ONLY) == "bf16"  # asked for: oneDNN emulates it
+def test_explicit_precision_the_users_isa_cap_and_other_devices(caplog):
+    assert runtime.resolve_precision("fp32", "CPU", AMX, "AVX512_CORE_AMX") == "fp32"
+    assert runtime.resolve_precision("bf16", "CPU", AMX, "AVX512_CORE_AMX") == "bf16"
+    assert runtime.resolve_precision("auto", "CPU", AMX, "AVX2") == "fp32"  # the user capped oneDNN at AVX2
+    assert runtime.resolve_precision("bf16", "CPU", AMX, "AVX2") == "fp32"
+    assert "unset it" in caplog.text
+    assert runtime.resolve_precision("bf16", "CPU", AVX2_ONLY, "AVX2") == "fp32"
+    assert "no bf16 units" in caplog.text
     for target in ("GPU", "Ascend"):
-        assert runtime.resolve_precision("auto", target, AMX) == "fp32"  # MindSpore's own path
+        assert runtime.resolve_precision("auto", target, AMX, "AVX512_CORE_AMX") == "fp32"  # MindSpore's own path
     with pytest.raises(ValueError, match="precision must be one of"):
         runtime.resolve_precision("fp16", "CPU", AMX)
 

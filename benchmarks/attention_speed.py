@@ -20,7 +20,8 @@ from mindspore import nn
 
 from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
 from ddpm.kernels.build import native_library
-from ddpm.unet import NORM_EPS, _ChannelNorm, _FullAttention, _LinearAttention
+from ddpm.layers import _ChannelNorm, _FullAttention, _LinearAttention
+from ddpm.unet import NORM_EPS
 
 HEADS, DIM_HEAD = 4, 32  # every attention of the U-Net
 # (channels, size) of each LinearAttention (and its ChannelLayerNorm) of Unet(dim=28, dim_mults=(1, 2, 4)),

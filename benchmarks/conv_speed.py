@@ -102,6 +102,7 @@ def implementations(conv: Conv) -> dict:
     library = native_library()
     if library is not None:
         found["onednn"] = NativeConv2d(library, conv.stride, conv.pad, conv.groups, conv.transposed)
+        found["onednn_bf16"] = NativeConv2d(library, conv.stride, conv.pad, conv.groups, conv.transposed, bf16=True)
     return found
 
 
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--kinds", default="all", help="all, or one of dw, conv, convT")
+    parser.add_argument("--impls", default="", help="comma-separated subset, e.g. onednn,onednn_bf16")
     args = parser.parse_args()
     ms.set_device("CPU")
     rng = np.random.default_rng(0)
@@ -136,7 +138,7 @@ def main() -> None:
         w = ms.Tensor(rng.standard_normal(weight_shape(conv)) / conv.kernel, ms.float32)
         p = ms.Tensor(rng.standard_normal((args.batch, conv.c_out, out_size, out_size)), ms.float32)
         steps = {name: ms.jit(ms.grad(Projected(cell, p), grad_position=(0, 1)))
-                 for name, cell in implementations(conv).items()}
+                 for name, cell in implementations(conv).items() if not args.impls or name in args.impls.split(",")}
         ms_per_step = {name: round(time_step(step, (x, w), args.repeats), 3) for name, step in steps.items()}
         uses = NETWORK.count(conv)
         kind = totals.setdefault(str(conv).split(" ")[0], {})

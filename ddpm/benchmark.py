@@ -1,10 +1,13 @@
 """`ddpm benchmark`: training and sampling throughput of the configured U-Net, as JSON.
 
-Reports the same figures as the PyTorch reference in ../shared/bench (img_s_best, img_s_med,
-ms_min, the other processes' share of the CPU while timing) so the two can be compared.
+Reports the same figures as the PyTorch reference in benchmarks/torch_reference.py (img_s_best, img_s_med,
+ms_min, the other processes' share of the CPU while timing) so the two can be compared, and the
+wall time of drawing 64 images with DDIM-50 through `ddpm sample`'s code (draw_samples). Every
+record carries the precision in force and the ISA oneDNN dispatched to.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -15,11 +18,13 @@ import numpy as np
 
 from ddpm.config import Config
 from ddpm.diffusion import make_noise_predictor
-from ddpm.runtime import runtime_settings, select_device
+from ddpm.runtime import effective_isa, runtime_settings, select_device
+from ddpm.sampling import draw_samples
 from ddpm.train import Trainer
 
 TARGET_SECONDS = 4.0  # each timed repeat runs about this long
 MAX_STEPS = 200
+DDIM_IMAGES, DDIM_STEPS = 64, 50  # the sampling figure users wait for: one grid
 
 
 def cpu_busy_seconds() -> float:
@@ -90,15 +95,38 @@ def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
             "evals_s_med": round(1 / med, 2), "img_s_best": round(batch / best, 1)}
 
 
+def bench_ddim(config: Config, repeats: int) -> dict:
+    """Wall time of DDIM-50 for 64 images in one batch, as `ddpm sample` draws them (after compiling)."""
+    trainer = Trainer(config)
+    sample = dataclasses.replace(config.sample, sampler="ddim", steps=DDIM_STEPS, num=DDIM_IMAGES,
+                                 batch_size=DDIM_IMAGES)
+    config = dataclasses.replace(config, sample=sample)
+    predict = trainer.noise_predictor()
+    shape = (DDIM_IMAGES, config.model.channels, config.model.image_size, config.model.image_size)
+    predict(np.zeros(shape, np.float32), np.zeros((DDIM_IMAGES,), np.int32))  # compile
+    walls = []
+    for seed in range(repeats):
+        started = time.perf_counter()
+        draw_samples(predict, trainer.diffusion, config, seed=seed, progress=False)
+        walls.append(time.perf_counter() - started)
+    return {"what": "ddim", "batch": DDIM_IMAGES, "steps": DDIM_STEPS, "repeats": repeats,
+            "wall_s_min": round(min(walls), 2), "wall_s_med": round(float(np.median(walls)), 2)}
+
+
 def run_benchmark(config: Config, train_batches=(16, 128), sample_batch: int = 64, repeats: int = 3,
-                  warmup: int = 3) -> list[dict]:
+                  warmup: int = 3, ddim: bool = True) -> list[dict]:
     """One JSON-ready record per measurement, each carrying the settings in force."""
     select_device(config.train.device)
+    from ddpm.layers import network_layers
     from ddpm.unet import build_unet, count_parameters
 
     settings = {**runtime_settings(), "python": platform.python_version(), "numpy": np.__version__,
-                "cpus": os.cpu_count(), "params": count_parameters(build_unet(config.model)),
-                "model": config.to_dict()["model"]}
+                "cpus": os.cpu_count(), "params": count_parameters(build_unet(config.model, config.train.precision)),
+                "model": config.to_dict()["model"], "precision_setting": config.train.precision,
+                "precision": network_layers(config.train.precision).precision}
     records = [bench_train(config, b, repeats, warmup) for b in train_batches]
     records.append(bench_sample(config, sample_batch, repeats, warmup))
+    if ddim:
+        records.append(bench_ddim(config, repeats))
+    settings["onednn_isa"] = effective_isa()  # what oneDNN dispatched to, now that it has run
     return [{**settings, **r} for r in records]

@@ -13,14 +13,15 @@ from typing import Any, Literal
 
 import yaml
 
+from ddpm.data import TEST_SIZE
+from ddpm.errors import ConfigError
+
 Device = Literal["auto", "CPU", "GPU", "Ascend"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim"]
-from ddpm.data import TEST_SIZE
-from ddpm.errors import ConfigError
-
+Precision = Literal["auto", "fp32", "bf16"]
 MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"  # the convs' products, training and sampling; auto: bf16 where the CPU has bf16 units
     threads: int = 0  # CPU kernel threads; 0 = MindSpore's default. 1 lets two runs pinned one per core make ~1.3x
     workers: int = 1  # data-parallel processes under msrun, each on batch_size / workers images of every batch
     checkpoint_dir: str = "checkpoints"

@@ -1,23 +1,35 @@
-"""Fast CPU formulations of the U-Net's GroupNorm, GELU and convolutions, same math as MindSpore's.
+"""Every layer the U-Net uses, built in one place: `Layers` decides native or reference, and the precision.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
 it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
-has the profile). These cells compute the same functions through faster kernels. Parameter
-names, shapes and initialisation equal the reference cells', so checkpoints load into either;
-tests/test_layers.py holds outputs and gradients to the reference.
+has the profile). `Layers(native=True)` builds each layer on ddpm/kernels' C++ operators (or,
+where those cannot be built, on the faster MindSpore formulations below); `Layers(native=False)`
+builds MindSpore's own cells, the reference the others are tested against. `precision="bf16"`
+runs the convolutions' products in bfloat16 on the native kernels (f32 in and out, f32
+accumulation). Parameter names, shapes and initialisation are the same whichever is built, so
+checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs and
+gradients to the reference.
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
 
+from ddpm import runtime
+from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
+
+log = logging.getLogger(__name__)
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -33,15 +45,14 @@ class GELU(nn.Cell):
 class LayerGroupNorm(nn.Cell):
     """GroupNorm with one group (normalise each sample over C, H, W), then a per-channel affine.
 
-    `native` runs it as one C++ operator each way (ddpm/kernels); without it, or where that
-    cannot be built, as MindSpore kernels with a hand-written gradient (_Normalize).
+    With the native `library` one C++ operator each way (ddpm/kernels); without it as MindSpore
+    kernels with a hand-written gradient (_Normalize).
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, native: bool = True):
+    def __init__(self, num_channels: int, eps: float = 1e-5, library: Path | None = None):
         super().__init__()
         self.gamma = ms.Parameter(ops.ones((num_channels,), ms.float32), name="gamma")
         self.beta = ms.Parameter(ops.zeros((num_channels,), ms.float32), name="beta")
-        library = native_library() if native else None
         self.normalize = NativeGroupNorm(library, eps) if library is not None else _Normalize(eps)
 
     def construct(self, x):
@@ -89,17 +100,16 @@ class DepthwiseConv2d(nn.Cell):
 
     MindSpore hands grouped convolutions to oneDNN in plain NCHW, which leaves it im2col + GEMM
     per group; forward, input and weight gradient were among the slowest kernels of the step.
-    `native` runs all three as oneDNN's direct depthwise kernels through ddpm/kernels (the layout
-    conversions happen inside the operator); where those cannot be built, or with native=False,
-    the MindSpore formulation: the input gradient as the forward conv with the flipped kernel,
-    the weight gradient MindSpore's.
+    With the native `library` all three run as oneDNN's direct depthwise kernels through
+    ddpm/kernels (the layout conversions happen inside the operator; always float32: in bf16 they
+    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input gradient as the forward conv with the flipped
+    kernel, the weight gradient MindSpore's.
     """
 
-    def __init__(self, channels: int, kernel_size: int, native: bool = True):
+    def __init__(self, channels: int, kernel_size: int, library: Path | None = None):
         super().__init__()
         self.weight = ms.Parameter(initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)),
                                    name="weight")  # nn.Conv2d's default init
-        library = native_library() if native else None
         if library is not None:
             self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels)
         else:
@@ -130,40 +140,164 @@ class _DepthwiseConv(nn.Cell):
         return dx, self.weight_grad(dout, x, weight.shape)
 
 
-def group_norm(num_channels: int, eps: float, fast: bool = True) -> nn.Cell:
-    """GroupNorm(1, C): the fast formulation, or MindSpore's own cell as the reference."""
-    return LayerGroupNorm(num_channels, eps) if fast else nn.GroupNorm(1, num_channels, eps=eps)
+def split_heads(x, heads: int):
+    """(B, heads*d, H, W) -> (B, heads, d, H*W)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, heads, c // heads, h * w)
 
 
-def depthwise_conv(channels: int, kernel_size: int, fast: bool = True) -> nn.Cell:
-    """A depthwise conv with 'same' padding: the fast formulation, or nn.Conv2d as the reference."""
-    if fast:
-        return DepthwiseConv2d(channels, kernel_size)
-    return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=channels)
+def split_qkv(qkv, heads: int):
+    """(B, 3*heads*d, H, W), the to_qkv conv's output -> q, k, v, each (B, heads, d, H*W)."""
+    q, k, v = ops.chunk(qkv, 3, axis=1)
+    return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-           fast: bool = True) -> nn.Cell:
-    """nn.Conv2d with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
-    library = native_library() if fast else None
-    if library is None:
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
-    return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding)
+class _FullAttention(nn.Cell):
+    """(B, 3 * heads * d, H, W) q, k, v -> (B, heads * d, H, W), in MindSpore's own operators."""
+
+    def __init__(self, heads: int, scale: float):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+
+    def construct(self, qkv):
+        b, _, h, w = qkv.shape
+        q, k, v = split_qkv(qkv, self.heads)
+        q = q * self.scale
+        attn = ops.softmax(ops.matmul(q.swapaxes(2, 3), k), axis=-1)  # (B, heads, HW, HW)
+        out = ops.matmul(attn, v.swapaxes(2, 3))  # (B, heads, HW, d)
+        return out.swapaxes(2, 3).reshape(b, -1, h, w)  # (B, heads, d, HW) -> (B, heads*d, H, W)
 
 
-def conv_transpose2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                     fast: bool = True) -> nn.Cell:
-    """nn.Conv2dTranspose with symmetric padding, on oneDNN's direct kernels when fast and they can be built."""
-    library = native_library() if fast else None
-    if library is None:
-        return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
-    return Conv2dTranspose(library, in_channels, out_channels, kernel_size, stride, padding)
+class _LinearAttention(nn.Cell):
+    """(B, 3 * heads * d, H, W) q, k, v -> (B, heads * d, H, W), in MindSpore's own operators."""
+
+    def __init__(self, heads: int, scale: float):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+
+    def construct(self, qkv):
+        b, _, h, w = qkv.shape
+        q, k, v = split_qkv(qkv, self.heads)
+        q = ops.softmax(q, axis=-2) * self.scale
+        k = ops.softmax(k, axis=-1)
+        v = v / (h * w)
+        context = ops.matmul(k, v.swapaxes(2, 3))  # (B, heads, d, d)
+        out = ops.matmul(context.swapaxes(2, 3), q)  # (B, heads, d, HW)
+        return out.reshape(b, -1, h, w)  # (B, heads, d, HW) -> (B, heads*d, H, W)
 
 
-def gelu(fast: bool = True) -> nn.Cell:
-    """Tanh-approximated GELU: the native operator, else the fast formulation, or MindSpore's own
-    cell as the reference."""
-    if not fast:
-        return nn.GELU()
-    library = native_library()
-    return NativeGELU(library) if library is not None else GELU()
+class _ChannelNorm(nn.Cell):
+    """(x, g) -> the channel LayerNorm in MindSpore's own operators."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def construct(self, x, g):
+        mean = x.mean(axis=1, keep_dims=True)
+        var = ((x - mean) ** 2).mean(axis=1, keep_dims=True)
+        return (x - mean) * ops.rsqrt(var + self.eps) * g
+
+
+Precision = Literal["fp32", "bf16"]  # resolved: what `train.precision: auto` becomes (runtime.resolve_precision)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The U-Net's layer factory: the one place that picks an implementation for each layer.
+
+    `native`: ddpm/kernels' operators where the library builds (else the faster MindSpore
+    formulations above); False: MindSpore's own cells, the reference. `precision`: "bf16" runs
+    every dense convolution's products in bfloat16 (f32 tensors in and out, f32 accumulation, f32
+    weight gradients; the weights stay f32); the depthwise convs, norms, GELU, attention and all
+    else stay f32.
+    """
+
+    native: bool = True
+    precision: Precision = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "bf16" and not self.native:
+            raise ValueError("precision 'bf16' runs on the native kernels: use native=True or precision 'fp32'")
+
+    @property
+    def library(self) -> Path | None:
+        return native_library() if self.native else None
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" and self.library is not None
+
+    def _mindspore_conv(self, in_channels: int, kernel_size: int) -> bool:
+        """Whether a dense conv stays MindSpore's: always without the library; for the 1x1 convs and the
+        one-channel input conv also while oneDNN runs at AVX2 in fp32, where MindSpore's own is as fast
+        (docs/native-kernels.md) and fp32 results stay those of before. Above AVX2 MindSpore's convs fall to
+        slow kernels, and bf16 needs ours, so every conv is native then."""
+        if self.library is None:
+            return True
+        small = kernel_size == 1 or in_channels == 1
+        return small and not self.bf16 and runtime.mindspore_convs_are_fast()
+
+    def conv2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+               has_bias: bool = False) -> nn.Cell:
+        """nn.Conv2d with symmetric padding."""
+        if self._mindspore_conv(in_channels, kernel_size):
+            return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
+                             has_bias=has_bias)
+        return Conv2d(self.library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
+
+    def conv_transpose2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                         padding: int = 0) -> nn.Cell:
+        """nn.Conv2dTranspose with symmetric padding."""
+        if self.library is None:
+            return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad",
+                                      padding=padding)
+        return Conv2dTranspose(self.library, in_channels, out_channels, kernel_size, stride, padding,
+                               bf16=self.bf16)
+
+    def depthwise_conv(self, channels: int, kernel_size: int) -> nn.Cell:
+        """A depthwise conv with 'same' padding."""
+        if not self.native:
+            return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
+                             group=channels)
+        return DepthwiseConv2d(channels, kernel_size, self.library)
+
+    def group_norm(self, num_channels: int, eps: float) -> nn.Cell:
+        """GroupNorm(1, C)."""
+        if not self.native:
+            return nn.GroupNorm(1, num_channels, eps=eps)
+        return LayerGroupNorm(num_channels, eps, self.library)
+
+    def gelu(self) -> nn.Cell:
+        """Tanh-approximated GELU."""
+        if not self.native:
+            return nn.GELU()
+        return NativeGELU(self.library) if self.library is not None else GELU()
+
+    def channel_norm(self, eps: float) -> nn.Cell:
+        """(x, g) -> the tutorial's channel LayerNorm, (x - mean_c) / sqrt(var_c + eps) g."""
+        library = self.library
+        return NativeChannelLayerNorm(library, eps) if library is not None else _ChannelNorm(eps)
+
+    def linear_attention(self, heads: int, scale: float) -> nn.Cell:
+        """The core of linear attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
+        library = self.library
+        return linear_attention_core(library, heads, scale) if library is not None else _LinearAttention(heads, scale)
+
+    def full_attention(self, heads: int, scale: float) -> nn.Cell:
+        """The core of softmax attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
+        library = self.library
+        return full_attention_core(library, heads, scale) if library is not None else _FullAttention(heads, scale)
+
+
+def network_layers(precision: str = "auto") -> Layers:
+    """The layers a training or sampling network is built with: native, in the precision that
+    `precision` (auto | fp32 | bf16, train.precision) resolves to on this device and processor."""
+    resolved = runtime.resolve_precision(precision)
+    if resolved == "bf16" and native_library() is None:
+        log.warning("precision bf16 needs the native kernels, which are unavailable: running fp32")
+        resolved = "fp32"
+    return Layers(native=True, precision=resolved)

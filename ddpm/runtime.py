@@ -1,13 +1,17 @@
-"""Process-level settings for MindSpore: fast CPU defaults, quiet logs, device selection.
+"""Process-level settings for MindSpore: fast CPU defaults, quiet logs, device selection, precision.
 
 MindSpore reads its environment when it is first imported, so `apply_env_defaults` runs from
 `ddpm/__init__.py`, before any module here imports mindspore. Each value is a default: a
-variable the user has already set wins.
+variable the user has already set wins. oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) is chosen per
+processor (`isa_cap`), and `resolve_precision` turns `train.precision: auto` into fp32 or bf16;
+both read the processor's flags through `cpu_flags`, the one place that detects them.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from pathlib import Path
 
 from ddpm.errors import DeviceError
 
@@ -17,16 +21,115 @@ log = logging.getLogger(__name__)
 # tutorial U-Net at batch 16 took ~18 s; with them ~0.6 s.
 ENV_DEFAULTS = {
     "GLOG_v": "3",  # MindSpore's C++ log level: errors only, no [WARNING] flood
-    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN's AVX-512 kernels were far slower on this CPU
     "MS_DEV_HOST_BLOCKING_RUN": "1",  # run kernels synchronously: no host/device thread ping-pong
 }
+ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # oneDNN reads it when it first dispatches a kernel, process-wide
+# MindSpore hands its own convs to oneDNN in plain NCHW: at AVX2 that is im2col + GEMM, above it
+# jit_uni_ncsp (20x slower, docs/performance.md). So the cap stays AVX2 unless every conv runs on
+# ddpm/kernels, which the layers do whenever the cap is above these.
+MINDSPORE_CONV_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+FALLBACK_ISA = "AVX2"
+# The processor's bf16 matrix units, as /proc/cpuinfo names them, best first, and the oneDNN ISA
+# cap that reaches them (measured: docs/performance.md).
+BF16_ISAS = (("amx_bf16", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512_CORE_BF16"))
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_KERNELS_ENV = "DDPM_NATIVE_KERNELS"  # "0": MindSpore's own operators (ddpm/kernels/build.py)
+PRECISION_SETTINGS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The processor's feature flags (the `flags` line of /proc/cpuinfo, what lscpu shows); empty
+    where there is none (not Linux, not x86)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def bf16_isa(flags: frozenset[str]) -> str | None:
+    """The oneDNN ISA cap for the processor's bf16 matrix units, or None if it has none."""
+    return next((isa for flag, isa in BF16_ISAS if flag in flags), None)
+
+
+def isa_cap(flags: frozenset[str], native_kernels: bool = True) -> str:
+    """ONEDNN_MAX_CPU_ISA for this processor: its bf16 ISA where it has one and every conv runs on
+    ddpm/kernels, else AVX2 (MindSpore's own convs are fast only there)."""
+    isa = bf16_isa(flags) if native_kernels else None
+    return isa or FALLBACK_ISA
 
 
 def apply_env_defaults() -> dict[str, str]:
     """Set each default that the user has not set; return the values now in force."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in ENV_DEFAULTS}
+    os.environ.setdefault(ISA_ENV, isa_cap(cpu_flags(), os.environ.get(NATIVE_KERNELS_ENV) != "0"))
+    return {key: os.environ[key] for key in (*ENV_DEFAULTS, ISA_ENV)}
+
+
+def mindspore_convs_are_fast() -> bool:
+    """Whether oneDNN's cap in force leaves MindSpore's own convolutions on their fast (AVX2) kernels."""
+    return os.environ.get(ISA_ENV, "").upper() in MINDSPORE_CONV_ISAS
+
+
+def lower_isa_cap() -> None:
+    """Back to AVX2 for MindSpore's own convs when ddpm/kernels cannot be built; effective while
+    oneDNN has dispatched nothing yet (the network is built before its first step)."""
+    if os.environ.get(ISA_ENV) != FALLBACK_ISA:
+        log.warning("%s=%s -> %s: MindSpore's own convolutions are slow above it", ISA_ENV,
+                    os.environ.get(ISA_ENV), FALLBACK_ISA)
+        os.environ[ISA_ENV] = FALLBACK_ISA
+
+
+# dnnl_cpu_isa_t (oneapi/dnnl/dnnl_types.h) -> the names ONEDNN_MAX_CPU_ISA takes
+DNNL_ISAS = {0x1: "SSE41", 0x3: "AVX", 0x7: "AVX2", 0xF: "AVX2_VNNI", 0x1F: "AVX2_VNNI_2", 0x27: "AVX512_CORE",
+             0x67: "AVX512_CORE_VNNI", 0xE7: "AVX512_CORE_BF16", 0x1EF: "AVX10_1_512",
+             0xFEF: "AVX10_1_512_AMX", 0x1FEF: "AVX10_1_512_AMX_FP16", 0x201FF: "AVX10_2_512",
+             0x22FFF: "AVX10_2_512_AMX_2"}
+
+
+def effective_isa() -> str:
+    """The ISA oneDNN dispatches to in this process (its cap and the processor's, whichever is lower),
+    from MindSpore's own libdnnl; "" where that library is missing. Fixes the cap if nothing has yet."""
+    import ctypes
+
+    from ddpm.kernels.build import libdnnl_path
+
+    path = libdnnl_path()
+    if path is None:
+        return ""
+    value = ctypes.CDLL(str(path)).dnnl_get_effective_cpu_isa()
+    return DNNL_ISAS.get(value, hex(value))
+
+
+def resolve_precision(precision: str, target: str | None = None, flags: frozenset[str] | None = None,
+                      isa: str | None = None) -> str:
+    """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's),
+    a processor with `flags` (default: this one's) and oneDNN's cap `isa` (default: the one in force).
+    auto is bf16 where the processor has bf16 matrix units (amx_bf16 or avx512_bf16) and the cap
+    reaches them, else fp32; bf16 asked for where they are missing is fp32, with a warning naming why.
+    A GPU or Ascend keeps MindSpore's own path, fp32."""
+    if precision not in PRECISION_SETTINGS:
+        raise ValueError(f"precision must be one of {PRECISION_SETTINGS}, got {precision!r}")
+    if target is None:
+        import mindspore as ms
+
+        target = ms.get_context("device_target")
+    if target != "CPU" or precision == "fp32":
+        return "fp32"
+    has_units = bf16_isa(cpu_flags() if flags is None else flags) is not None
+    isa = os.environ.get(ISA_ENV, "") if isa is None else isa
+    capped = isa.upper() in MINDSPORE_CONV_ISAS  # oneDNN has no bf16 convs at AVX2
+    if precision == "bf16" and not (has_units and not capped):
+        why = (f"{ISA_ENV}={isa} caps oneDNN below its bf16 kernels (unset it)" if has_units
+               else "this processor has no bf16 units (amx_bf16, avx512_bf16)")
+        log.warning("train.precision is bf16 but %s: running fp32", why)
+    return "bf16" if has_units and not capped else "fp32"
 
 
 def select_device(device: str) -> str:
@@ -72,4 +175,4 @@ def runtime_settings() -> dict[str, str]:
 
     return {"mindspore": ms.__version__, "device": ms.get_context("device_target"),
             "native_kernels": "on" if native_library() is not None else "off (MindSpore's own operators)",
-            **{key: os.environ.get(key, "") for key in ENV_DEFAULTS}}
+            **{key: os.environ.get(key, "") for key in (*ENV_DEFAULTS, ISA_ENV)}}

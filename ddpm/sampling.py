@@ -14,12 +14,12 @@ import mindspore as ms
 import numpy as np
 from tqdm import tqdm
 
-from ddpm.errors import SampleRequestError
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
 from ddpm.config import Config
 from ddpm.diffusion import GaussianDiffusion, NoisePredictor, make_noise_predictor
 from ddpm.runtime import select_device
 from ddpm.unet import build_unet
+from ddpm.errors import SampleRequestError
 
 SAMPLERS = ("ddpm", "ddim")
 REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered model's columns
@@ -132,7 +132,7 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
     """Build the network from the checkpoint's own config and load its EMA weights (if any)."""
     select_device(device)
     state = load_checkpoint(path)
-    net = build_unet(state.config.model)
+    net = build_unet(state.config.model, state.config.train.precision)  # auto for checkpoints from before
     not_loaded, _ = ms.load_param_into_net(net, sampling_weights(state, use_ema), strict_load=True)
     if not_loaded:
         raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")

@@ -128,7 +128,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.limit={config.data.limit} gives no full batch of {config.train.batch_size}")
         ms.set_seed(config.train.seed)  # weight init
-        self.net = build_unet(config.model)
+        self.net = build_unet(config.model, config.train.precision)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.lr = learning_rates(config.train, self.steps_per_epoch)
         self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
@@ -158,7 +158,8 @@ class Trainer:
     def noise_predictor(self):
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
         if self._predict is None:
-            self._sampling_net = build_unet(self.config.model) if self.ema is not None else self.net
+            self._sampling_net = (build_unet(self.config.model, self.config.train.precision) if self.ema is not None
+                                   else self.net)
             self._predict = make_noise_predictor(self._sampling_net)
         if self.ema is not None:
             self.ema.copy_to(self._sampling_net)

@@ -104,8 +104,9 @@ def test_benchmark_prints_json_per_measurement(tmp_path):
                   "--sample-batch", "4", "--repeats", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["what"], r["batch"]) for r in records] == [("train", 4), ("sample", 4)]
-    assert all(r["img_s_best"] > 0 and r["ONEDNN_MAX_CPU_ISA"] == "AVX2" for r in records)
+    assert [(r["what"], r["batch"]) for r in records] == [("train", 4), ("sample", 4), ("ddim", 64)]
+    assert all(r["onednn_isa"] and r["precision"] in ("fp32", "bf16") for r in records)
+    assert all(r["img_s_best"] > 0 for r in records[:2]) and records[2]["wall_s_min"] > 0
     assert all(r["native_kernels"] == "on" for r in records)  # the default path runs the fast operators
     assert records[1]["evals_s_best"] > 0
     assert not [key for r in records for key in r if key.startswith("_")], "internal fields leaked"

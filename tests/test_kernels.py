@@ -5,12 +5,14 @@ Same tolerances as test_layers.py: float32 sums in a different order, far under 
 the math (a wrong pad, a flipped kernel or a transposed weight fails).
 """
 import logging
+import os
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
 
+from ddpm import runtime
 from ddpm.config import ModelConfig
 from ddpm.kernels import build
 from ddpm.kernels.attention import (NativeAttentionCore, NativeChannelLayerNorm, full_attention_core,
@@ -18,12 +20,14 @@ from ddpm.kernels.attention import (NativeAttentionCore, NativeChannelLayerNorm,
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
-from ddpm.layers import GELU, DepthwiseConv2d, LayerGroupNorm, _DepthwiseConv, _Normalize
-from ddpm.unet import (Attention, ChannelLayerNorm, LinearAttention, _ChannelNorm, _FullAttention, _LinearAttention,
-                       build_unet)
+from ddpm.layers import (GELU, DepthwiseConv2d, LayerGroupNorm, Layers, _ChannelNorm, _DepthwiseConv, _FullAttention,
+                         _LinearAttention, _Normalize, network_layers)
+from ddpm.runtime import ISA_ENV
+from ddpm.unet import Attention, ChannelLayerNorm, LinearAttention, build_unet
 
 RTOL, ATOL = 1e-4, 1e-5
 BATCH = 4
+NATIVE, REFERENCE = Layers(native=True), Layers(native=False)
 
 # (channels, size) of every depthwise conv in Unet(dim=28, dim_mults=(1, 2, 4)), the trained net
 NETWORK_DEPTHWISE = [(18, 28), (28, 28), (28, 14), (56, 14), (56, 7), (112, 7), (224, 7), (112, 14)]
@@ -66,7 +70,7 @@ def assert_same_function(fast: nn.Cell, ref: nn.Cell, x_shape):
 @pytest.mark.parametrize("channels, size", NETWORK_DEPTHWISE)
 def test_native_depthwise_equals_mindspores_grouped_conv(library, channels, size):
     ref = nn.Conv2d(channels, channels, 7, pad_mode="pad", padding=3, group=channels)
-    assert_same_function(DepthwiseConv2d(channels, 7), ref, (BATCH, channels, size, size))
+    assert_same_function(DepthwiseConv2d(channels, 7, library), ref, (BATCH, channels, size, size))
 
 
 # (in, out, kernel, stride, padding, size, bias): the U-Net's 3x3 convs at each resolution, its
@@ -90,21 +94,26 @@ def test_native_transposed_conv_equals_mindspores(library, c_in, c_out, size, bi
 
 
 def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library):
-    assert isinstance(DepthwiseConv2d(8, 7).conv, NativeConv2d)
-    assert isinstance(DepthwiseConv2d(8, 7, native=False).conv, _DepthwiseConv)
+    assert isinstance(NATIVE.depthwise_conv(8, 7).conv, NativeConv2d)
+    assert isinstance(DepthwiseConv2d(8, 7).conv, _DepthwiseConv)
+    assert type(REFERENCE.depthwise_conv(8, 7)) is nn.Conv2d
 
 
 def test_the_training_network_runs_its_convs_norms_gelus_and_attention_natively(library):
-    kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
-    assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm, NativeChannelLayerNorm,
-            NativeAttentionCore} <= kinds
-    assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize, _ChannelNorm, _LinearAttention, _FullAttention}
+    for precision in ("fp32", "bf16"):
+        kinds = {type(cell) for _, cell in build_unet(ModelConfig(), precision).cells_and_names()}
+        assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm, NativeChannelLayerNorm,
+                NativeAttentionCore} <= kinds
+        assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize, _ChannelNorm, _LinearAttention, _FullAttention}
+        if network_layers(precision).bf16 or not runtime.mindspore_convs_are_fast():  # MindSpore's: slow kernels
+            assert nn.Conv2d not in kinds, "every conv on ddpm/kernels"
 
 
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """native_library() as in a new process, with its cache under tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(ISA_ENV, os.environ[ISA_ENV])  # restored after a fallback lowers it
     native_library.cache_clear()
     yield tmp_path
     native_library.cache_clear()
@@ -123,8 +132,8 @@ def test_missing_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert native_library() is None
         assert native_library() is None
-        assert isinstance(DepthwiseConv2d(8, 7).conv, _DepthwiseConv)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert isinstance(NATIVE.depthwise_conv(8, 7).conv, _DepthwiseConv)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == build.__name__]
     assert len(warnings) == 1 and "install g++" in warnings[0]
 
 
@@ -159,7 +168,7 @@ def test_native_gelu_on_a_time_embedding(library):
 @pytest.mark.parametrize("channels, size", NETWORK_NORMS)
 @pytest.mark.parametrize("offset", [0.0, 50.0])  # a large mean: a cancelling variance or gradient would show
 def test_native_group_norm_equals_mindspores(library, channels, size, offset):
-    fast, ref = LayerGroupNorm(channels, 1e-5), nn.GroupNorm(1, channels, eps=1e-5)
+    fast, ref = LayerGroupNorm(channels, 1e-5, library), nn.GroupNorm(1, channels, eps=1e-5)
     assert isinstance(fast.normalize, NativeGroupNorm)
     rng = np.random.default_rng(channels)
     x = rng.standard_normal((BATCH, channels, size, size)) * 3 + offset
@@ -175,7 +184,7 @@ MID_ATTENTION = (112, 7)
 @pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
 @pytest.mark.parametrize("offset", [0.0, 20.0])  # a large mean: a cancelling variance or gradient would show
 def test_native_channel_layer_norm_equals_mindspores(library, channels, size, offset):
-    fast, ref = ChannelLayerNorm(channels), ChannelLayerNorm(channels, fast=False)
+    fast, ref = ChannelLayerNorm(NATIVE, channels), ChannelLayerNorm(REFERENCE, channels)
     assert isinstance(fast.normalize, NativeChannelLayerNorm)
     x = np.random.default_rng(channels).standard_normal((BATCH, channels, size, size)) * 3 + offset
     assert_same_function(fast, ref, x)
@@ -183,14 +192,14 @@ def test_native_channel_layer_norm_equals_mindspores(library, channels, size, of
 
 @pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
 def test_native_linear_attention_equals_mindspores(library, channels, size):
-    fast, ref = LinearAttention(channels), LinearAttention(channels, fast=False)
+    fast, ref = LinearAttention(NATIVE, channels), LinearAttention(REFERENCE, channels)
     assert isinstance(fast.attend, NativeAttentionCore)
     assert_same_function(fast, ref, (BATCH, channels, size, size))
 
 
 def test_native_full_attention_equals_mindspores(library):
     channels, size = MID_ATTENTION
-    fast, ref = Attention(channels), Attention(channels, fast=False)
+    fast, ref = Attention(NATIVE, channels), Attention(REFERENCE, channels)
     assert isinstance(fast.attend, NativeAttentionCore)
     assert_same_function(fast, ref, (BATCH, channels, size, size))
 

@@ -42,7 +42,7 @@ def test_gelu_equals_mindspores_tanh_gelu_with_gradient():
 def test_group_norm_equals_mindspores_with_gradients(shape):
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal(shape) * 3 + 1, ms.float32)
-    fast, ref = LayerGroupNorm(shape[1], 1e-5), nn.GroupNorm(1, shape[1], eps=1e-5)
+    fast, ref = LayerGroupNorm(shape[1], 1e-5), nn.GroupNorm(1, shape[1], eps=1e-5)  # MindSpore formulation
     gamma, beta = rng.standard_normal((2, shape[1]))
     for cell in (fast, ref):  # a non-trivial affine, the same in both
         cell.gamma.set_data(ms.Tensor(gamma, ms.float32))
@@ -55,10 +55,10 @@ def test_group_norm_equals_mindspores_with_gradients(shape):
 
 
 @pytest.mark.parametrize("dim, dim_mults", [(8, (1, 2)), (28, (1, 2, 4))])
-def test_fast_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults):
+def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults):
     ms.set_seed(0)
-    fast = Unet(dim, 1, dim_mults, fast=True)
-    ref = Unet(dim, 1, dim_mults, fast=False)
+    fast = Unet(dim, 1, dim_mults, native=True)
+    ref = Unet(dim, 1, dim_mults, native=False)
     fast_names = [p.name for p in fast.trainable_params()]
     assert fast_names == [p.name for p in ref.trainable_params()], "checkpoints must load into either"
     ms.load_param_into_net(ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()},
@@ -80,7 +80,7 @@ def test_the_training_network_uses_the_fast_formulations():
     from ddpm.layers import DepthwiseConv2d
     from ddpm.unet import build_unet
 
-    kinds = {type(cell) for _, cell in build_unet(ModelConfig()).cells_and_names()}
+    kinds = {type(cell) for _, cell in build_unet(ModelConfig(), "fp32").cells_and_names()}
     assert {LayerGroupNorm, DepthwiseConv2d} <= kinds
     assert kinds & {GELU, NativeGELU}  # NativeGELU where ddpm/kernels builds (tests/test_kernels.py)
     assert not kinds & {nn.GELU, nn.GroupNorm}

@@ -219,8 +219,8 @@ def test_evaluation_settings_do_not_block_a_resume():
 def test_nan_loss_stops_within_one_step(tiny_config, monkeypatch):
     build = train_module.build_unet
 
-    def poisoned(model_config):
-        net = build(model_config)
+    def poisoned(model_config, *precision):
+        net = build(model_config, *precision)
         p = net.trainable_params()[0]
         p.set_data(p.value() * float("nan"))
         return net

@@ -67,6 +67,9 @@ def native_library() -> Path | None:
     except KernelUnavailable as err:
         log.warning("native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
                     "slower training): %s", err)
+        from ddpm.runtime import lower_isa_cap  # here: runtime imports this module
+
+        lower_isa_cap()
         return None
 
 
@@ -82,15 +85,21 @@ def find_toolchain() -> Toolchain:
     if not headers:
         raise KernelUnavailable(f"oneDNN headers missing: install the project's dependencies "
                                 f"(uv sync; the {HEADERS_PACKAGE} package)")
-    spec = importlib.util.find_spec("mindspore")
-    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL if spec else None
-    if libdnnl is None or not libdnnl.is_file():
+    libdnnl = libdnnl_path()
+    if libdnnl is None:
         raise KernelUnavailable(f"MindSpore's {LIBDNNL} not found: install the mindspore CPU wheel pinned in "
                                 "pyproject.toml")
     toolchain = Toolchain(compiler, Path(headers[0]).resolve().parents[2], libdnnl,
                           importlib.metadata.version("mindspore"))
     check_versions(toolchain)
     return toolchain
+
+
+def libdnnl_path() -> Path | None:
+    """MindSpore's own oneDNN (mindspore/lib/libdnnl.so.3), or None where it is missing."""
+    spec = importlib.util.find_spec("mindspore")
+    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL if spec else None
+    return libdnnl if libdnnl is not None and libdnnl.is_file() else None
 
 
 def header_version(include_dir: Path) -> tuple[int, int]:

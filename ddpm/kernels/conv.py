@@ -23,14 +23,18 @@ class NativeConv2d(nn.Cell):
     The weight is MindSpore's: (C_out, C_in / groups, k, k) for a conv, (C_in, C_out / groups, k, k)
     for a transposed conv (nn.Conv2dTranspose's). The forward and the backward are each one
     custom operator; the backward returns the input and the weight gradients together so the
-    incoming gradient is converted to oneDNN's layout once.
+    incoming gradient is converted to oneDNN's layout once. With `bf16` the operators convert x, the
+    weight and the incoming gradient to bfloat16 inside (tensors in and out stay float32) and
+    oneDNN accumulates in float32: the outputs and both gradients are float32.
     """
 
-    def __init__(self, library: Path, stride: int = 1, pad: int = 0, groups: int = 1, transposed: bool = False):
+    def __init__(self, library: Path, stride: int = 1, pad: int = 0, groups: int = 1, transposed: bool = False,
+                 bf16: bool = False):
         super().__init__()
         self.stride, self.pad, self.groups, self.transposed = stride, pad, groups, transposed
-        # stride_h, stride_w, pad top/left/bottom/right, groups, transposed: read by the C++ side
-        self.config = ms.Tensor(np.array([stride, stride, pad, pad, pad, pad, groups, int(transposed)], np.int64))
+        # stride_h, stride_w, pad top/left/bottom/right, groups, transposed, bf16: read by the C++ side
+        self.config = ms.Tensor(np.array([stride, stride, pad, pad, pad, pad, groups, int(transposed), int(bf16)],
+                                         np.int64))
         self.forward_op = aot_op(library, "ConvForward", out_shape=self.output_shape)
         dx_dw = lambda x, w, dy, config: (x, w)  # noqa: E731
         self.backward_op = aot_op(library, "ConvBackward", dx_dw, dx_dw)
@@ -62,17 +66,17 @@ class Conv2d(_NativeForward, nn.Conv2d):
     """nn.Conv2d with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
 
     def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, has_bias: bool = False):
+                 padding: int = 0, has_bias: bool = False, bf16: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
                          has_bias=has_bias)
-        self.native = NativeConv2d(library, stride, padding)
+        self.native = NativeConv2d(library, stride, padding, bf16=bf16)
 
 
 class Conv2dTranspose(_NativeForward, nn.Conv2dTranspose):
     """nn.Conv2dTranspose with symmetric padding run by NativeConv2d: the same parameters and initialisation."""
 
     def __init__(self, library: Path, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, has_bias: bool = False):
+                 padding: int = 0, has_bias: bool = False, bf16: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
                          has_bias=has_bias)
-        self.native = NativeConv2d(library, stride, padding, transposed=True)
+        self.native = NativeConv2d(library, stride, padding, transposed=True, bf16=bf16)

@@ -7,11 +7,14 @@
 // which is several times faster for the depthwise convs (docs/performance.md has the figures). Tensors in and out stay MindSpore's NCHW and
 // (O, I/groups, kH, kW) weights, so the Python side is a drop-in for ops.Conv2D.
 //
-// Operators (MindSpore aot signature: inputs, then outputs; float32 only):
+// Operators (MindSpore aot signature: inputs, then outputs; float32 tensors only):
 //   ConvForward(x, w, cfg) -> y
 //   ConvBackward(x, w, dy, cfg) -> (dx, dw)
 // cfg is an int64 tensor: stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, groups,
-// transposed (0/1). A transposed conv is the adjoint of the conv from y's shape to x's shape.
+// transposed (0/1), bf16 (0/1). A transposed conv is the adjoint of the conv from y's shape to x's
+// shape. With bf16 the primitives read bfloat16 sources, weights and incoming gradients (the
+// reorders into their layouts convert, round to nearest even) and write float32 outputs and
+// gradients, accumulating in float32: oneDNN's AVX512_BF16 / AMX kernels.
 // Primitives are created once per shape and kept; calls are serialised by one mutex because the
 // staging buffers and the thread pool are shared.
 #include <sched.h>
@@ -49,7 +52,7 @@ using dnnl::memory;
 using tag = memory::format_tag;
 using dims = memory::dims;
 
-constexpr int kConfigLength = 8;
+constexpr int kConfigLength = 9;
 constexpr size_t kAlignment = 64;  // one cache line; oneDNN's JIT kernels want aligned buffers
 
 // Staging buffers shared by all plans (calls are serialised), so memory grows with the largest
@@ -145,9 +148,10 @@ struct Geometry {
   dims src, weights, dst, strides, pad_begin, pad_end;
   int64_t groups;
   bool transposed;
+  bool bf16;
 
   std::vector<int64_t> Key() const {
-    std::vector<int64_t> key{groups, transposed};
+    std::vector<int64_t> key{groups, transposed, bf16};
     for (const dims *d : {&src, &weights, &dst, &strides, &pad_begin, &pad_end}) {
       key.push_back(static_cast<int64_t>(d->size()));
       key.insert(key.end(), d->begin(), d->end());
@@ -165,6 +169,7 @@ Geometry MakeGeometry(const dims &x, const dims &w, const dims &y, const int64_t
   g.pad_end = {cfg[4], cfg[5]};
   g.groups = cfg[6];
   g.transposed = cfg[7] != 0;
+  g.bf16 = cfg[8] != 0;
   g.src = g.transposed ? y : x;
   g.dst = g.transposed ? x : y;
   // MindSpore's (O, I/groups, kH, kW) is oneDNN's goihw with O split into (groups, O/groups).
@@ -177,7 +182,9 @@ memory::desc Plain(const dims &d) {
   return memory::desc(d, memory::data_type::f32, t);
 }
 
-memory::desc Any(const dims &d, tag t) { return memory::desc(d, memory::data_type::f32, t); }
+memory::desc Any(const dims &d, tag t, memory::data_type type = memory::data_type::f32) {
+  return memory::desc(d, type, t);
+}
 
 dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
@@ -219,8 +226,8 @@ class ConvPlan {
     hint_ = ChooseLayout([&](tag activations) {
       return dnnl::convolution_forward::primitive_desc(
           rt.engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-          Any(g.src, activations), Any(g.weights, tag::any), Any(g.dst, activations), g.strides, g.pad_begin,
-          g.pad_end, UserScratchpad());
+          Any(g.src, activations, in_), Any(g.weights, tag::any, in_), Any(g.dst, activations), g.strides,
+          g.pad_begin, g.pad_end, UserScratchpad());
     });
   }
 
@@ -279,8 +286,8 @@ class ConvPlan {
     ConcurrencyScope scope(rt.pool.get_num_threads());
     data_pd_ = ChooseLayout([&](tag activations) {
       return dnnl::convolution_backward_data::primitive_desc(
-          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations), Any(g_.weights, tag::any),
-          Any(g_.dst, activations), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations), Any(g_.weights, tag::any, in_),
+          Any(g_.dst, activations, in_), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
     });
     data_diff_dst_ = Layout(Plain(g_.dst), data_pd_.diff_dst_desc(), true);
     data_weights_ = Layout(Plain(g_.weights), data_pd_.weights_desc(), true);
@@ -293,8 +300,8 @@ class ConvPlan {
     ConcurrencyScope scope(rt.pool.get_num_threads());
     weights_pd_ = ChooseLayout([&](tag activations) {
       return dnnl::convolution_backward_weights::primitive_desc(
-          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations), Any(g_.weights, tag::any),
-          Any(g_.dst, activations), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
+          rt.engine, dnnl::algorithm::convolution_direct, Any(g_.src, activations, in_), Any(g_.weights, tag::any),
+          Any(g_.dst, activations, in_), g_.strides, g_.pad_begin, g_.pad_end, hint_, UserScratchpad());
     });
     weights_src_ = Layout(Plain(g_.src), weights_pd_.src_desc(), true);
     weights_diff_dst_ = Layout(Plain(g_.dst), weights_pd_.diff_dst_desc(), true);
@@ -303,6 +310,8 @@ class ConvPlan {
   }
 
   Geometry g_;
+  // What the primitives read (sources, weights, incoming gradients): bf16 or f32; they write f32.
+  memory::data_type in_ = g_.bf16 ? memory::data_type::bf16 : memory::data_type::f32;
   dnnl::convolution_forward::primitive_desc hint_, fwd_pd_;
   dnnl::convolution_backward_data::primitive_desc data_pd_;
   dnnl::convolution_backward_weights::primitive_desc weights_pd_;
@@ -333,6 +342,7 @@ std::string ProfileLabel(const char *op, int w_ndim, const int64_t *w_shape, con
   if (cfg[6] > 1) label += " depthwise";
   if (cfg[7] != 0) label += " transposed";
   if (cfg[0] > 1) label += " stride " + std::to_string(cfg[0]);
+  if (cfg[8] != 0) label += " bf16";
   return label;
 }
 
@@ -342,7 +352,7 @@ std::string ProfileLabel(const char *op, int w_ndim, const int64_t *w_shape, con
 extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void * /*stream*/, void * /*extra*/) {
   if (nparam != 4 || !AllFloat32(nparam, dtypes, 2) || shapes[2][0] != kConfigLength) {
-    return Fail("ConvForward", "expects float32 x, w, y and an int64 config of length 8");
+    return Fail("ConvForward", "expects float32 x, w, y and an int64 config of length 9");
   }
   return Guarded("ConvForward", [&] {
     const int64_t *cfg = static_cast<const int64_t *>(params[2]);
@@ -361,7 +371,7 @@ extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shap
 extern "C" int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void * /*stream*/, void * /*extra*/) {
   if (nparam != 6 || !AllFloat32(nparam, dtypes, 3) || shapes[3][0] != kConfigLength) {
-    return Fail("ConvBackward", "expects float32 x, w, dy, dx, dw and an int64 config of length 8");
+    return Fail("ConvBackward", "expects float32 x, w, dy, dx, dw and an int64 config of length 9");
   }
   return Guarded("ConvBackward", [&] {
     const int64_t *cfg = static_cast<const int64_t *>(params[3]);

@@ -110,10 +110,12 @@ def start_mlflow_on(workdir: Path, backend_uri: str) -> tuple[subprocess.Popen, 
     port = free_port()
     process = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                      "--backend-store-uri", backend_uri, "--artifacts-destination", str(workdir / "artifacts"),
-                     "--workers", "1"], f"http://127.0.0.1:{port}/health", workdir / "mlflow.log")
+                     "--workers", "1"], f"http://127.0.0.1:{port}/health", workdir / "mlflow.log",
+                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS})
     return process, f"http://127.0.0.1:{port}"
 
 
+NO_JOBS = "false"  # MLflow's server otherwise starts 8 job consumers, for GenAI jobs we never run
 MLFLOW_ADMIN = ("admin", "test-admin-password")  # MLflow ships no admin password and wants >= 12 characters
 
 
@@ -124,7 +126,7 @@ def start_mlflow_basic_auth(workdir: Path) -> tuple[subprocess.Popen, str]:
                       f"admin_username = {MLFLOW_ADMIN[0]}\n")
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_ADMIN[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its 8 job consumers serve GenAI jobs we never run
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS}
     port = free_port()
     process = start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
                      "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",

@@ -170,8 +170,8 @@ def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, m
 
     build = ddpm.train.build_unet
 
-    def poisoned(model_config):  # a NaN weight: the loss is NaN from the first step
-        net = build(model_config)
+    def poisoned(*args, **kwargs):  # a NaN weight: the loss is NaN from the first step
+        net = build(*args, **kwargs)
         weight = net.trainable_params()[0]
         weight.set_data(weight.value() * float("nan"))
         return net
@@ -335,8 +335,8 @@ import ddpm.train
 
 build = ddpm.train.build_unet
 
-def poisoned(model_config):
-    net = build(model_config)
+def poisoned(*args, **kwargs):
+    net = build(*args, **kwargs)
     weight = net.trainable_params()[0]
     weight.set_data(weight.value() * float("nan"))
     return net

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.ckpt$")
 MID_EPOCH_FILE = re.compile(r"^epoch_(\d{4,})_step_(\d{6,})\.ckpt$")
+WRITTEN_FILE = re.compile(r"^\.?epoch_\d{4,}(_step_\d{6,})?(\.partial)?\.(ckpt|tmp)$")  # either, or a temporary of one
 META_PREFIX = "meta."  # keeps metadata apart from tensor names such as Adam's "global_step"
 META_KEYS = ("format_version", "config_yaml", "epoch", "global_step")
 METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoints still load
@@ -35,6 +36,7 @@ EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
 MINDSPORE_TMP_SUFFIX = ".tmp"  # ms.save_checkpoint writes x.tmp, then renames it to x.ckpt
+
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
 
 
@@ -104,6 +106,12 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         elif m := MID_EPOCH_FILE.match(p.name):
             found.append(((int(m.group(1)) - 1, int(m.group(2))), p))
     return [p for _, p in sorted(found)]
+
+
+def written_here(name: str) -> bool:
+    """Whether a file of this name in a checkpoint directory is one this module writes: a checkpoint,
+    its temporary files (ours and MindSpore's), or the writability probe."""
+    return name == WRITE_PROBE or bool(WRITTEN_FILE.match(name))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

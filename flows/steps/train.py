@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ddpm.callbacks import Callback
+from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
 
@@ -30,10 +31,9 @@ log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record of a finished training
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
-# Every name a training writes into its checkpoint directory (ddpm.checkpoint, flows.tracking,
-# flows.parallel, msrun's logs): the only files the pipeline ever deletes there.
-OWNED_FILES = re.compile(r"^(\.?epoch_\d{4,}(_step_\d{6,})?(\.partial)?\.(ckpt|tmp)|\.write_probe|mlflow_run_id"
-                         r"|worker_params\.yaml|\.?fit_result\.json(\.partial)?|finished\.json|\.finished\.json\.partial"
+# The names a training writes into its checkpoint directory besides ddpm.checkpoint's own files
+# (flows.tracking's run id, flows.parallel's, the markers): the only files the pipeline deletes there.
+OWNED_FILES = re.compile(r"^(mlflow_run_id|worker_params\.yaml|\.?fit_result\.json(\.partial)?|\.?finished\.json(\.partial)?"
                          r"|COMPLETE)$")
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
@@ -44,7 +44,7 @@ def foreign_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir()
-                  if not (OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir())))
+                  if not (written_here(p.name) or OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir())))
 
 
 def refuse_foreign_files(directory: Path) -> None:

@@ -2,12 +2,11 @@
 
 Reports the same figures as the PyTorch reference in benchmarks/torch_reference.py (img_s_best, img_s_med,
 ms_min, the other processes' share of the CPU while timing) so the two can be compared, and the
-wall time of drawing 64 images with DDIM-50 through `ddpm sample`'s code (draw_samples). Every
+wall time of drawing 64 images with DDIM-50 through `ddpm sample`'s code (sample_batches). Every
 record carries the precision in force and the ISA oneDNN dispatched to.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -17,9 +16,8 @@ import mindspore as ms
 import numpy as np
 
 from ddpm.config import Config
-from ddpm.diffusion import make_noise_predictor
 from ddpm.runtime import effective_isa, runtime_settings, select_device
-from ddpm.sampling import draw_samples
+from ddpm.sampling import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.train import Trainer
 
 TARGET_SECONDS = 4.0  # each timed repeat runs about this long
@@ -75,8 +73,7 @@ def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
              ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
              ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32))
             for _ in range(4)]
-    decay = ms.Tensor(0.0, ms.float32)
-    result = time_calls(lambda i: trainer.train_step(*pool[i % 4], decay).asnumpy(), repeats, warmup)
+    result = time_calls(lambda i: trainer.train_step(*pool[i % 4], 0.0), repeats, warmup)
     best, med = result.pop("_best"), result.pop("_med")  # before the record is built from what is left
     return {"what": "train", "batch": batch, **result, "img_s_best": round(batch / best, 1),
             "img_s_med": round(batch / med, 1)}
@@ -98,16 +95,15 @@ def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
 def bench_ddim(config: Config, repeats: int) -> dict:
     """Wall time of DDIM-50 for 64 images in one batch, as `ddpm sample` draws them (after compiling)."""
     trainer = Trainer(config)
-    sample = dataclasses.replace(config.sample, sampler="ddim", steps=DDIM_STEPS, num=DDIM_IMAGES,
-                                 batch_size=DDIM_IMAGES)
-    config = dataclasses.replace(config, sample=sample)
     predict = trainer.noise_predictor()
     shape = (DDIM_IMAGES, config.model.channels, config.model.image_size, config.model.image_size)
     predict(np.zeros(shape, np.float32), np.zeros((DDIM_IMAGES,), np.int32))  # compile
     walls = []
     for seed in range(repeats):
         started = time.perf_counter()
-        draw_samples(predict, trainer.diffusion, config, seed=seed, progress=False)
+        request = SampleRequest(DDIM_IMAGES, seed, "ddim", DDIM_STEPS, config.sample.eta)
+        list(sample_batches(predict, trainer.diffusion.schedule, request, config.model, DDIM_IMAGES,
+                            config.sample.clip_x0))
         walls.append(time.perf_counter() - started)
     return {"what": "ddim", "batch": DDIM_IMAGES, "steps": DDIM_STEPS, "repeats": repeats,
             "wall_s_min": round(min(walls), 2), "wall_s_med": round(float(np.median(walls)), 2)}

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from ddpm.checkpoint import CheckpointError, read_ckpt, write_ckpt
 from ddpm.config import ClassifierConfig, Config, config_from_dict
-from ddpm.layers import Layers
 from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
+from ddpm.layers import Layers
+from ddpm.loop import epoch_losses, make_train_step
+from ddpm.lr_schedules import cosine_decay
 from ddpm.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -97,27 +99,6 @@ def make_forward(net: FashionClassifier) -> Forward:
     return run
 
 
-def make_classifier_step(net: FashionClassifier, optimizer: nn.Optimizer):
-    """A jitted step: cross-entropy, gradients, Adam update; returns the loss."""
-    def forward_fn(x, labels):
-        _, logits = net(x)
-        return ops.cross_entropy(logits, labels)
-
-    grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
-
-    @ms.jit
-    def train_step(x, labels):
-        loss, grads = grad_fn(x, labels)
-        return ops.depend(loss, optimizer(grads))
-
-    return train_step
-
-
-def cosine_lr(lr: float, total_steps: int) -> np.ndarray:
-    """Per-step learning rate decaying from `lr` to 0 on a half cosine, float32 (total_steps,)."""
-    return (0.5 * lr * (1 + np.cos(np.pi * np.arange(total_steps) / total_steps))).astype(np.float32)
-
-
 def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     """Train on the training split, measure accuracy on the whole test split, write the checkpoint."""
     c = config.classifier
@@ -126,21 +107,25 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     ms.set_seed(c.seed)  # weight init
     net = FashionClassifier(c.channels, c.features)
     steps = steps_per_epoch(c.limit, c.batch_size)
-    optimizer = nn.Adam(net.trainable_params(), learning_rate=ms.Tensor(cosine_lr(c.lr, steps * c.epochs)))
-    train_step = make_classifier_step(net, optimizer)
+    lr = cosine_decay(c.lr, 0.0, steps * c.epochs).astype(np.float32)
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=ms.Tensor(lr))
+
+    def loss_fn(x, labels):
+        _, logits = net(x)
+        return ops.cross_entropy(logits, labels)
+    train_step = make_train_step(loss_fn, optimizer)
+
+    def step(x: ms.Tensor, labels: ms.Tensor) -> float:
+        return float(train_step(x, labels).asnumpy())
+
     started = time.perf_counter()
     for epoch in range(c.epochs):
         net.set_train(True)
         dataset = build_dataset(config.data.root, c.batch_size, c.seed, epoch, c.limit, flip=False,
                                 num_workers=config.data.num_workers, labels=True)
-        bar = tqdm(dataset.create_tuple_iterator(num_epochs=1), total=steps, unit="step", leave=False,
-                   desc=f"classifier epoch {epoch + 1}/{c.epochs}", disable=not progress)
-        losses = []
-        for x, labels in bar:
-            losses.append(float(train_step(x, labels).asnumpy()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"classifier loss is {losses[-1]} at epoch {epoch + 1}; lower classifier.lr")
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses = list(epoch_losses(dataset.create_tuple_iterator(num_epochs=1), step, epoch=epoch, epochs=c.epochs,
+                                   steps=steps, global_step=epoch * steps, name="classifier",
+                                   fix=f"lower classifier.lr (now {c.lr})", progress=progress))
         log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, c.epochs, np.mean(losses))
     seconds = time.perf_counter() - started
     network = FeatureNetwork(c, 0.0, make_forward(net))

@@ -42,7 +42,7 @@ def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True,
 
 def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = True) -> dict[str, float]:
     """Mean squared error of the predicted noise on test images, overall and per timestep."""
-    ev, schedule = config.evaluate, sampler.diffusion.schedule
+    ev, schedule = config.evaluate, sampler.schedule
     ts = t_grid(schedule.timesteps, ev.t_points)
     rng = np.random.default_rng(ev.seed)
     dataset = build_dataset(config.data.root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, flip=False,

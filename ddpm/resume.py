@@ -16,7 +16,8 @@ from ddpm import checkpoint as ckpt
 from ddpm.interrupt import StopRequest, TrainingInterrupted
 
 if TYPE_CHECKING:
-    from ddpm.train import Callback, Trainer
+    from ddpm.callbacks import Callback
+    from ddpm.train import Trainer
 
 log = logging.getLogger(__name__)
 

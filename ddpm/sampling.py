@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import mindspore as ms
 import numpy as np
+from mindspore import nn
 from tqdm import tqdm
 
+from ddpm import samplers
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
-from ddpm.config import Config
-from ddpm.diffusion import GaussianDiffusion, NoisePredictor, make_noise_predictor
-from ddpm.runtime import select_device
-from ddpm.unet import build_unet
+from ddpm.config import Config, ModelConfig
 from ddpm.errors import SampleRequestError
+from ddpm.runtime import select_device
+from ddpm.samplers import SAMPLERS, NoisePredictor
+from ddpm.schedule import NoiseSchedule
+from ddpm.unet import build_unet
 
-SAMPLERS = ("ddpm", "ddim")
 REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered model's columns
 # Images one request may ask of the registered model (all its rows together). 256 DDIM-50 images take
 # about 2 min on 2 CPU cores and answer ~4 MB of JSON; draw more with `ddpm sample --out x.npz`.
@@ -71,14 +74,14 @@ def request_errors(num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, time
 
 @dataclasses.dataclass
 class CheckpointSampler:
-    config: Config
-    diffusion: GaussianDiffusion
+    config: Config  # the checkpoint's; its sample section gives a request's defaults, batch size and clipping
+    schedule: NoiseSchedule
     predict: NoisePredictor
 
     def request(self, num: Any, seed: Any = 0, sampler: Any = None, steps: Any = None, eta: Any = None,
                 max_num: int | None = None) -> SampleRequest:
         """Check a request (None = the checkpoint's sample config) and fill in its defaults."""
-        s, timesteps = self.config.sample, self.diffusion.timesteps
+        s, timesteps = self.config.sample, self.schedule.timesteps
         sampler = s.sampler if sampler is None else sampler
         errors = request_errors(num, seed, sampler, steps, eta, timesteps, max_num)
         if errors:
@@ -115,8 +118,9 @@ class CheckpointSampler:
 
     def batches(self, request: SampleRequest, progress: bool = False) -> Iterator[np.ndarray]:
         """The request's images, batch after batch of sample.batch_size: (B, C, H, W) float32 in [-1, 1]."""
-        return sample_batches(self.predict, self.diffusion, self.config, request.num, request.seed, progress,
-                              request.sampler, request.steps, request.eta)
+        s = self.config.sample
+        return sample_batches(self.predict, self.schedule, request, self.config.model, s.batch_size, s.clip_x0,
+                              progress)
 
     def sample(self, request: SampleRequest, progress: bool = False) -> np.ndarray:
         """(num, C, H, W) float32 images in [-1, 1]; the same request gives the same images."""
@@ -136,31 +140,35 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
     not_loaded, _ = ms.load_param_into_net(net, sampling_weights(state, use_ema), strict_load=True)
     if not_loaded:
         raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")
-    return CheckpointSampler(state.config, GaussianDiffusion.from_config(state.config.diffusion),
+    return CheckpointSampler(state.config, NoiseSchedule.from_config(state.config.diffusion),
                              make_noise_predictor(net))
 
 
-def sample_batches(predict: NoisePredictor, diffusion: GaussianDiffusion, config: Config, num: int, seed: int,
-                   progress: bool, sampler: str, steps: int, eta: float) -> Iterator[np.ndarray]:
-    """(B, C, H, W) batches of sample.batch_size in [-1, 1]; batch i is seeded [seed, i]."""
-    s, m = config.sample, config.model
-    starts = range(0, num, s.batch_size)
-    with tqdm(total=num, desc=f"sampling {sampler}", unit="img", disable=not progress) as images_bar:
+def make_noise_predictor(net: nn.Cell) -> NoisePredictor:
+    """A jitted inference-mode forward of `net` on numpy inputs."""
+    net.set_train(False)
+
+    @ms.jit
+    def forward(x_t, t):
+        return net(x_t, t)
+
+    def predict(x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return forward(ms.Tensor(x_t), ms.Tensor(t)).asnumpy()
+
+    return predict
+
+
+def sample_batches(predict: NoisePredictor, schedule: NoiseSchedule, request: SampleRequest, model: ModelConfig,
+                   batch_size: int, clip_x0: bool, progress: bool = False) -> Iterator[np.ndarray]:
+    """The request's images in (B, C, H, W) batches of `batch_size`, float32 in [-1, 1]; batch i is
+    seeded [seed, i], so the same request gives the same images."""
+    starts = range(0, request.num, batch_size)
+    with tqdm(total=request.num, desc=f"sampling {request.sampler}", unit="img", disable=not progress) as images_bar:
         for i, start in enumerate(starts):
-            size = min(s.batch_size, num - start)
+            size = min(batch_size, request.num - start)
             bar = (lambda it: tqdm(it, desc=f"batch {i + 1}/{len(starts)}", unit="step", leave=False)) \
                 if progress else iter
-            x0 = diffusion.sample(predict, (size, m.channels, m.image_size, m.image_size), [seed, i],
-                                  sampler, steps, eta, s.clip_x0, bar)
+            x0 = samplers.sample(predict, schedule, (size, model.channels, model.image_size, model.image_size),
+                                 [request.seed, i], request.sampler, request.steps, request.eta, clip_x0, bar)
             images_bar.update(size)
             yield np.clip(x0, -1.0, 1.0)
-
-
-def draw_samples(predict: NoisePredictor, diffusion: GaussianDiffusion, config: Config, num: int | None = None,
-                 seed: int | None = None, progress: bool = True, sampler: str | None = None,
-                 steps: int | None = None) -> np.ndarray:
-    """(num, C, H, W) images in [-1, 1] with the config's sample settings, drawn in batches of sample.batch_size."""
-    s = config.sample
-    return np.concatenate(list(sample_batches(
-        predict, diffusion, config, s.num if num is None else num, s.seed if seed is None else seed, progress,
-        sampler or s.sampler, steps or s.steps, s.eta)))

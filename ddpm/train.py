@@ -1,4 +1,5 @@
-"""The one training loop: `fit(config, callbacks)`, used by the CLI, the DVC stage and the Prefect flow.
+"""Training the diffusion model: `fit(config, callbacks)`, used by the CLI, the DVC stage and the
+Prefect flow alike, on the skeleton the classifier shares (`ddpm.loop`).
 
 Side effects (tracking, progress, early stopping) enter through callbacks; checkpointing and
 resume live here because they decide which steps run. A checkpoint is written at the end of every
@@ -8,36 +9,35 @@ draws of the steps it skips, so it ends with the weights of an uninterrupted run
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
-from tqdm import tqdm
+from mindspore import nn
 
-from ddpm.errors import NonFiniteLossError
 from ddpm import checkpoint as ckpt
 from ddpm.callbacks import Callback, EpochEnd, FitResult
-from ddpm.config import Config, SampleConfig
+from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
-from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import World, init_world
+from ddpm.ema import EMA, ema_decay_at
+from ddpm.errors import NonFiniteLossError
 from ddpm.interrupt import StopRequest
+from ddpm.loop import epoch_losses, make_train_step
+from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
 from ddpm.runtime import select_device, set_cpu_threads
-from ddpm.sampling import draw_samples
+from ddpm.sampling import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
 
-EMA_RAMP = 10  # EMA decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
 FLIP_PROBABILITY = 0.5  # random horizontal flip, as the tutorial's RandomHorizontalFlip
-PREVIEW_ETA = 1.0  # the preview grid's DDIM draws fresh noise each step, as the default sampler does
+PREVIEW_SAMPLER, PREVIEW_ETA = "ddim", 1.0  # the preview grid draws fresh noise each step, as the default sampler does
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
@@ -46,76 +46,6 @@ RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.sample_num", "
                      "train.sample_seed", "train.device", "train.threads", "train.workers", "train.checkpoint_minutes",
                      "data.num_workers"}
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
-
-
-def learning_rates(train, steps_per_epoch: int) -> np.ndarray:
-    """The learning rate of every step, float32 (total_steps,)."""
-    total = train.epochs * steps_per_epoch
-    step = np.arange(total, dtype=np.float64)
-    if train.lr_schedule == "tutorial_cosine":
-        # mindspore.nn.cosine_decay_lr with decay_epoch = epochs: constant within an epoch.
-        epoch = np.floor(step / steps_per_epoch)
-        lr = train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + np.cos(np.pi * epoch / train.epochs))
-    elif train.lr_schedule == "cosine":
-        progress = np.clip((step - train.warmup_steps) / max(1, total - train.warmup_steps), 0.0, 1.0)
-        lr = train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + np.cos(np.pi * progress))
-    else:
-        lr = np.full(total, train.lr)
-    if train.warmup_steps:
-        lr = np.minimum(lr, train.lr * (step + 1) / train.warmup_steps)
-    return lr.astype(np.float32)
-
-
-class EMA(nn.Cell):
-    """Shadow copies of the weights, updated after every optimizer step."""
-
-    def __init__(self, params: Sequence[ms.Parameter]):
-        super().__init__()
-        self.shadow = ms.ParameterTuple([ms.Parameter(p.value().copy(), name=ckpt.EMA_PREFIX + p.name, requires_grad=False) for p in params])
-        self.hyper_map = ops.HyperMap()
-
-    def construct(self, params, decay):
-        return self.hyper_map(ops.partial(_ema_update, decay), self.shadow, params)
-
-    def copy_to(self, net: nn.Cell) -> None:
-        """Load the averaged weights into `net` (another instance of the trained network)."""
-        ms.load_param_into_net(net, {s.name.removeprefix(ckpt.EMA_PREFIX): ms.Parameter(s.value().copy()) for s in self.shadow},
-                               strict_load=True)
-
-
-def _ema_update(decay, shadow, param):
-    return ops.assign(shadow, shadow * decay + param * (1.0 - decay))
-
-
-def ema_decay_at(step: int, max_decay: float) -> float:
-    return min(max_decay, (1 + step) / (EMA_RAMP + step))
-
-
-def make_train_step(net: nn.Cell, diffusion: GaussianDiffusion, optimizer: nn.Optimizer, ema: EMA | None,
-                    world: World = World()):
-    """A jitted step: loss, gradients (mean-reduced across data-parallel workers), Adam update, EMA
-    update; returns the loss of the global batch."""
-    def forward_fn(x0, t, noise):
-        return diffusion.training_loss(net, x0, t, noise)
-
-    grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
-    parallel = world.size > 1
-    if parallel:
-        reduce_grads = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world.size)
-        sum_over_workers = ops.AllReduce()
-
-    @ms.jit
-    def train_step(x0, t, noise, ema_decay):
-        loss, grads = grad_fn(x0, t, noise)
-        if parallel:  # equal local batches: the mean of the workers' means is the global batch's mean
-            grads = reduce_grads(grads)
-            loss = sum_over_workers(loss) / world.size
-        loss = ops.depend(loss, optimizer(grads))
-        if ema is not None:
-            loss = ops.depend(loss, ema(optimizer.parameters, ema_decay))
-        return loss
-
-    return train_step
 
 
 class Trainer:
@@ -133,8 +63,16 @@ class Trainer:
         self.lr = learning_rates(config.train, self.steps_per_epoch)
         self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
         self.ema = EMA(self.net.trainable_params()) if config.train.ema_decay > 0 else None
-        self.train_step = make_train_step(self.net, self.diffusion, self.optimizer, self.ema, world)
+
+        def loss_fn(x0, t, noise):
+            return self.diffusion.training_loss(self.net, x0, t, noise)
+        self._train_step = make_train_step(loss_fn, self.optimizer, self.ema, world)
         self._sampling_net, self._predict = None, None
+
+    def train_step(self, x0: ms.Tensor, t: ms.Tensor, noise: ms.Tensor, ema_decay: float) -> float:
+        """One optimizer step on x0 (B, C, H, W), t (B,), noise (B, C, H, W); the global batch's loss."""
+        decay = (ms.Tensor(ema_decay, ms.float32),) if self.ema is not None else ()
+        return float(self._train_step(x0, t, noise, *decay).asnumpy())
 
     def parameters(self) -> list[ms.Parameter]:
         """Everything a resume needs: weights, Adam moments and step, EMA shadows (deduplicated)."""
@@ -252,23 +190,21 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     losses = list(resumed.losses) if resumed else []
     spent = resumed.seconds if resumed else 0.0
     started = time.perf_counter()
-    batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    bar = tqdm(batches, total=trainer.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{train.epochs}",
-               unit="step", disable=not progress, leave=False)
-    for (x0,) in bar:
+
+    def step(x0: np.ndarray) -> float:
         flips, t, noise = draw_step(rng, trainer)
         x0 = flip_horizontally(x0, flips[mine])
-        decay = ema_decay_at(global_step, train.ema_decay)
-        loss = float(trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]),
-                                        ms.Tensor(decay, ms.float32)).asnumpy())
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss} at epoch {epoch + 1}, step {global_step + 1}; no checkpoint was written for "
-                f"this step. Lower train.lr (now {train.lr}) or check the data, then rerun with --resume.")
+        return trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]),
+                                  ema_decay_at(global_step, train.ema_decay))
+
+    fix = (f"no checkpoint was written for this step. Lower train.lr (now {train.lr}) or check the data, "
+           "then rerun with --resume.")
+    batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    for loss in epoch_losses(batches, step, epoch=epoch, epochs=train.epochs, steps=trainer.steps_per_epoch,
+                             done=done, global_step=global_step, fix=fix, progress=progress):
         lr = float(trainer.lr[global_step])  # the rate this step used
         global_step += 1
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
         for cb in callbacks:
             cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
         if len(losses) < trainer.steps_per_epoch and saver.due():
@@ -276,7 +212,6 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
             path = saver.save(epoch, global_step, progress=state)
             saver.stop_if_requested(path, global_step, f"{state.step} of {trainer.steps_per_epoch} steps "
                                                        f"into epoch {epoch + 1}")
-    bar.close()
     seconds = spent + time.perf_counter() - started
     images = len(losses) * train.batch_size
     metrics = {"train_loss_epoch": float(np.mean(losses)), "epoch_seconds": seconds,
@@ -289,11 +224,12 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
 def make_sampler(trainer: Trainer) -> Callable[..., np.ndarray]:
     """A function drawing the preview grid with the trainer's sampling weights: DDIM with the train
     section's preview settings, never the `sample` section (the evaluation's)."""
-    train = trainer.config.train
-    preview = SampleConfig(sampler="ddim", steps=train.sample_steps, eta=PREVIEW_ETA, clip_x0=True,
-                           num=train.sample_num, seed=train.sample_seed, batch_size=train.sample_num)
-    config = dataclasses.replace(trainer.config, sample=preview)
+    train, model = trainer.config.train, trainer.config.model
 
     def draw(num: int | None = None, seed: int | None = None, progress: bool = False) -> np.ndarray:
-        return draw_samples(trainer.noise_predictor(), trainer.diffusion, config, num, seed, progress)
+        request = SampleRequest(train.sample_num if num is None else num, train.sample_seed if seed is None else seed,
+                                PREVIEW_SAMPLER, train.sample_steps, PREVIEW_ETA)
+        batches = sample_batches(trainer.noise_predictor(), trainer.diffusion.schedule, request, model,
+                                 batch_size=train.sample_num, clip_x0=True, progress=progress)
+        return np.concatenate(list(batches))
     return draw

@@ -120,7 +120,7 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
     sampler = load_sampler(trained.checkpoint)
     images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
     sample, train = sampler.config.sample, sampler.config.train
-    how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.diffusion.timesteps}"
+    how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.schedule.timesteps}"
     weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
     buffer = io.BytesIO()
     grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)

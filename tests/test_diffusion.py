@@ -2,8 +2,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from ddpm import samplers
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import GaussianDiffusion, make_noise_predictor
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.sampling import make_noise_predictor
 from ddpm.schedule import NoiseSchedule, make_betas
 from ddpm.unet import Unet
 
@@ -48,7 +50,7 @@ def test_ddpm_step_without_clipping_is_the_tutorials_formula(diffusion):
     t = 120
     tutorial = np.sqrt(1 / s.alphas[t]) * (x_t - s.betas[t] * eps / s.sqrt_one_minus_alphas_cumprod[t]) \
         + np.sqrt(s.posterior_variance[t]) * z
-    np.testing.assert_allclose(diffusion.ddpm_step(x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
+    np.testing.assert_allclose(samplers.ddpm_step(s, x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
 
 
 def test_ddim_with_exact_noise_recovers_x0(diffusion):
@@ -58,21 +60,24 @@ def test_ddim_with_exact_noise_recovers_x0(diffusion):
     noise = rng.standard_normal(x0.shape)
     t = 150
     x_t = diffusion.schedule.sqrt_alphas_cumprod[t] * x0 + diffusion.schedule.sqrt_one_minus_alphas_cumprod[t] * noise
-    np.testing.assert_allclose(diffusion.ddim_step(x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0, atol=1e-10)
+    np.testing.assert_allclose(samplers.ddim_step(diffusion.schedule, x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0,
+                               atol=1e-10)
 
 
-def test_ddim_timesteps(diffusion):
-    ts = diffusion.ddim_timesteps(50)
+def test_ddim_timesteps():
+    ts = samplers.ddim_timesteps(200, 50)
     assert len(ts) == 50 and ts[0] == 199 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
-    assert diffusion.ddim_timesteps(200) == diffusion.ddpm_timesteps()
+    assert samplers.ddim_timesteps(200, 200) == samplers.ddpm_timesteps(200)
     with pytest.raises(ValueError):
-        diffusion.ddim_timesteps(201)
+        samplers.ddim_timesteps(200, 201)
 
 
 @pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0)])
 def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
-    d = GaussianDiffusion.from_config(DiffusionConfig(timesteps=20))
-    draw = lambda seed: d.sample(tiny_predictor, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)  # noqa: E731
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=20))
+
+    def draw(seed):
+        return samplers.sample(tiny_predictor, schedule, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (3, 1, 28, 28) and a.dtype == np.float32
     assert np.abs(a).max() <= 1.0 + 1e-6  # the last step returns the clipped x0 (DDIM) or its posterior mean
@@ -82,4 +87,5 @@ def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
 
 def test_unknown_sampler(tiny_predictor):
     with pytest.raises(ValueError, match="unknown sampler"):
-        GaussianDiffusion.from_config(DiffusionConfig(timesteps=5)).sample(tiny_predictor, (1, 1, 28, 28), 0, "euler")
+        samplers.sample(tiny_predictor, NoiseSchedule.from_config(DiffusionConfig(timesteps=5)), (1, 1, 28, 28), 0,
+                        "euler")

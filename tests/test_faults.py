@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from ddpm import checkpoint as ckpt
 from ddpm.data import DEBIAN_DATASET_DIR, FILES
-from ddpm.train import Callback, fit
+from ddpm.callbacks import Callback
+from ddpm.train import fit
 from flows import pipeline, stages
 from flows.config import load_params
 from flows.data import fetch_data

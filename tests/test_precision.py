@@ -195,8 +195,7 @@ def train_losses(precision: str, steps: int) -> list[float]:
     x0 = ms.Tensor(np.tanh(rng.standard_normal((8, 1, 28, 28))), ms.float32)
     t = ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (8,)), ms.int32)
     noise = ms.Tensor(rng.standard_normal((8, 1, 28, 28)), ms.float32)
-    decay = ms.Tensor(0.0, ms.float32)
-    return [float(trainer.train_step(x0, t, noise, decay).asnumpy()) for _ in range(steps)]
+    return [trainer.train_step(x0, t, noise, ema_decay=0.0) for _ in range(steps)]
 
 
 def test_one_bf16_training_step_is_close_to_fp32_and_training_lowers_the_loss_alike(library):

@@ -4,8 +4,8 @@ import re
 import numpy as np
 import pytest
 
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.sampling import MAX_REQUEST_IMAGES, CheckpointSampler, SampleRequest, SampleRequestError
+from ddpm.schedule import NoiseSchedule
 
 
 def zero_noise(x_t, t):
@@ -16,7 +16,7 @@ def zero_noise(x_t, t):
 @pytest.fixture
 def sampler(tiny_config):
     config = tiny_config(diffusion={"timesteps": 20}, sample={"steps": 5, "eta": 0.5, "batch_size": 3})
-    return CheckpointSampler(config, GaussianDiffusion.from_config(config.diffusion), zero_noise)
+    return CheckpointSampler(config, NoiseSchedule.from_config(config.diffusion), zero_noise)
 
 
 def test_omitted_values_come_from_the_checkpoint_config(sampler):

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ddpm.config import config_from_dict
-from ddpm.train import EpochEnd
+from ddpm.callbacks import EpochEnd
 from flows import tracking
 from flows.config import params_from_dict
 from flows.tracking import (FAILURE_TAG, RESUMED_TAG, WORKSPACE_TAG, MlflowLogger, TrackingError, connect,

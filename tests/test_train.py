@@ -9,7 +9,10 @@ from ddpm import checkpoint as ckpt
 from ddpm import train as train_module
 from ddpm.config import ConfigError, TrainConfig, config_from_dict
 from ddpm.interrupt import TrainingInterrupted
-from ddpm.train import Callback, NonFiniteLossError, fit, learning_rates, resume_conflicts
+from ddpm.callbacks import Callback
+from ddpm.errors import NonFiniteLossError
+from ddpm.lr_schedules import learning_rates
+from ddpm.train import fit, resume_conflicts
 
 
 class Recorder(Callback):

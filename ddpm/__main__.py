@@ -15,12 +15,12 @@ log = logging.getLogger("ddpm")
 
 
 def train(args: argparse.Namespace) -> None:
-    from ddpm.config import load_config
+    from ddpm.config import load_config, parse_sets
     from ddpm.distributed import WORKER_LOGS, in_msrun, init_world, launch_workers
     from ddpm.interrupt import TrainingInterrupted
     from ddpm.train import fit
 
-    config = load_config(args.params, args.set)
+    config = load_config(args.params, parse_sets(args.set))
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
     if config.train.workers > 1 and not in_msrun():
         command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
@@ -76,25 +76,25 @@ def positive_int(value: str) -> int:
 
 def classifier(args: argparse.Namespace) -> None:
     from ddpm.classifier import train_classifier
-    from ddpm.config import load_config
+    from ddpm.config import load_config, parse_sets
 
-    network = train_classifier(load_config(args.params, args.set))
+    network = train_classifier(load_config(args.params, parse_sets(args.set)))
     log.info("classifier test accuracy %.4f; checkpoint %s", network.test_accuracy, network.config.checkpoint)
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from ddpm.config import load_config
+    from ddpm.config import load_config, parse_sets
     from ddpm.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, args.set), use_ema=not args.raw_weights)
+    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, parse_sets(args.set)), use_ema=not args.raw_weights)
     sys.stdout.write(json.dumps(metrics) + "\n")
 
 
 def benchmark(args: argparse.Namespace) -> None:
     from ddpm.benchmark import run_benchmark
-    from ddpm.config import load_config
+    from ddpm.config import load_config, parse_sets
 
-    config = load_config(args.params, args.set)
+    config = load_config(args.params, parse_sets(args.set))
     batches = tuple(int(b) for b in args.train_batch.split(","))
     for record in run_benchmark(config, batches, args.sample_batch, args.repeats):
         sys.stdout.write(json.dumps(record) + "\n")

@@ -204,9 +204,41 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 PIPELINE_SECTIONS = ("fetch", "tracking", "registry", "workspace")
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+# {"train.lr": 0.001}: dotted keys and typed values. `--set` strings become this once, at the entry
+# point (parse_sets); a deployment's `overrides` parameter already is this.
+Overrides = typing.Mapping[str, Any]
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """One `--set section.key=value` (the value read as YAML, as `dvc exp run -S` does) -> (key, value)."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not (sep and section and dot and name):
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def parse_sets(items: typing.Sequence[str]) -> dict[str, Any]:
+    """The entry points' `--set` options -> Overrides; one error names every malformed one."""
+    overrides, errors = {}, []
+    for item in items:
+        try:
+            key, value = parse_set(item)
+            overrides[key] = value
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: Overrides | None = None,
                 extra_sections: typing.Collection[str] = PIPELINE_SECTIONS) -> Config:
-    """Read params.yaml (or defaults), apply `key=value` overrides, validate everything.
+    """Read params.yaml (or defaults), apply the overrides, validate everything.
 
     Sections named in `extra_sections` belong to other readers of the same file (the
     pipeline's) and are left to them; any other unknown section is an error.
@@ -228,10 +260,10 @@ def read_params(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = (),
+def config_from_dict(raw: dict[str, Any], overrides: Overrides | None = None,
                      extra_sections: typing.Collection[str] = ()) -> Config:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    errors = apply_overrides(raw, overrides)
+    errors = apply_overrides(raw, overrides or {})
     sections = {}
     for name, value in raw.items():
         if name in extra_sections:
@@ -253,19 +285,14 @@ def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = (),
     raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> list[str]:
-    """Apply `section.key=value` strings in place (values parsed as YAML); return errors."""
+def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> list[str]:
+    """Set each `section.key` of `overrides` in `raw` in place; return errors."""
     errors = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            errors.append(f"--set {item!r}: expected section.key=value")
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if not (section and dot and name):
+            errors.append(f"override {key!r}: expected section.key")
             continue
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
         raw.setdefault(section, {})
         if isinstance(raw[section], dict):
             raw[section][name] = value

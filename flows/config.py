@@ -10,10 +10,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ddpm import config as ddpm_config
-from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
+from ddpm.config import Config, ConfigError, Overrides, apply_overrides, build_section, config_from_dict
 
 
 SQLITE_PREFIX = "sqlite:///"  # then a path, relative unless it starts with "/"
@@ -114,7 +114,7 @@ PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must skip exactly these sections"
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = (),
+def load_params(path: str | Path = "params.yaml", overrides: Overrides | None = None,
                 repo: str | Path | None = None) -> tuple[Config, PipelineConfig]:
     """Both halves of params.yaml, validated together: one error lists every bad field. With `repo`,
     the checkout the pipeline runs in, paths that would point at the checkout itself are errors too."""
@@ -135,9 +135,11 @@ def checkout_path_errors(config: Config, repo: Path) -> list[str]:
     return []
 
 
-def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Config, PipelineConfig]:
+def params_from_dict(raw: dict[str, Any], overrides: Overrides | None = None) -> tuple[Config, PipelineConfig]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    errors = apply_overrides(raw, [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS])
+    overrides = overrides or {}
+    mine = {key: value for key, value in overrides.items() if key.split(".", 1)[0] in PIPELINE_SECTIONS}
+    errors = apply_overrides(raw, mine)
     sections = {}
     for f in dataclasses.fields(PipelineConfig):
         values = raw.get(f.name) or {}
@@ -147,7 +149,7 @@ def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tupl
         section_errors, section = build_section(f.name, f.default_factory, values)
         errors += section_errors + section.check()
         sections[f.name] = section
-    ml_overrides = [o for o in overrides if o.split(".", 1)[0] not in PIPELINE_SECTIONS]
+    ml_overrides = {key: value for key, value in overrides.items() if key not in mine}
     try:
         config = config_from_dict(raw, ml_overrides, extra_sections=PIPELINE_SECTIONS)
     except ConfigError as e:

@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from ddpm.config import Config
+from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
 from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
@@ -91,8 +90,7 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
     being registered), evaluate, register the model as @candidate."""
     show_project_logs()
     repo = os.getcwd()
-    sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
-    config, pipeline = load_params(params, sets, repo=repo)  # invalid params fail here, before any work
+    config, pipeline = load_params(params, overrides, repo=repo)  # invalid params fail here, before any work
     connect(pipeline)  # and so does an unreachable tracking server
     with hold_workspace(Path(repo), pipeline, str(flow_run.id)):  # one pipeline at a time in this checkout
         fetch(repo, config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
@@ -153,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
-        _, pipeline = load_params(args.params, args.set, repo=os.getcwd())  # before Prefect starts anything
+        overrides = parse_sets(args.set)
+        _, pipeline = load_params(args.params, overrides, repo=os.getcwd())  # before Prefect starts anything
         connect(pipeline)
-        overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
         result = ddpm_pipeline(overrides, args.params)
     except USER_ERRORS as e:
         log.error("%s", e)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.config import ClassifierConfig, Config, ConfigError, config_from_dict, load_config
+from ddpm.config import ClassifierConfig, Config, ConfigError, config_from_dict, load_config, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,43 +18,42 @@ def test_defaults_and_shipped_params_files_load():
 
 
 def test_overrides_are_parsed_as_yaml():
-    config = load_config(ROOT / "params.yaml", ["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"])
+    config = load_config(ROOT / "params.yaml", parse_sets(["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"]))
     assert config.train.epochs == 2
     assert config.model.dim_mults == (1, 2)
     assert config.data.flip is False
 
 
 def test_int_is_accepted_where_a_float_is_expected():
-    assert config_from_dict({"train": {"lr": 1}}, ["train.lr=0.5"]).train.lr == 0.5
+    assert config_from_dict({"train": {"lr": 1}}, {"train.lr": 0.5}).train.lr == 0.5
 
 
 def test_exponent_without_a_dot_is_a_float():
     """PyYAML reads 1e-4 as a string; DVC writes `-S train.lr=1e-7` back as 1e-07."""
     assert config_from_dict({"train": {"lr": "1e-07"}}).train.lr == 1e-7
-    assert config_from_dict({}, ["train.lr=1e-4"]).train.lr == 1e-4
+    assert config_from_dict({}, parse_sets(["train.lr=1e-4"])).train.lr == 1e-4
 
 
 @pytest.mark.parametrize("raw, overrides, message", [
-    ({"train": {"epochs": 0}}, [], "train.epochs: must be >= 1"),
-    ({"train": {"lr": 2.0}}, [], "train.lr: must be in (0, 1)"),
-    ({"train": {"bogus": 1}}, [], "train.bogus: unknown key"),
-    ({"nosuch": {}}, [], "nosuch: unknown section"),
-    ({"train": {"epochs": "ten"}}, [], "train.epochs: expected int"),
-    ({"train": {"epochs": True}}, [], "train.epochs: expected int"),
-    ({"diffusion": {"schedule": "zigzag"}}, [], "diffusion.schedule: expected one of"),
-    ({"model": {"dim_mults": [1, 2, 4, 8]}}, [], "not divisible"),
-    ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, [], "need 0 < start < end < 1"),
-    ({"sample": {"steps": 500}}, [], "exceeds diffusion.timesteps"),
-    ({"evaluate": {"fid_samples": 1}}, [], "evaluate.fid_samples: must be >= 2"),
-    ({"evaluate": {"fid_samples": 20_000}}, [], "evaluate.fid_samples: the test split has 10,000 images"),
-    ({"classifier": {"channels": [8, 16, 32, 64]}}, [], "classifier.channels: need 1 to 3 positive ints"),
-    ({"classifier": {"channels": []}}, [], "classifier.channels: need 1 to 3 positive ints"),
-    ({"classifier": {"lr": 0}}, [], "classifier.lr: must be in (0, 1)"),
-    ({"classifier": {"limit": 10, "batch_size": 16}}, [], "classifier.limit: 10 gives no full batch of 16"),
-    ({"classifier": {"checkpoint": ""}}, [], "classifier.checkpoint: must not be empty"),
-    ({"classifier": {"depth": 3}}, [], "classifier.depth: unknown key"),
-    ({}, ["trainepochs=2"], "expected section.key=value"),
-    ({}, ["train.epochs"], "expected section.key=value"),
+    ({"train": {"epochs": 0}}, {}, "train.epochs: must be >= 1"),
+    ({"train": {"lr": 2.0}}, {}, "train.lr: must be in (0, 1)"),
+    ({"train": {"bogus": 1}}, {}, "train.bogus: unknown key"),
+    ({"nosuch": {}}, {}, "nosuch: unknown section"),
+    ({"train": {"epochs": "ten"}}, {}, "train.epochs: expected int"),
+    ({"train": {"epochs": True}}, {}, "train.epochs: expected int"),
+    ({"diffusion": {"schedule": "zigzag"}}, {}, "diffusion.schedule: expected one of"),
+    ({"model": {"dim_mults": [1, 2, 4, 8]}}, {}, "not divisible"),
+    ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, {}, "need 0 < start < end < 1"),
+    ({"sample": {"steps": 500}}, {}, "exceeds diffusion.timesteps"),
+    ({"evaluate": {"fid_samples": 1}}, {}, "evaluate.fid_samples: must be >= 2"),
+    ({"evaluate": {"fid_samples": 20_000}}, {}, "evaluate.fid_samples: the test split has 10,000 images"),
+    ({"classifier": {"channels": [8, 16, 32, 64]}}, {}, "classifier.channels: need 1 to 3 positive ints"),
+    ({"classifier": {"channels": []}}, {}, "classifier.channels: need 1 to 3 positive ints"),
+    ({"classifier": {"lr": 0}}, {}, "classifier.lr: must be in (0, 1)"),
+    ({"classifier": {"limit": 10, "batch_size": 16}}, {}, "classifier.limit: 10 gives no full batch of 16"),
+    ({"classifier": {"checkpoint": ""}}, {}, "classifier.checkpoint: must not be empty"),
+    ({"classifier": {"depth": 3}}, {}, "classifier.depth: unknown key"),
+    ({}, {"trainepochs": 2}, "override 'trainepochs': expected section.key"),
 ])
 def test_bad_values_are_errors(raw, overrides, message):
     with pytest.raises(ConfigError, match=None) as info:
@@ -64,10 +63,19 @@ def test_bad_values_are_errors(raw, overrides, message):
 
 def test_every_bad_field_is_listed_in_one_error():
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"train": {"lr": "fast", "bogus": 1}, "model": {"dim": 3}, "extra": {}}, ["x=1"])
+        config_from_dict({"train": {"lr": "fast", "bogus": 1}, "model": {"dim": 3}, "extra": {}}, {"x": 1})
     text = str(info.value)
-    for fragment in ("train.lr", "train.bogus", "model.dim", "extra: unknown section", "'x=1'"):
+    for fragment in ("train.lr", "train.bogus", "model.dim", "extra: unknown section", "'x'"):
         assert fragment in text
+
+
+def test_each_malformed_set_is_named_in_one_error():
+    with pytest.raises(ConfigError) as info:
+        parse_sets(["trainepochs=2", "train.epochs", "train.lr=0.1", "=3"])
+    text = str(info.value)
+    for item in ("'trainepochs=2'", "'train.epochs'", "'=3'"):
+        assert f"--set {item}: expected section.key=value" in text
+    assert "train.lr" not in text
 
 
 def test_extra_sections_are_left_to_their_reader():

@@ -117,8 +117,8 @@ class Losses(Callback):
 
 def uninterrupted(repo: Path, tmp: Path) -> tuple[list[float], ckpt.Checkpoint]:
     """The same training, same seed, in one go: per-step losses and the final checkpoint."""
-    config, _ = load_params(repo / "params.yaml", [f"data.root={repo / 'data' / 'fashion-mnist'}",
-                                                   f"train.checkpoint_dir={tmp / 'uninterrupted'}"])
+    config, _ = load_params(repo / "params.yaml", {"data.root": str(repo / "data" / "fashion-mnist"),
+                                                   "train.checkpoint_dir": str(tmp / "uninterrupted")})
     losses = Losses()
     result = fit(config, [losses], progress=False)
     return losses.losses, ckpt.load_checkpoint(result.checkpoint)

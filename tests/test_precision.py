@@ -76,9 +76,9 @@ def test_explicit_precision_the_users_isa_cap_and_other_devices(caplog):
 
 def test_precision_is_a_validated_train_setting():
     assert Config().train.precision == "auto"
-    assert load_config(None, ["train.precision=bf16"]).train.precision == "bf16"
+    assert load_config(None, {"train.precision": "bf16"}).train.precision == "bf16"
     with pytest.raises(ConfigError, match="train.precision"):
-        load_config(None, ["train.precision=fp16"])
+        load_config(None, {"train.precision": "fp16"})
 
 
 def test_a_checkpoint_config_from_before_the_setting_loads_as_auto():

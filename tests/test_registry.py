@@ -9,6 +9,7 @@ import yaml
 from ddpm.config import ConfigError
 from mlflow import MlflowClient
 
+from ddpm.config import parse_sets
 from flows.config import RegistryConfig, load_params
 from flows.registry import promote, register_model
 
@@ -94,7 +95,7 @@ def test_version_with_a_nan_metric_is_an_error_even_without_a_champion(client):
 ])
 def test_params_that_would_bypass_the_gate_are_refused(override, named):
     with pytest.raises(ConfigError, match=named):
-        load_params(ROOT / "params.yaml", [override])
+        load_params(ROOT / "params.yaml", parse_sets([override]))
 
 
 def test_gate_cannot_be_bypassed_by_aliasing_candidates_as_champion(client, tmp_path):

@@ -5,6 +5,7 @@ ms_min, the other processes' share of the CPU while timing) so the two can be co
 wall time of drawing 64 images with DDIM-50 through `ddpm sample`'s code (draw_samples). Every
 record carries the precision in force and the ISA oneDNN dispatched to.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,23 +64,39 @@ def time_calls(fn: Callable[[int], object], repeats: int, warmup: int) -> dict:
         per_call.append(wall / steps)
         foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
     per_call = np.array(per_call)
-    return {"steps": steps, "repeats": repeats, "first_call_s": round(first, 2),
-            "ms_min": round(per_call.min() * 1e3, 2), "ms_med": round(float(np.median(per_call)) * 1e3, 2),
-            "foreign_frac": foreign, "_best": float(per_call.min()), "_med": float(np.median(per_call))}
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "first_call_s": round(first, 2),
+        "ms_min": round(per_call.min() * 1e3, 2),
+        "ms_med": round(float(np.median(per_call)) * 1e3, 2),
+        "foreign_frac": foreign,
+        "_best": float(per_call.min()),
+        "_med": float(np.median(per_call)),
+    }
 
 
 def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
     trainer = Trainer(config)
     rng = np.random.default_rng(0)
-    pool = [(ms.Tensor(rng.uniform(-1, 1, (batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
-             ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
-             ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32))
-            for _ in range(4)]
+    pool = [
+        (
+            ms.Tensor(rng.uniform(-1, 1, (batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
+            ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
+            ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
+        )
+        for _ in range(4)
+    ]
     decay = ms.Tensor(0.0, ms.float32)
     result = time_calls(lambda i: trainer.train_step(*pool[i % 4], decay).asnumpy(), repeats, warmup)
     best, med = result.pop("_best"), result.pop("_med")  # before the record is built from what is left
-    return {"what": "train", "batch": batch, **result, "img_s_best": round(batch / best, 1),
-            "img_s_med": round(batch / med, 1)}
+    return {
+        "what": "train",
+        "batch": batch,
+        **result,
+        "img_s_best": round(batch / best, 1),
+        "img_s_med": round(batch / med, 1),
+    }
 
 
 def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
@@ -91,15 +108,22 @@ def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
     ts = [np.full((batch,), trainer.diffusion.timesteps - 1 - i, np.int32) for i in range(4)]
     result = time_calls(lambda i: predict(x_t, ts[i % 4]), repeats, warmup)
     best, med = result.pop("_best"), result.pop("_med")
-    return {"what": "sample", "batch": batch, **result, "evals_s_best": round(1 / best, 2),
-            "evals_s_med": round(1 / med, 2), "img_s_best": round(batch / best, 1)}
+    return {
+        "what": "sample",
+        "batch": batch,
+        **result,
+        "evals_s_best": round(1 / best, 2),
+        "evals_s_med": round(1 / med, 2),
+        "img_s_best": round(batch / best, 1),
+    }
 
 
 def bench_ddim(config: Config, repeats: int) -> dict:
     """Wall time of DDIM-50 for 64 images in one batch, as `ddpm sample` draws them (after compiling)."""
     trainer = Trainer(config)
-    sample = dataclasses.replace(config.sample, sampler="ddim", steps=DDIM_STEPS, num=DDIM_IMAGES,
-                                 batch_size=DDIM_IMAGES)
+    sample = dataclasses.replace(
+        config.sample, sampler="ddim", steps=DDIM_STEPS, num=DDIM_IMAGES, batch_size=DDIM_IMAGES
+    )
     config = dataclasses.replace(config, sample=sample)
     predict = trainer.noise_predictor()
     shape = (DDIM_IMAGES, config.model.channels, config.model.image_size, config.model.image_size)
@@ -109,21 +133,39 @@ def bench_ddim(config: Config, repeats: int) -> dict:
         started = time.perf_counter()
         draw_samples(predict, trainer.diffusion, config, seed=seed, progress=False)
         walls.append(time.perf_counter() - started)
-    return {"what": "ddim", "batch": DDIM_IMAGES, "steps": DDIM_STEPS, "repeats": repeats,
-            "wall_s_min": round(min(walls), 2), "wall_s_med": round(float(np.median(walls)), 2)}
+    return {
+        "what": "ddim",
+        "batch": DDIM_IMAGES,
+        "steps": DDIM_STEPS,
+        "repeats": repeats,
+        "wall_s_min": round(min(walls), 2),
+        "wall_s_med": round(float(np.median(walls)), 2),
+    }
 
 
-def run_benchmark(config: Config, train_batches=(16, 128), sample_batch: int = 64, repeats: int = 3,
-                  warmup: int = 3, ddim: bool = True) -> list[dict]:
+def run_benchmark(
+    config: Config,
+    train_batches=(16, 128),
+    sample_batch: int = 64,
+    repeats: int = 3,
+    warmup: int = 3,
+    ddim: bool = True,
+) -> list[dict]:
     """One JSON-ready record per measurement, each carrying the settings in force."""
     select_device(config.train.device)
     from ddpm.layers import network_layers
     from ddpm.unet import build_unet, count_parameters
 
-    settings = {**runtime_settings(), "python": platform.python_version(), "numpy": np.__version__,
-                "cpus": os.cpu_count(), "params": count_parameters(build_unet(config.model, config.train.precision)),
-                "model": config.to_dict()["model"], "precision_setting": config.train.precision,
-                "precision": network_layers(config.train.precision).precision}
+    settings = {
+        **runtime_settings(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "params": count_parameters(build_unet(config.model, config.train.precision)),
+        "model": config.to_dict()["model"],
+        "precision_setting": config.train.precision,
+        "precision": network_layers(config.train.precision).precision,
+    }
     records = [bench_train(config, b, repeats, warmup) for b in train_batches]
     records.append(bench_sample(config, sample_batch, repeats, warmup))
     if ddim:

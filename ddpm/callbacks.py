@@ -1,5 +1,6 @@
 """What `fit` tells its callbacks: the hooks and the records they receive. No MindSpore here, so
 that the pipeline's MLflow logger and DVC plot writer import it without loading the network."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from ddpm.config import Config
 @dataclasses.dataclass(frozen=True)
 class EpochEnd:
     """What callbacks see at the end of an epoch."""
+
     epoch: int  # 0-based index of the epoch that just finished
     global_step: int
     metrics: dict[str, float]

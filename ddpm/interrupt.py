@@ -6,6 +6,7 @@ as it would without us (Ctrl-C raises KeyboardInterrupt at once, a second SIGTER
 again when the block ends. A signal that was ignored when the block began (`nohup`, a background
 job) stays ignored. Signals reach only the main thread, so elsewhere the block does nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int, checkpoint: Path, global_step: int, where: str):
         self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
-        super().__init__(f"training stopped by {signal.Signals(signum).name} after step {global_step} ({where}); "
-                         f"checkpoint {checkpoint}")
+        super().__init__(
+            f"training stopped by {signal.Signals(signum).name} after step {global_step} ({where}); "
+            f"checkpoint {checkpoint}"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -62,8 +65,10 @@ class StopRequest:
     def _record(self, signum: int, frame) -> None:
         self.signum = signum
         self._restore()
-        log.warning("%s: finishing this step, then checkpointing and stopping (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: finishing this step, then checkpointing and stopping (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def _restore(self) -> None:
         for signum, handler in self.previous.items():

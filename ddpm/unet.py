@@ -4,6 +4,7 @@ Layer for layer the network of MindSpore's diffusion tutorial (a port of Hugging
 Diffusion), without its dead code. `Unet(dim=28, channels=1, dim_mults=(1, 2, 4))` has
 2,992,180 trainable parameters. Convs keep MindSpore's default of no bias unless noted.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ class SinusoidalPositionEmbeddings(nn.Cell):
 class ConvNextBlock(nn.Cell):
     """ConvNeXt block (Liu et al., 2022) with the time embedding added after the depthwise conv."""
 
-    def __init__(self, layers: Layers, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2,
-                 norm: bool = True):
+    def __init__(
+        self, layers: Layers, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2, norm: bool = True
+    ):
         super().__init__()
         self.mlp = nn.SequentialCell(layers.gelu(), nn.Dense(time_emb_dim, dim)) if time_emb_dim else None
         self.ds_conv = layers.depthwise_conv(dim, 7)
@@ -64,7 +66,7 @@ class Attention(nn.Cell):
         super().__init__()
         hidden = dim_head * heads
         self.to_qkv = layers.conv2d(dim, hidden * 3, 1)
-        self.attend = layers.full_attention(heads, dim_head ** -0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
+        self.attend = layers.full_attention(heads, dim_head**-0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
         self.to_out = layers.conv2d(hidden, dim, 1, has_bias=True)
 
     def construct(self, x):
@@ -90,7 +92,7 @@ class LinearAttention(nn.Cell):
         super().__init__()
         hidden = dim_head * heads
         self.to_qkv = layers.conv2d(dim, hidden * 3, 1)
-        self.attend = layers.linear_attention(heads, dim_head ** -0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
+        self.attend = layers.linear_attention(heads, dim_head**-0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
         self.to_out = nn.SequentialCell(layers.conv2d(hidden, dim, 1, has_bias=True), ChannelLayerNorm(layers, dim))
 
     def construct(self, x):
@@ -147,8 +149,15 @@ class Unet(nn.Cell):
     (ddpm/layers.py's `Layers` decides both). Same parameters, names and order either way.
     """
 
-    def __init__(self, dim: int, channels: int = 1, dim_mults: tuple[int, ...] = (1, 2, 4), convnext_mult: int = 2,
-                 native: bool = True, precision: str = "fp32"):
+    def __init__(
+        self,
+        dim: int,
+        channels: int = 1,
+        dim_mults: tuple[int, ...] = (1, 2, 4),
+        convnext_mult: int = 2,
+        native: bool = True,
+        precision: str = "fp32",
+    ):
         super().__init__()
         layers = Layers(native, precision)
         init_dim = dim // 3 * 2
@@ -157,23 +166,37 @@ class Unet(nn.Cell):
         in_out = list(zip(dims[:-1], dims[1:]))
         time_dim = dim * 4
         self.time_mlp = nn.SequentialCell(
-            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), layers.gelu(), nn.Dense(time_dim, time_dim))
+            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), layers.gelu(), nn.Dense(time_dim, time_dim)
+        )
 
         last = len(in_out) - 1
-        self.downs = nn.CellList([
-            Level(layers, d_in, d_out, time_dim, convnext_mult,
-                  downsample(layers, d_out) if i < last else nn.Identity())
-            for i, (d_in, d_out) in enumerate(in_out)])
+        self.downs = nn.CellList(
+            [
+                Level(
+                    layers,
+                    d_in,
+                    d_out,
+                    time_dim,
+                    convnext_mult,
+                    downsample(layers, d_out) if i < last else nn.Identity(),
+                )
+                for i, (d_in, d_out) in enumerate(in_out)
+            ]
+        )
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(layers, mid_dim, mid_dim, time_dim, convnext_mult)
         self.mid_attn = Residual(PreNorm(layers, mid_dim, Attention(layers, mid_dim)))
         self.mid_block2 = ConvNextBlock(layers, mid_dim, mid_dim, time_dim, convnext_mult)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
-        self.ups = nn.CellList([
-            Level(layers, d_out * 2, d_in, time_dim, convnext_mult, upsample(layers, d_in))
-            for d_in, d_out in reversed(in_out[1:])])
-        self.final_conv = nn.SequentialCell(ConvNextBlock(layers, dim, dim, mult=convnext_mult),
-                                             layers.conv2d(dim, channels, 1))
+        self.ups = nn.CellList(
+            [
+                Level(layers, d_out * 2, d_in, time_dim, convnext_mult, upsample(layers, d_in))
+                for d_in, d_out in reversed(in_out[1:])
+            ]
+        )
+        self.final_conv = nn.SequentialCell(
+            ConvNextBlock(layers, dim, dim, mult=convnext_mult), layers.conv2d(dim, channels, 1)
+        )
 
     def construct(self, x, time):
         x = self.init_conv(x)
@@ -193,8 +216,14 @@ def build_unet(model_config, precision: str = "auto") -> Unet:
     """The network of `model_config` on the native layers, in the precision `precision` (train.precision:
     auto | fp32 | bf16) resolves to here."""
     layers = network_layers(precision)
-    return Unet(model_config.dim, model_config.channels, tuple(model_config.dim_mults), model_config.convnext_mult,
-                layers.native, layers.precision)
+    return Unet(
+        model_config.dim,
+        model_config.channels,
+        tuple(model_config.dim_mults),
+        model_config.convnext_mult,
+        layers.native,
+        layers.precision,
+    )
 
 
 def count_parameters(net: nn.Cell) -> int:

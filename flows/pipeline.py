@@ -5,6 +5,7 @@
 Without PREFECT_API_URL Prefect runs an ephemeral API for the one flow run; with a server set, the
 same flow runs as the `ddpm-pipeline/default` deployment (prefect.yaml).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def train(config: Config, pipeline: PipelineConfig, repo: str) -> Trained:
     from flows.steps.train import train
 
     connect(pipeline)
-    return train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(),
-                 continue_finished=True)
+    return train(
+        config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), continue_finished=True
+    )
 
 
 @task
@@ -101,8 +103,14 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
         metrics = evaluate(config, pipeline, repo, trained)
         registration = register(pipeline, repo, trained)
         publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
-    return {"run_id": trained.run_id, "model_id": trained.model_id, "eval_loss": metrics["eval_loss"],
-            "fid": metrics["fid"], "fid_floor": metrics["fid_floor"], **registration}
+    return {
+        "run_id": trained.run_id,
+        "model_id": trained.model_id,
+        "eval_loss": metrics["eval_loss"],
+        "fid": metrics["fid"],
+        "fid_floor": metrics["fid_floor"],
+        **registration,
+    }
 
 
 def show_project_logs() -> None:
@@ -126,25 +134,29 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
     grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)
     grid_image.save(buffer, format="PNG")
     grid = base64.b64encode(buffer.getvalue()).decode()
-    create_markdown_artifact(key="ddpm-summary", description="DDPM pipeline summary", markdown=f"""
+    create_markdown_artifact(
+        key="ddpm-summary",
+        description="DDPM pipeline summary",
+        markdown=f"""
 # DDPM pipeline run
 
 | | |
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
-| registered | `{registration['name']}` v{registration['version']} as @candidate (model `{trained.model_id}`) |
-| serve it | `mlflow models serve -m "models:/{registration['name']}/{registration['version']}" --env-manager local -p 5001`, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
-| FID (classifier features) | {metrics['fid']:.4f}, {metrics['fid_ratio']:.2f}x the floor {metrics['fid_floor']:.4f} |
-| class coverage: KL(classes \\|\\| uniform) | {metrics['class_kl']:.4f} (0 balanced, 2.30 one class) |
-| eval_loss (held-out denoising MSE) | {metrics['eval_loss']:.5f} |
-| final train_loss (epoch mean) | {trained.metrics.get('train_loss_epoch', float('nan')):.5f} |
-| throughput | {trained.metrics.get('images_per_second', float('nan')):.1f} img/s |
+| registered | `{registration["name"]}` v{registration["version"]} as @candidate (model `{trained.model_id}`) |
+| serve it | `mlflow models serve -m "models:/{registration["name"]}/{registration["version"]}" --env-manager local -p 5001`, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
+| FID (classifier features) | {metrics["fid"]:.4f}, {metrics["fid_ratio"]:.2f}x the floor {metrics["fid_floor"]:.4f} |
+| class coverage: KL(classes \\|\\| uniform) | {metrics["class_kl"]:.4f} (0 balanced, 2.30 one class) |
+| eval_loss (held-out denoising MSE) | {metrics["eval_loss"]:.5f} |
+| final train_loss (epoch mean) | {trained.metrics.get("train_loss_epoch", float("nan")):.5f} |
+| throughput | {trained.metrics.get("images_per_second", float("nan")):.1f} img/s |
 | checkpoint | `{trained.checkpoint}` |
 
 Final samples ({how}, {weights}, seed {SUMMARY_SEED}):
 
 ![samples](data:image/png;base64,{grid})
-""")
+""",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

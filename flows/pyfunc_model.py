@@ -9,6 +9,7 @@ Values are checked by ddpm.sampling before anything is drawn; a bad one is an Ml
 INVALID_PARAMETER_VALUE (HTTP 400) naming every bad value and its range.
 The `ddpm` package travels with the model (code_paths), so loading needs only its dependencies.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ class DdpmSampler(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from ddpm.sampling import SampleRequestError
 
-        rows = [{key: _given(value) for key, value in row.items()}
-                for row in pd.DataFrame(model_input).to_dict("records")]
+        rows = [
+            {key: _given(value) for key, value in row.items()} for row in pd.DataFrame(model_input).to_dict("records")
+        ]
         rows = [{**row, "sampler": DEFAULT_SAMPLER if row.get("sampler") is None else row["sampler"]} for row in rows]
         try:
             requests = self.sampler.requests(rows)

@@ -1,6 +1,7 @@
 """DVC stage entry points: `python -m flows.stages classifier|train|evaluate|register`. Each parses
 params.yaml (with the values `dvc exp run -S` set there) and calls its one step, importing only that
 step's module: dvc.yaml lists exactly the code each stage runs (tests/test_dvc_stages.py checks it)."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Writing samples to .npy/.npz batch by batch (ddpm.arrays)."""
+
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ def batches(images, written_before=None, path=None):
         if path is not None:
             partial = path.with_name(path.name + ".partial")
             written_before.append(partial.stat().st_size)
-        yield images[start:start + BATCH]
+        yield images[start : start + BATCH]
 
 
 @pytest.fixture

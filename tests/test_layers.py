@@ -3,6 +3,7 @@
 Tolerance: float32 round-off of differently ordered sums, a few 1e-6 relative; we allow
 RTOL/ATOL below, far under any change of the math (a wrong epsilon or a missing term fails).
 """
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -61,8 +62,9 @@ def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults)
     ref = Unet(dim, 1, dim_mults, native=False)
     fast_names = [p.name for p in fast.trainable_params()]
     assert fast_names == [p.name for p in ref.trainable_params()], "checkpoints must load into either"
-    ms.load_param_into_net(ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()},
-                           strict_load=True)
+    ms.load_param_into_net(
+        ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()}, strict_load=True
+    )
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((3, 1, 28, 28)), ms.float32)
     t = ms.Tensor([0, 57, 199], ms.int32)

@@ -1,5 +1,6 @@
 """MLflow run handling against a real MLflow store (SQLite): a resumed run logs every step and epoch
 once, stale runs of this workspace are ended, a dead server fails fast."""
+
 import socket
 import time
 from pathlib import Path
@@ -13,8 +14,17 @@ from ddpm.config import config_from_dict
 from ddpm.train import EpochEnd
 from flows import tracking
 from flows.config import params_from_dict
-from flows.tracking import (FAILURE_TAG, RESUMED_TAG, WORKSPACE_TAG, MlflowLogger, TrackingError, connect,
-                            end_stale_runs, start_run, workspace_id)
+from flows.tracking import (
+    FAILURE_TAG,
+    RESUMED_TAG,
+    WORKSPACE_TAG,
+    MlflowLogger,
+    TrackingError,
+    connect,
+    end_stale_runs,
+    start_run,
+    workspace_id,
+)
 
 STEPS_PER_EPOCH = 4
 
@@ -34,8 +44,13 @@ def pipeline(database, request, mlflow_state):
 
 def epoch_end(epoch: int) -> EpochEnd:
     grid = np.zeros((4, 1, 28, 28), np.float32)
-    return EpochEnd(epoch, (epoch + 1) * STEPS_PER_EPOCH, {"train_loss_epoch": 0.5 - epoch / 10}, Path("x.ckpt"),
-                    lambda num, seed: grid[:num])
+    return EpochEnd(
+        epoch,
+        (epoch + 1) * STEPS_PER_EPOCH,
+        {"train_loss_epoch": 0.5 - epoch / 10},
+        Path("x.ckpt"),
+        lambda num, seed: grid[:num],
+    )
 
 
 def steps_of(client, run_id, key):
@@ -43,8 +58,7 @@ def steps_of(client, run_id, key):
 
 
 def image_steps(client, run_id):
-    return sorted(int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images")
-                  if a.path.endswith(".png"))
+    return sorted(int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
 
 
 def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
@@ -92,8 +106,10 @@ def test_stale_runs_of_this_workspace_end_killed_and_resume_reopens_one(pipeline
     run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)  # then SIGKILL
     mlflow.end_run("RUNNING")  # what a dead process leaves behind
     client = MlflowClient()
-    theirs = client.create_run(client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id,
-                               tags={WORKSPACE_TAG: workspace_id(other)}).info.run_id
+    theirs = client.create_run(
+        client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id,
+        tags={WORKSPACE_TAG: workspace_id(other)},
+    ).info.run_id
     assert end_stale_runs(pipeline, repo) == [run_id]
     stale = client.get_run(run_id)
     assert stale.info.status == "KILLED" and "process died" in stale.data.tags[FAILURE_TAG]
@@ -134,8 +150,9 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(mlflow
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()  # the kernel accepts connections; nobody ever answers
-        _, pipeline = params_from_dict({"tracking": {"uri": f"http://127.0.0.1:{server.getsockname()[1]}",
-                                                     "connect_timeout": 1.0}})
+        _, pipeline = params_from_dict(
+            {"tracking": {"uri": f"http://127.0.0.1:{server.getsockname()[1]}", "connect_timeout": 1.0}}
+        )
         started = time.monotonic()
         with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
             connect(pipeline)

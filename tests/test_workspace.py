@@ -1,5 +1,6 @@
 """The workspace lock against real processes: a second pipeline waits or is refused, naming the
 holder; a holder killed with SIGKILL frees the lock and leaves its record for the next one."""
+
 import json
 import logging
 import os
@@ -26,8 +27,9 @@ with workspace_lock(Path(sys.argv[1]), 0, sys.argv[2]):
 
 def hold(repo, seconds: float) -> subprocess.Popen:
     """Another process holding the workspace for `seconds`; returns once it holds it."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(repo), FLOW_RUN_ID, str(seconds)],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(repo), FLOW_RUN_ID, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 

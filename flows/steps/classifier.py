@@ -1,4 +1,5 @@
 """The classifier step: the FID feature network, trained once and reused while its settings hold."""
+
 from __future__ import annotations
 
 import logging

@@ -14,7 +14,9 @@ import json
 import sys
 import time
 
-import ddpm  # noqa: F401  (MindSpore's environment defaults)
+import ddpm  # noqa: F401  (MindSpore's environment defaults, set before mindspore loads)
+
+# isort: split
 import mindspore as ms
 import numpy as np
 from mindspore import nn

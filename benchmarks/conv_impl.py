@@ -1,7 +1,8 @@
 """Minimal reproduction: which oneDNN implementation MindSpore 2.10 picks for the U-Net's convs on CPU.
 
     ONEDNN_VERBOSE=1 uv run python benchmarks/conv_impl.py 2>&1 | grep 'exec,cpu,convolution'
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE ONEDNN_VERBOSE=1 uv run python benchmarks/conv_impl.py 2>&1 | grep 'exec,cpu,convolution'
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE ONEDNN_VERBOSE=1 uv run python benchmarks/conv_impl.py 2>&1 |
+        grep 'exec,cpu,convolution'
 
 MindSpore hands oneDNN plain NCHW tensors (`abcd`), so oneDNN cannot use its blocked or
 channels-last kernels: with AVX2 every conv, dense or depthwise, runs as `x64:gemm:jit`
@@ -10,7 +11,9 @@ channels-last kernels: with AVX2 every conv, dense or depthwise, runs as `x64:ge
 line is milliseconds.
 """
 
-import ddpm  # noqa: F401  (MindSpore's environment defaults)
+import ddpm  # noqa: F401  (MindSpore's environment defaults, set before mindspore loads)
+
+# isort: split
 import mindspore as ms
 import numpy as np
 from mindspore import nn

@@ -13,7 +13,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import ddpm  # noqa: F401  (MindSpore's environment defaults)
+import ddpm  # noqa: F401  (MindSpore's environment defaults, set before mindspore loads)
+
+# isort: split
 import mindspore as ms
 import numpy as np
 from mindspore import nn

@@ -162,7 +162,7 @@ class Reference:
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         ts = sorted({round(float(v)) for v in np.linspace(0, self.timesteps - 1, steps)}, reverse=True)
-        for t, t_prev in zip(ts, ts[1:] + [-1]):
+        for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
             a_t = self.alphas_cumprod[t]
             a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
             eps = self.predict(x.float(), torch.full((shape[0],), t, dtype=torch.int64)).double()

@@ -9,6 +9,7 @@ Imports neither MindSpore nor ddpm (importing ddpm sets MindSpore's oneDNN ISA c
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -200,7 +201,7 @@ class Unet(nn.Module):
         init_dim = dim // 3 * 2
         self.init_conv = conv(channels, init_dim, 7, padding=3, bias=True)
         dims = [init_dim, *(dim * m for m in dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(
             SinusoidalPositionEmbeddings(dim), nn.Linear(dim, time_dim), gelu(), nn.Linear(time_dim, time_dim)

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import mindspore as ms
 import numpy as np

@@ -4,8 +4,8 @@ that the pipeline's MLflow logger and DVC plot writer import it without loading 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class Callback:
         """Resuming after `last`, the newest checkpointed epoch: its checkpoint is written before
         `on_epoch_end`, so a crash in between leaves that epoch unreported; catch up here."""
 
-    def on_train_end(self, result: "FitResult") -> None: ...
+    def on_train_end(self, result: FitResult) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

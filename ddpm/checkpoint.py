@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.errors import CheckpointError, CheckpointWriteError
 from ddpm.config import Config, config_from_dict
+from ddpm.errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,9 @@ def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
         _remove_partial(tmp)
         raise CheckpointWriteError(
-            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. Free space "
-            f"on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun with "
-            "--resume"
+            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. "
+            f"Free space on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun "
+            "with --resume"
         ) from None
     except BaseException:  # e.g. a second Ctrl-C while writing
         _remove_partial(tmp)

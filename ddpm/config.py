@@ -119,7 +119,7 @@ class TrainConfig:
             errors.append(f"train.lr: must be in (0, 1), got {self.lr}")
         if not 0.0 <= self.min_lr <= self.lr:
             errors.append(f"train.min_lr: must be in [0, lr], got {self.min_lr}")
-        if not 0.0 <= self.checkpoint_minutes:
+        if not self.checkpoint_minutes >= 0.0:
             errors.append(
                 f"train.checkpoint_minutes: must be >= 0 (0 = only at epoch ends), got {self.checkpoint_minutes}"
             )

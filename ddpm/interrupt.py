@@ -44,7 +44,7 @@ class StopRequest:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return self
         for signum in STOP_SIGNALS:

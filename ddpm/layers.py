@@ -103,8 +103,8 @@ class DepthwiseConv2d(nn.Cell):
     per group; forward, input and weight gradient were among the slowest kernels of the step.
     With the native `library` all three run as oneDNN's direct depthwise kernels through
     ddpm/kernels (the layout conversions happen inside the operator; always float32: in bf16 they
-    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input gradient as the forward conv with the flipped
-    kernel, the weight gradient MindSpore's.
+    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input
+    gradient as the forward conv with the flipped kernel, the weight gradient MindSpore's.
     """
 
     def __init__(self, channels: int, kernel_size: int, library: Path | None = None):

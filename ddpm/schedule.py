@@ -79,5 +79,5 @@ class NoiseSchedule:
         assert (np.diff(self.alphas_cumprod) < 0).all(), "alpha_bar must decrease strictly"
 
     @classmethod
-    def from_config(cls, diffusion) -> "NoiseSchedule":
+    def from_config(cls, diffusion) -> NoiseSchedule:
         return cls(make_betas(diffusion.schedule, diffusion.timesteps, diffusion.beta_start, diffusion.beta_end))

@@ -7,6 +7,7 @@ Diffusion), without its dead code. `Unet(dim=28, channels=1, dim_mults=(1, 2, 4)
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import mindspore as ms
@@ -163,7 +164,7 @@ class Unet(nn.Cell):
         init_dim = dim // 3 * 2
         self.init_conv = layers.conv2d(channels, init_dim, 7, padding=3, has_bias=True)
         dims = [init_dim, *(dim * m for m in dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         time_dim = dim * 4
         self.time_mlp = nn.SequentialCell(
             SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), layers.gelu(), nn.Dense(time_dim, time_dim)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
-
 
 SQLITE_PREFIX = "sqlite:///"  # then a path, relative unless it starts with "/"
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from ddpm.config import ConfigError
 from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 

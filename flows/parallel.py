@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import yaml
+
+from ddpm.callbacks import FitResult
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS, launch_workers
-from ddpm.callbacks import FitResult
-
 from flows.config import PipelineConfig
 
 WORKER_PARAMS = "worker_params.yaml"  # in train.checkpoint_dir: the params every worker reads

@@ -29,8 +29,8 @@ from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, load_params
 from flows.data import fetch_data
-from flows.tracking import connect, run_url
 from flows.steps import USER_ERRORS, Trained
+from flows.tracking import connect, run_url
 from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
@@ -121,9 +121,10 @@ def show_project_logs() -> None:
 
 def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str) -> None:
     """A markdown artifact with the final sample grid and a link to the MLflow run."""
+    from PIL import Image
+
     from ddpm.images import make_grid
     from ddpm.sampling import load_sampler
-    from PIL import Image
 
     sampler = load_sampler(trained.checkpoint)
     images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
@@ -134,6 +135,8 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
     grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)
     grid_image.save(buffer, format="PNG")
     grid = base64.b64encode(buffer.getvalue()).decode()
+    model_uri = f"models:/{registration['name']}/{registration['version']}"
+    serve = f'`mlflow models serve -m "{model_uri}" --env-manager local -p 5001`'
     create_markdown_artifact(
         key="ddpm-summary",
         description="DDPM pipeline summary",
@@ -144,7 +147,7 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
 | registered | `{registration["name"]}` v{registration["version"]} as @candidate (model `{trained.model_id}`) |
-| serve it | `mlflow models serve -m "models:/{registration["name"]}/{registration["version"]}" --env-manager local -p 5001`, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
+| serve it | {serve}, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
 | FID (classifier features) | {metrics["fid"]:.4f}, {metrics["fid_ratio"]:.2f}x the floor {metrics["fid_floor"]:.4f} |
 | class coverage: KL(classes \\|\\| uniform) | {metrics["class_kl"]:.4f} (0 balanced, 2.30 one class) |
 | eval_loss (held-out denoising MSE) | {metrics["eval_loss"]:.5f} |

@@ -12,12 +12,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from ddpm.config import ConfigError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from ddpm.config import ConfigError
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from ddpm.interrupt import TrainingInterrupted
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained

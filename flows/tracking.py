@@ -17,13 +17,13 @@ from pathlib import Path
 
 import mlflow
 import sqlalchemy.exc
-from ddpm.config import Config
-from ddpm.images import make_grid
-from ddpm.callbacks import Callback, EpochEnd, FitResult
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
+from ddpm.callbacks import Callback, EpochEnd, FitResult
+from ddpm.config import Config
+from ddpm.images import make_grid
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
 from flows.steps import MEASURED_PREFIX, PER_T_PREFIX

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import mlflow
+
 from ddpm.distributed import init_world
 from ddpm.train import fit
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.parallel import save_fit_result

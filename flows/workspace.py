@@ -19,9 +19,10 @@ import os
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 from uuid import UUID
 
 from flows.config import PipelineConfig
@@ -73,7 +74,7 @@ def workspace_lock(repo: Path, timeout: float, flow_run_id: str | None = None) -
             me = Holder(
                 os.getpid(),
                 socket.gethostname(),
-                datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                datetime.now(UTC).isoformat(timespec="seconds"),
                 " ".join(sys.argv),
                 flow_run_id,
             )

@@ -35,9 +35,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 def start(args: list[str], health: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    process = subprocess.Popen(
-        args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
-    )
+    with open(log, "w") as out:  # the server holds its own copy of the file
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
     wait_healthy(health, process, log)
     return process
 
@@ -103,23 +104,24 @@ def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Pat
         capture_output=True,
     )
     port = free_port()
-    process = subprocess.Popen(
-        [
-            *as_user,
-            str(bin_dir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(home),
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ],
-        stdout=open(home / "postgres.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(home / "postgres.log", "w") as out:
+        process = subprocess.Popen(
+            [
+                *as_user,
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(home),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while (
         subprocess.run(

@@ -1,5 +1,7 @@
 """Writing samples to .npy/.npz batch by batch (ddpm.arrays)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,7 @@ def test_arrays_round_trip_and_stream_to_disk(tmp_path, images, suffix):
     assert not (tmp_path / f"samples{suffix}.partial").exists()
     # Each batch reached the file before the next was drawn: memory holds one batch, not the array.
     batch_bytes = BATCH * 28 * 28 * 4
-    assert all(later - earlier >= batch_bytes for earlier, later in zip(sizes, sizes[1:])), sizes
+    assert all(later - earlier >= batch_bytes for earlier, later in itertools.pairwise(sizes)), sizes
     loaded = np.load(path)
     if suffix == ".npz":
         assert sorted(loaded.files) == ["images", "sampler", "steps"]

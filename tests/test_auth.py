@@ -54,7 +54,7 @@ def credentials(user: tuple[str, str] | None):
     """MLFLOW_TRACKING_USERNAME/PASSWORD set to `user` (unset for None) inside the block."""
     saved = {key: os.environ.pop(key, None) for key in CREDENTIAL_VARS}
     if user is not None:
-        os.environ.update(zip(CREDENTIAL_VARS, user))
+        os.environ.update(zip(CREDENTIAL_VARS, user, strict=True))
     try:
         yield
     finally:

@@ -475,19 +475,20 @@ def deployment(template, tmp_path_factory, freezer):
         for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
             result = prefect(*args, repo=repo, env=env)
             assert result.returncode == 0, result.stdout + result.stderr
-        worker = subprocess.Popen(
-            [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-            cwd=repo,
-            env={
-                **os.environ,
-                **env,
-                **freezer.env,  # its flow runs inherit the freezer
-                "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-            },
-            stdout=open(tmp / "worker.log", "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(tmp / "worker.log", "w") as out:
+            worker = subprocess.Popen(
+                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+                cwd=repo,
+                env={
+                    **os.environ,
+                    **env,
+                    **freezer.env,  # its flow runs inherit the freezer
+                    "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         yield repo, env, MlflowClient(uri), tmp, freezer
     finally:
         if worker is not None:
@@ -559,7 +560,7 @@ def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(depl
 def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deployment):
     """prefect.yaml's concurrency limit: the server queues the second run (no worker, no process, no
     lock wait that could time out) and starts it when the first ends."""
-    repo, env, client, tmp, freezer = deployment
+    repo, env, client, tmp, _freezer = deployment
     first = trigger(repo, env, {"train.epochs": 2})
     holder = wait_for_holder(repo, first)
     os.kill(holder["pid"], signal.SIGSTOP)  # the first holds its slot as long as it likes

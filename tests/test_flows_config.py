@@ -77,7 +77,7 @@ def test_a_relative_sqlite_store_is_the_checkouts_even_in_a_dvc_temporary_copy(m
 
 @pytest.mark.parametrize("directory", [".", "", "./", "..", str(ROOT), "checkpoints/../.."])
 def test_a_checkpoint_dir_that_is_the_checkout_or_holds_it_is_refused(directory):
-    with pytest.raises(ConfigError, match="train.checkpoint_dir: .* is the checkout"):
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_dir: .* is the checkout"):
         load_params(
             ROOT / "params.yaml",
             [f"train.checkpoint_dir={directory!r}" if directory == "" else f"train.checkpoint_dir={directory}"],

@@ -86,7 +86,7 @@ def rot(path):
 def test_data_dvc_that_does_not_match_the_real_files_is_an_error(repo):
     text = (repo / "data.dvc").read_text().replace("5f974fc0", "00000000")
     (repo / "data.dvc").write_text(text)
-    with pytest.raises(DataError, match="hashes to 5f974fc0.* while data.dvc records 00000000"):
+    with pytest.raises(DataError, match=r"hashes to 5f974fc0.* while data\.dvc records 00000000"):
         fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
 
 

@@ -72,7 +72,7 @@ def assert_same_function(fast: nn.Cell, ref: nn.Cell, x_shape):
     `x_shape` is the input's shape (drawn at random), or the input itself."""
     assert [p.name for p in fast.trainable_params()] == [p.name for p in ref.trainable_params()]
     rng = np.random.default_rng(0)
-    for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params()):
+    for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params(), strict=True):
         p_ref.set_data(ms.Tensor(rng.standard_normal(p_ref.shape) * 0.2, ms.float32))
         p_fast.set_data(p_ref.value().copy())
     x = ms.Tensor(rng.standard_normal(x_shape) if isinstance(x_shape, tuple) else x_shape, ms.float32)

@@ -51,7 +51,7 @@ def test_group_norm_equals_mindspores_with_gradients(shape):
     (out_f, dx_f, dw_f), (out_r, dx_r, dw_r) = value_and_grads(fast, x), value_and_grads(ref, x)
     assert_close(out_f, out_r)
     assert_close(dx_f, dx_r)
-    for a, b in zip(dw_f, dw_r):
+    for a, b in zip(dw_f, dw_r, strict=True):
         assert_close(a, b)
 
 
@@ -72,7 +72,7 @@ def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults)
     out_r, dx_r, dw_r = value_and_grads(ref, x, t)
     assert_close(out_f, out_r)
     assert_close(dx_f, dx_r)
-    for name, a, b in zip(fast_names, dw_f, dw_r):
+    for name, a, b in zip(fast_names, dw_f, dw_r, strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, np.abs(b).max()), err_msg=name)
 
 

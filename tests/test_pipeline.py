@@ -86,7 +86,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(workspace):
     """The main job, `python -m flows.pipeline`, on an ephemeral Prefect API and a real MLflow server."""
-    tmp, repo, uri = workspace
+    _, repo, uri = workspace
     result = run([sys.executable, "-m", "flows.pipeline"], repo, {"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -126,7 +126,7 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
 
 
 def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, first_run):
-    tmp, repo, uri = workspace
+    _, repo, uri = workspace
     env = {"MLFLOW_TRACKING_URI": uri}
     promoted = run([sys.executable, "-m", "flows.promote"], repo, env)
     assert promoted.returncode == 0 and "no champion" in promoted.stderr, promoted.stderr
@@ -168,7 +168,7 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
 
 
 def test_champion_loads_and_samples_through_pyfunc(workspace, first_run):
-    tmp, repo, uri = workspace
+    tmp, _, uri = workspace
     code = (
         "import mlflow, pandas as pd, sys; mlflow.set_tracking_uri(sys.argv[1]);"
         "m = mlflow.pyfunc.load_model('models:/ddpm-fashion-mnist@champion');"
@@ -183,7 +183,7 @@ def test_champion_loads_and_samples_through_pyfunc(workspace, first_run):
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(workspace):
-    tmp, repo, uri = workspace
+    _, repo, _ = workspace
     started = time.monotonic()
     result = run(
         [sys.executable, "-m", "flows.stages", "train"],
@@ -203,14 +203,15 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
             result = run([str(servers.BIN / "prefect"), *args], repo, env)
             assert result.returncode == 0, result.stdout + result.stderr
-        worker = subprocess.Popen(
-            [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-            cwd=repo,
-            env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
-            stdout=open(tmp / "worker.log", "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(tmp / "worker.log", "w") as out:
+            worker = subprocess.Popen(
+                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+                cwd=repo,
+                env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         result = run(
             [
                 str(servers.BIN / "prefect"),

@@ -86,7 +86,7 @@ def test_explicit_precision_the_users_isa_cap_and_other_devices(caplog):
 def test_precision_is_a_validated_train_setting():
     assert Config().train.precision == "auto"
     assert load_config(None, ["train.precision=bf16"]).train.precision == "bf16"
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match=r"train\.precision"):
         load_config(None, ["train.precision=fp16"])
 
 

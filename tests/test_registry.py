@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from ddpm.config import ConfigError
 from mlflow import MlflowClient
 
+from ddpm.config import ConfigError
 from flows.config import RegistryConfig, load_params
 from flows.registry import promote, register_model
 

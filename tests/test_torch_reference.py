@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters
+from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters  # noqa: E402  (needs torch, checked above)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with params.yaml's model section

@@ -142,7 +142,7 @@ def test_resuming_a_run_the_store_lacks_names_the_run_and_the_fix(pipeline, tmp_
     checkpoints.mkdir()
     (checkpoints / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")
     config = config_from_dict({"train": {"checkpoint_dir": str(checkpoints)}})
-    with pytest.raises(TrackingError, match="0123456789abcdef0123456789abcdef.*MLFLOW_TRACKING_URI"):
+    with pytest.raises(TrackingError, match=r"0123456789abcdef0123456789abcdef.*MLFLOW_TRACKING_URI"):
         start_run(config, pipeline, {}, resume=True)
 
 
@@ -154,6 +154,6 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(mlflow
             {"tracking": {"uri": f"http://127.0.0.1:{server.getsockname()[1]}", "connect_timeout": 1.0}}
         )
         started = time.monotonic()
-        with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
+        with pytest.raises(TrackingError, match=r"unreachable.*mlflow server"):
             connect(pipeline)
         assert time.monotonic() - started < 5

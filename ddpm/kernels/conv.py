@@ -53,7 +53,10 @@ class NativeConv2d(nn.Cell):
         return [
             x[0],
             channels,
-            *(conv_output_size(s, k, self.stride, self.pad, self.transposed) for s, k in zip(x[2:], w[2:])),
+            *(
+                conv_output_size(s, k, self.stride, self.pad, self.transposed)
+                for s, k in zip(x[2:], w[2:], strict=True)
+            ),
         ]
 
     def construct(self, x, weight):

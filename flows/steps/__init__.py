@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.errors import USER_ERRORS as DDPM_USER_ERRORS
-
 from flows.errors import RegistrationError, TrackingError
 from flows.workspace import WorkspaceBusy
 
@@ -43,7 +42,7 @@ class Trained:
         write_json(path, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "Trained":
+    def load(cls, path: Path) -> Trained:
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run the train step first (`dvc repro train`)")
         return cls(**json.loads(path.read_text()))

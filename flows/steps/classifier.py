@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from ddpm.config import Config
-
 from flows.steps import CLASSIFIER_JSON, write_json
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 from ddpm.config import Config
-
 from flows.config import PipelineConfig
 from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, write_json
 

@@ -24,7 +24,6 @@ from ddpm.callbacks import Callback
 from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
-
 from flows.config import PipelineConfig
 from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
 
@@ -156,7 +155,6 @@ def train(
 def _unregistered_same_training(finished: Trained, config: Config, pipeline: PipelineConfig) -> bool:
     from ddpm.checkpoint import load_checkpoint
     from ddpm.train import resume_conflicts
-
     from flows.registry import registered_version
 
     if registered_version(pipeline.registry, finished.run_id) is not None:
@@ -178,9 +176,9 @@ def _fit_and_log(
     config: Config, pipeline: PipelineConfig, repo: Path, directory: Path, flow_run_id: str | None, progress: bool
 ) -> Trained:
     import mlflow
+
     from ddpm.checkpoint import list_checkpoints
     from ddpm.train import fit
-
     from flows.data import dvc_data_hash
     from flows.parallel import fit_on_workers
     from flows.registry import log_sampler_model

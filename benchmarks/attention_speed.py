@@ -99,9 +99,9 @@ def main() -> None:
             impl: ms.jit(ms.grad(Projected(cell, projection), grad_position=positions)) for impl, cell in cells.items()
         }
         ms_per_step = time_steps(steps, inputs, args.repeats)
-        kind = totals.setdefault(name.split(" ")[0], {})
+        sums = totals.setdefault(name.split(" ")[0], {})
         for impl, value in ms_per_step.items():
-            kind[impl] = kind.get(impl, 0.0) + value
+            sums[impl] = sums.get(impl, 0.0) + value
         sys.stdout.write(json.dumps({"op": name, "batch": args.batch, "ms_fwd_bwd": ms_per_step}) + "\n")
     for kind, by_impl in totals.items():
         sys.stdout.write(

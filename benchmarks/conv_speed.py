@@ -193,9 +193,9 @@ def main() -> None:
         }
         ms_per_step = {name: round(time_step(step, (x, w), args.repeats), 3) for name, step in steps.items()}
         uses = NETWORK.count(conv)
-        kind = totals.setdefault(str(conv).split(" ")[0], {})
+        sums = totals.setdefault(str(conv).split(" ")[0], {})
         for name, value in ms_per_step.items():
-            kind[name] = kind.get(name, 0.0) + uses * value
+            sums[name] = sums.get(name, 0.0) + uses * value
         sys.stdout.write(
             json.dumps({"conv": str(conv), "batch": args.batch, "uses": uses, "ms_fwd_bwd": ms_per_step}) + "\n"
         )

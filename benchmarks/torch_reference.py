@@ -91,15 +91,15 @@ def time_calls(fn: Callable[[int], torch.Tensor], repeats: int, warmup: int, ste
         other = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
         per_call.append(wall / steps)
         foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
-    per_call = np.array(per_call)
-    best, med = float(per_call.min()), float(np.median(per_call))
+    seconds = np.array(per_call)
+    best, med = float(seconds.min()), float(np.median(seconds))
     return {
         "steps": steps,
         "repeats": repeats,
         "first_call_s": round(first, 2),
         "ms_min": round(best * 1e3, 2),
         "ms_med": round(med * 1e3, 2),
-        "ms_max": round(float(per_call.max()) * 1e3, 2),
+        "ms_max": round(float(seconds.max()) * 1e3, 2),
         "foreign_frac": foreign,
         "_best": best,
         "_med": med,

@@ -63,16 +63,16 @@ def time_calls(fn: Callable[[int], object], repeats: int, warmup: int) -> dict:
         other = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
         per_call.append(wall / steps)
         foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
-    per_call = np.array(per_call)
+    seconds = np.array(per_call)
     return {
         "steps": steps,
         "repeats": repeats,
         "first_call_s": round(first, 2),
-        "ms_min": round(per_call.min() * 1e3, 2),
-        "ms_med": round(float(np.median(per_call)) * 1e3, 2),
+        "ms_min": round(seconds.min() * 1e3, 2),
+        "ms_med": round(float(np.median(seconds)) * 1e3, 2),
         "foreign_frac": foreign,
-        "_best": float(per_call.min()),
-        "_med": float(np.median(per_call)),
+        "_best": float(seconds.min()),
+        "_med": float(np.median(seconds)),
     }
 
 

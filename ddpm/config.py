@@ -267,11 +267,11 @@ def config_from_dict(
             errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
         elif not isinstance(value, dict):
             errors.append(f"{name}: must be a mapping, got {value!r}")
-    for f in dataclasses.fields(Config):
-        values = raw.get(f.name)
-        section_errors, section = build_section(f.name, f.default_factory, values if isinstance(values, dict) else {})
+    for name, cls in typing.get_type_hints(Config).items():  # each section's dataclass
+        values = raw.get(name)
+        section_errors, section = build_section(name, cls, values if isinstance(values, dict) else {})
         errors += section_errors + section.check()  # ranges of the values that parsed
-        sections[f.name] = section
+        sections[name] = section
     if not errors:
         config = Config(**sections)
         errors = config.check()
@@ -361,4 +361,4 @@ def _at_least(section: Any, **minimums: int) -> list[str]:
     ]
 
 
-_SECTION_OF = {f.default_factory: f.name for f in dataclasses.fields(Config)}
+_SECTION_OF = {cls: name for name, cls in typing.get_type_hints(Config).items()}

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +45,14 @@ class StopRequest:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.signum: int | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
 
     def __enter__(self) -> StopRequest:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return self
         for signum in STOP_SIGNALS:
             handler = signal.getsignal(signum)
-            if handler in (signal.SIG_IGN, None):  # None: installed outside Python, cannot be put back
+            if handler is None or handler == signal.SIG_IGN:  # None: installed outside Python, cannot be put back
                 continue
             self.previous[signum] = handler
             signal.signal(signum, self._record)

@@ -254,11 +254,12 @@ class Layers:
         has_bias: bool = False,
     ) -> nn.Cell:
         """nn.Conv2d with symmetric padding."""
-        if self._mindspore_conv(in_channels, kernel_size):
+        library = self.library
+        if library is None or self._mindspore_conv(in_channels, kernel_size):
             return nn.Conv2d(
                 in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding, has_bias=has_bias
             )
-        return Conv2d(self.library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
+        return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
 
     def conv_transpose2d(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0

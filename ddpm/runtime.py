@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from ddpm.errors import DeviceError
 
@@ -125,7 +126,7 @@ def effective_isa() -> str:
 
 def resolve_precision(
     precision: str, target: str | None = None, flags: frozenset[str] | None = None, isa: str | None = None
-) -> str:
+) -> Literal["fp32", "bf16"]:
     """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's),
     a processor with `flags` (default: this one's) and oneDNN's cap `isa` (default: the one in force).
     auto is bf16 where the processor has bf16 matrix units (amx_bf16 or avx512_bf16) and the cap

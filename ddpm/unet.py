@@ -14,7 +14,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ddpm.layers import Layers, network_layers
+from ddpm.layers import Layers, Precision, network_layers
 
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
 POSITION_SCALE = 10000.0  # Transformer sinusoid base (Vaswani et al., 2017)
@@ -157,7 +157,7 @@ class Unet(nn.Cell):
         dim_mults: tuple[int, ...] = (1, 2, 4),
         convnext_mult: int = 2,
         native: bool = True,
-        precision: str = "fp32",
+        precision: Precision = "fp32",
     ):
         super().__init__()
         layers = Layers(native, precision)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, apply_overrides, build_section, config_from_dict
@@ -150,21 +150,21 @@ def params_from_dict(raw: dict[str, Any], overrides: Sequence[str] = ()) -> tupl
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     errors = apply_overrides(raw, [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS])
     sections = {}
-    for f in dataclasses.fields(PipelineConfig):
-        values = raw.get(f.name) or {}
+    for name, cls in get_type_hints(PipelineConfig).items():  # each section's dataclass
+        values = raw.get(name) or {}
         if not isinstance(values, dict):
-            errors.append(f"{f.name}: must be a mapping, got {values!r}")
+            errors.append(f"{name}: must be a mapping, got {values!r}")
             values = {}
-        section_errors, section = build_section(f.name, f.default_factory, values)
+        section_errors, section = build_section(name, cls, values)
         errors += section_errors + section.check()
-        sections[f.name] = section
+        sections[name] = section
     ml_overrides = [o for o in overrides if o.split(".", 1)[0] not in PIPELINE_SECTIONS]
     try:
         config = config_from_dict(raw, ml_overrides, extra_sections=PIPELINE_SECTIONS)
     except ConfigError as e:
         errors += str(e).splitlines()[1:]
         config = None
-    if errors:
+    if errors or config is None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.strip() for e in errors))
     return config, PipelineConfig(**sections)
 

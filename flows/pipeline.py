@@ -132,7 +132,7 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
     how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.diffusion.timesteps}"
     weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
     buffer = io.BytesIO()
-    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)
+    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.Resampling.NEAREST)
     grid_image.save(buffer, format="PNG")
     grid = base64.b64encode(buffer.getvalue()).decode()
     model_uri = f"models:/{registration['name']}/{registration['version']}"

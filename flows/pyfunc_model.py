@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a lazy loader, opaque to type checkers
 
 DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/quality.md)
 
@@ -28,7 +29,7 @@ def _given(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-class DdpmSampler(mlflow.pyfunc.PythonModel):
+class DdpmSampler(PythonModel):
     def load_context(self, context):
         import ddpm  # noqa: F401  (sets MindSpore's environment before it loads)
         from ddpm.sampling import load_sampler

@@ -63,7 +63,9 @@ def log_sampler_model(checkpoint: str) -> str:
     a model that cannot sample is never logged."""
     from ddpm.checkpoint import export_weights
 
-    run_id = mlflow.active_run().info.run_id
+    run = mlflow.active_run()
+    assert run is not None, "log_sampler_model is called inside the training's run"
+    run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
             slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
@@ -145,12 +147,13 @@ def scores_of(client: MlflowClient, name: str, version: str) -> Scores:
         metrics = {m.key: m.value for m in model.metrics or []}
         measured = {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
     else:
-        metrics, measured = client.get_run(model_version.run_id).data.metrics, {}
+        run_id = model_version.run_id  # None for a version registered from neither: no metrics
+        metrics, measured = (client.get_run(run_id).data.metrics if run_id else {}), {}
     measured.update({key: f"{metrics[key]:.6g}" for key in MEASURED_METRICS if key in metrics})
     return Scores(metrics, measured)
 
 
-def logged_model_of(source: str) -> str | None:
+def logged_model_of(source: str | None) -> str | None:
     """The LoggedModel id a version was registered from (its source is models:/<model id>); the SQLite
     registry does not return ModelVersion.model_id."""
     match = LOGGED_MODEL_SOURCE.fullmatch(source or "")

@@ -186,10 +186,12 @@ def log_dataset(data_root: Path, data_hash: str) -> None:
     """Fashion-MNIST as the active run's training input, its DVC hash as the digest (the run page's
     Datasets panel; runs trained on other data show another digest)."""
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # mlflow adds it at import
 
     source = LocalArtifactDatasetSource(data_root.resolve().as_uri())
-    mlflow.log_input(MetaDataset(source, name=DATASET_NAME, digest=data_hash), context="training")
+    # mlflow's Dataset marks `profile` abstract without enforcing it; MetaDataset, made for this use, has none
+    dataset = MetaDataset(source, name=DATASET_NAME, digest=data_hash)  # type: ignore[abstract]
+    mlflow.log_input(dataset, context="training")
 
 
 def run_name(config: Config) -> str:
@@ -270,7 +272,9 @@ class MlflowLogger(Callback):
             operations.wait()
 
     def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
-        client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+        run = mlflow.active_run()
+        assert run is not None, "fit() with an MlflowLogger runs inside mlflow.start_run()"
+        client, run_id = MlflowClient(), run.info.run_id
         self.steps_per_epoch = steps_per_epoch
         self.done_steps = logged_steps(client, run_id, "train_loss")
         self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")

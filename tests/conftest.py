@@ -2,6 +2,7 @@ import gzip
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,7 @@ def tiny_config(fashion_root, tmp_path):
     """A small, fast configuration over real images; keyword overrides as {"section": {...}}."""
 
     def make(**sections):
-        raw = {
+        raw: dict[str, dict[str, Any]] = {
             "data": {"root": str(fashion_root), "limit": 64, "num_workers": 1},
             "model": dict(TINY_MODEL),
             "diffusion": {"timesteps": 50, "schedule": "scaled_linear"},
@@ -75,7 +76,7 @@ def mlflow_state(monkeypatch):
     saved = {key: os.environ.pop(key, None) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     yield
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
     for key, value in saved.items():
         os.environ.pop(key, None)
         if value is not None:

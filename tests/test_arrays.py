@@ -28,7 +28,7 @@ def images():
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
 def test_arrays_round_trip_and_stream_to_disk(tmp_path, images, suffix):
     path = tmp_path / f"samples{suffix}"
-    sizes = []
+    sizes: list[int] = []
     assert write_arrays(path, batches(images, sizes, path), SHAPE, {"sampler": "ddim", "steps": 5}) == path
     assert not (tmp_path / f"samples{suffix}.partial").exists()
     # Each batch reached the file before the next was drawn: memory holds one batch, not the array.

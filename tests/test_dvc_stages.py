@@ -31,7 +31,7 @@ def module_file(name: str) -> Path | None:
 
 def imported_modules(path: Path) -> set[str]:
     """Every module `path` imports anywhere in it, with the packages on the way (their __init__ runs)."""
-    names = set()
+    names: set[str] = set()
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -44,7 +44,7 @@ def imported_modules(path: Path) -> set[str]:
                 )
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    with_parents = set()
+    with_parents: set[str] = set()
     for name in names:
         parts = name.split(".")
         with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))

@@ -154,7 +154,9 @@ def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
     losses, reference = uninterrupted(repo, tmp)
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     np.testing.assert_allclose(logged, losses, rtol=1e-4, atol=1e-6)
-    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(repo / "checkpoints"))
+    latest = ckpt.latest_checkpoint(repo / "checkpoints")
+    assert latest is not None
+    final = ckpt.load_checkpoint(latest)
     assert final.epoch == EPOCHS and final.global_step == reference.global_step == STEPS
     for name in reference.params:
         np.testing.assert_allclose(

@@ -228,8 +228,10 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         assert result.returncode == 0 and "Completed" in result.stdout, (
             result.stdout[-3000:] + (tmp / "worker.log").read_text()[-3000:]
         )
+        experiment = MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist")
+        assert experiment is not None
         runs = MlflowClient(uri).search_runs(
-            [MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist").experiment_id],
+            [experiment.experiment_id],
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

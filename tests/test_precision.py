@@ -16,7 +16,7 @@ import pytest
 from mindspore import nn
 
 from ddpm import runtime
-from ddpm.config import Config, ConfigError, config_from_dict, load_config
+from ddpm.config import Config, ConfigError, Precision, config_from_dict, load_config
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.train import Trainer
@@ -154,9 +154,9 @@ def check_against_reference(bf16: nn.Cell, ref: nn.Cell, x_shape):
 # ---- the network ----
 
 
-def conv_precisions(net: nn.Cell) -> dict[str, set]:
+def conv_precisions(net: nn.Cell) -> dict[str, set[int]]:
     """{'dense': {bf16 flags of the dense convs}, 'depthwise': {...}} as the C++ side reads them."""
-    found = {"dense": set(), "depthwise": set()}
+    found: dict[str, set[int]] = {"dense": set(), "depthwise": set()}
     for _, cell in net.cells_and_names():
         if isinstance(cell, NativeConv2d):
             found["depthwise" if cell.groups > 1 else "dense"].add(int(cell.config.asnumpy()[-1]))
@@ -192,11 +192,11 @@ def test_bf16_unet_forward_and_gradients_are_close_to_fp32(library):
     t = ms.Tensor([0, 57, 120, 199], ms.int32)
     for name, a, b in zip(["output", *names], output_and_grads(bf16, x, t), output_and_grads(fp32, x, t), strict=True):
         # relative to the tensor's norm: a bf16 network rounds at every conv, errors add over ~20 layers
-        error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+        error = np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12)
         assert error < 5 * BF16_TOL, f"{name}: {error:.4f}"
 
 
-def tiny_config(precision: str) -> Config:
+def tiny_config(precision: Precision) -> Config:
     config = Config()
     return dataclasses.replace(
         config,
@@ -214,7 +214,7 @@ def tiny_config(precision: str) -> Config:
     )
 
 
-def train_losses(precision: str, steps: int) -> list[float]:
+def train_losses(precision: Precision, steps: int) -> list[float]:
     """Losses of `steps` Adam steps on one fixed batch (the same weights, data and noise for any precision)."""
     trainer = Trainer(tiny_config(precision))
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ REGISTRY = RegistryConfig(model_name="gate-test")
 def client(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield MlflowClient()
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
 
 
 def add_version(client, fid=None, metric="fid") -> str:

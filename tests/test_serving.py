@@ -62,7 +62,7 @@ def server(fashion_root, tmp_path_factory):
         version = register_model(run.info.run_id, model_id, REGISTRY).version
         MlflowClient().set_registered_model_alias(REGISTRY.model_name, REGISTRY.champion_alias, version)
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
     process, url = servers.start_model_server(
         f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}", tmp, tracking_uri
     )
@@ -91,11 +91,11 @@ def test_good_requests_answer_images(server):
     assert -1.0 <= images.min() < images.max() <= 1.0
     # Several rows are several requests, concatenated in order; the same row gives the same images. (Every
     # row names the same columns: MLflow cannot parse an integer column with a missing value.)
-    status, rows = post(
+    status, answer = post(
         server, [{"num": 3, "steps": 2, "seed": 1, "eta": 1.0}, {"num": 2, "steps": 3, "seed": 2, "eta": 0.0}]
     )
-    assert status == 200, rows
-    rows = np.asarray(rows["predictions"], np.float32)
+    assert status == 200, answer
+    rows = np.asarray(answer["predictions"], np.float32)
     assert rows.shape == (5, 1, 28, 28)
     np.testing.assert_array_equal(rows[:3], images)  # row 0 is the first request again
     status, chain = post(server, [{"num": 1, "sampler": "ddpm"}])  # the full chain: no steps, no eta
@@ -189,7 +189,7 @@ def test_python_predict_checks_the_same_way(server):
     try:
         model = mlflow.pyfunc.load_model(f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}")
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
     images = model.predict(pd.DataFrame({"num": [3], "sampler": ["ddim"], "steps": [2], "seed": [1], "eta": [1.0]}))
     assert images.shape == (3, 1, 28, 28) and images.dtype == np.float32
     with pytest.raises(MlflowException, match=r"eta must be a number in \[0, 1\], got 2.0") as caught:

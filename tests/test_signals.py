@@ -73,6 +73,7 @@ def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupt
     assert stop_line.endswith(f"continue with `ddpm train --params {params} --resume`")
     assert "Traceback" not in stderr and not log_lines(stderr, "ERROR")
     stopped = ckpt.load_checkpoint(directory / name)
+    assert stopped.progress is not None
     assert 0 < stopped.global_step == stopped.progress.step < 100 and name.startswith("epoch_0001_step_")
 
     resumed = ddpm_train(params, "--resume", cwd=tmp_path)

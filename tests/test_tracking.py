@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from ddpm.config import config_from_dict
+from ddpm.config import Config, config_from_dict
 from ddpm.train import EpochEnd
 from flows import tracking
 from flows.config import params_from_dict
@@ -64,7 +64,7 @@ def image_steps(client, run_id):
 def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
     with mlflow.start_run() as run:  # the first attempt: epoch 1 done, killed in epoch 2 after step 6
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
         first.on_epoch_end(epoch_end(0))
@@ -72,7 +72,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
         for step in range(5, 9):
             second.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
@@ -87,12 +87,12 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
 def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     with mlflow.start_run() as run:  # killed between epoch 1's checkpoint and its report
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
     client = MlflowClient()
     assert steps_of(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]
@@ -106,8 +106,10 @@ def test_stale_runs_of_this_workspace_end_killed_and_resume_reopens_one(pipeline
     run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)  # then SIGKILL
     mlflow.end_run("RUNNING")  # what a dead process leaves behind
     client = MlflowClient()
+    experiment = client.get_experiment_by_name(pipeline.tracking.experiment)
+    assert experiment is not None
     theirs = client.create_run(
-        client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id,
+        experiment.experiment_id,
         tags={WORKSPACE_TAG: workspace_id(other)},
     ).info.run_id
     assert end_stale_runs(pipeline, repo) == [run_id]
@@ -129,7 +131,9 @@ def test_stale_runs_are_found_beyond_the_first_page_of_search_results(pipeline, 
     run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)
     mlflow.end_run("RUNNING")
     client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id
+    experiment = client.get_experiment_by_name(pipeline.tracking.experiment)
+    assert experiment is not None
+    experiment_id = experiment.experiment_id
     for n in range(5):  # newer runs of other checkouts: they fill the first pages
         client.create_run(experiment_id, tags={WORKSPACE_TAG: workspace_id(tmp_path / f"other{n}")})
     monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)

@@ -30,6 +30,7 @@ def hold(repo, seconds: float) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(repo), FLOW_RUN_ID, str(seconds)], stdout=subprocess.PIPE, text=True
     )
+    assert process.stdout is not None
     assert process.stdout.readline().strip() == "held"
     return process
 

@@ -105,14 +105,18 @@ def find_toolchain() -> Toolchain:
 def libdnnl_path() -> Path | None:
     """MindSpore's own oneDNN (mindspore/lib/libdnnl.so.3), or None where it is missing."""
     spec = importlib.util.find_spec("mindspore")
-    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL if spec else None
-    return libdnnl if libdnnl is not None and libdnnl.is_file() else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL
+    return libdnnl if libdnnl.is_file() else None
 
 
 def header_version(include_dir: Path) -> tuple[int, int]:
     text = (include_dir / "oneapi/dnnl/dnnl_version.h").read_text()
-    major, minor = (int(re.search(rf"#define DNNL_VERSION_{part} (\d+)", text).group(1)) for part in ("MAJOR", "MINOR"))
-    return major, minor
+    major, minor = (re.search(rf"#define DNNL_VERSION_{part} (\d+)", text) for part in ("MAJOR", "MINOR"))
+    if major is None or minor is None:
+        raise KernelUnavailable(f"unexpected dnnl_version.h in {include_dir}: no DNNL_VERSION_MAJOR/MINOR")
+    return int(major.group(1)), int(minor.group(1))
 
 
 class _DnnlVersion(ctypes.Structure):

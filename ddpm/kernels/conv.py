@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import nn, ops
 
 from ddpm.kernels.custom import aot_op
 
@@ -69,6 +69,13 @@ class NativeConv2d(nn.Cell):
 
 class _NativeForward:
     """construct() for an nn conv cell that holds a NativeConv2d as `native`: its weight, then its bias."""
+
+    # what the nn conv cell this is mixed into holds
+    native: NativeConv2d
+    weight: ms.Parameter
+    bias: ms.Parameter
+    has_bias: bool
+    bias_add: ops.BiasAdd
 
     def construct(self, x):
         out = self.native(x, self.weight)

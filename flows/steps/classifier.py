@@ -18,7 +18,7 @@ def classifier(config: Config, repo: Path, progress: bool = True) -> dict:
 
     network = trained_classifier(config.classifier)
     reused = network is not None
-    if reused:
+    if network is not None:
         log.info("reusing %s (test accuracy %.4f)", config.classifier.checkpoint, network.test_accuracy)
     else:
         network = train_classifier(config, progress)

@@ -34,14 +34,15 @@ def evaluate(
     from ddpm.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(trained.checkpoint, config, progress)
+    per_t = {k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}
     summary = {
         **{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
         "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
         "images_per_second": trained.metrics.get("images_per_second"),
-        "per_t": {k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)},
+        "per_t": per_t,
     }
     write_json(repo / METRICS_JSON, summary)
-    write_loss_per_t(repo / EVAL_LOSS_CSV, summary["per_t"])
+    write_loss_per_t(repo / EVAL_LOSS_CSV, per_t)
     log_evaluation(trained.run_id, trained.model_id, metrics, measurement(config))  # last: then it is evaluated
     return metrics
 

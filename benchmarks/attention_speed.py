@@ -8,12 +8,15 @@ computes the op and the gradients of <op(inputs), p> w.r.t. all its inputs, the 
 alternating repeat by repeat (a busy core slows them alike); the minimum over repeats, in ms,
 one JSON line per shape, then the sums over one training step.
 """
+
 import argparse
 import json
 import sys
 import time
 
-import ddpm  # noqa: F401  (MindSpore's environment defaults)
+import ddpm  # noqa: F401  (MindSpore's environment defaults, set before mindspore loads)
+
+# isort: split
 import mindspore as ms
 import numpy as np
 from mindspore import nn
@@ -41,19 +44,27 @@ class Projected(nn.Cell):
 
 def cases(library, batch: int, rng):
     """(name, inputs, {implementation: cell}) for every op of one step."""
-    scale = DIM_HEAD ** -0.5
+    scale = DIM_HEAD**-0.5
     qkv_channels = 3 * HEADS * DIM_HEAD
     for channels, size in LINEAR:
         x = rng.standard_normal((batch, channels, size, size))
         g = 1 + 0.1 * rng.standard_normal((1, channels, 1, 1))
-        yield f"channel_norm {channels} @{size}", (x, g), {
-            "mindspore": _ChannelNorm(NORM_EPS), "native": NativeChannelLayerNorm(library, NORM_EPS)}
-    for kind, shapes, reference, native in [("linear_attention", LINEAR, _LinearAttention, linear_attention_core),
-                                            ("full_attention", FULL, _FullAttention, full_attention_core)]:
+        yield (
+            f"channel_norm {channels} @{size}",
+            (x, g),
+            {"mindspore": _ChannelNorm(NORM_EPS), "native": NativeChannelLayerNorm(library, NORM_EPS)},
+        )
+    for kind, shapes, reference, native in [
+        ("linear_attention", LINEAR, _LinearAttention, linear_attention_core),
+        ("full_attention", FULL, _FullAttention, full_attention_core),
+    ]:
         for _, size in shapes:
             qkv = rng.standard_normal((batch, qkv_channels, size, size))
-            yield f"{kind} {HEADS}x{DIM_HEAD} @{size}", (qkv,), {
-                "mindspore": reference(HEADS, scale), "native": native(library, HEADS, scale)}
+            yield (
+                f"{kind} {HEADS}x{DIM_HEAD} @{size}",
+                (qkv,),
+                {"mindspore": reference(HEADS, scale), "native": native(library, HEADS, scale)},
+            )
 
 
 def time_steps(steps: dict, inputs, repeats: int) -> dict:
@@ -84,16 +95,25 @@ def main() -> None:
         inputs = tuple(ms.Tensor(a, ms.float32) for a in arrays)
         projection = ms.Tensor(rng.standard_normal(cells["native"](*inputs).shape), ms.float32)
         positions = tuple(range(len(inputs))) if len(inputs) > 1 else 0
-        steps = {impl: ms.jit(ms.grad(Projected(cell, projection), grad_position=positions))
-                 for impl, cell in cells.items()}
+        steps = {
+            impl: ms.jit(ms.grad(Projected(cell, projection), grad_position=positions)) for impl, cell in cells.items()
+        }
         ms_per_step = time_steps(steps, inputs, args.repeats)
-        kind = totals.setdefault(name.split(" ")[0], {})
+        sums = totals.setdefault(name.split(" ")[0], {})
         for impl, value in ms_per_step.items():
-            kind[impl] = kind.get(impl, 0.0) + value
+            sums[impl] = sums.get(impl, 0.0) + value
         sys.stdout.write(json.dumps({"op": name, "batch": args.batch, "ms_fwd_bwd": ms_per_step}) + "\n")
     for kind, by_impl in totals.items():
-        sys.stdout.write(json.dumps({"op": f"all {kind} of one step", "batch": args.batch,
-                                     "ms_fwd_bwd": {k: round(v, 2) for k, v in by_impl.items()}}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "op": f"all {kind} of one step",
+                    "batch": args.batch,
+                    "ms_fwd_bwd": {k: round(v, 2) for k, v in by_impl.items()},
+                }
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ For each conv of the trained network (batch 16) times one jitted step that compu
 the gradients of <conv(x, w), p> w.r.t. x and w, for each implementation in turn (interleaved,
 so a busy machine slows them alike); the minimum over repeats, in ms, one JSON line per shape.
 """
+
 import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass
 
-import ddpm  # noqa: F401  (MindSpore's environment defaults)
+import ddpm  # noqa: F401  (MindSpore's environment defaults, set before mindspore loads)
+
+# isort: split
 import mindspore as ms
 import numpy as np
 from mindspore import nn
@@ -46,24 +49,70 @@ def depthwise(channels: int, size: int) -> Conv:
 
 
 # Every conv of Unet(dim=28, dim_mults=(1, 2, 4)) in execution order, ConvNeXt block by block
-NETWORK = [Conv(1, 18, 7, 28),
-           depthwise(18, 28), Conv(18, 56, 3, 28), Conv(56, 28, 3, 28), Conv(18, 28, 1, 28),
-           depthwise(28, 28), Conv(28, 56, 3, 28), Conv(56, 28, 3, 28), Conv(28, 384, 1, 28), Conv(128, 28, 1, 28),
-           Conv(28, 28, 4, 28, stride=2),
-           depthwise(28, 14), Conv(28, 112, 3, 14), Conv(112, 56, 3, 14), Conv(28, 56, 1, 14),
-           depthwise(56, 14), Conv(56, 112, 3, 14), Conv(112, 56, 3, 14), Conv(56, 384, 1, 14), Conv(128, 56, 1, 14),
-           Conv(56, 56, 4, 14, stride=2),
-           depthwise(56, 7), Conv(56, 224, 3, 7), Conv(224, 112, 3, 7), Conv(56, 112, 1, 7),
-           depthwise(112, 7), Conv(112, 224, 3, 7), Conv(224, 112, 3, 7), Conv(112, 384, 1, 7), Conv(128, 112, 1, 7),
-           depthwise(112, 7), Conv(112, 224, 3, 7), Conv(224, 112, 3, 7), Conv(112, 384, 1, 7), Conv(128, 112, 1, 7),
-           depthwise(112, 7), Conv(112, 224, 3, 7), Conv(224, 112, 3, 7),
-           depthwise(224, 7), Conv(224, 112, 3, 7), Conv(112, 56, 3, 7), Conv(224, 56, 1, 7),
-           depthwise(56, 7), Conv(56, 112, 3, 7), Conv(112, 56, 3, 7), Conv(56, 384, 1, 7), Conv(128, 56, 1, 7),
-           Conv(56, 56, 4, 7, stride=2, transposed=True),
-           depthwise(112, 14), Conv(112, 56, 3, 14), Conv(56, 28, 3, 14), Conv(112, 28, 1, 14),
-           depthwise(28, 14), Conv(28, 56, 3, 14), Conv(56, 28, 3, 14), Conv(28, 384, 1, 14), Conv(128, 28, 1, 14),
-           Conv(28, 28, 4, 14, stride=2, transposed=True),
-           depthwise(28, 28), Conv(28, 56, 3, 28), Conv(56, 28, 3, 28), Conv(28, 1, 1, 28)]
+NETWORK = [
+    Conv(1, 18, 7, 28),
+    depthwise(18, 28),
+    Conv(18, 56, 3, 28),
+    Conv(56, 28, 3, 28),
+    Conv(18, 28, 1, 28),
+    depthwise(28, 28),
+    Conv(28, 56, 3, 28),
+    Conv(56, 28, 3, 28),
+    Conv(28, 384, 1, 28),
+    Conv(128, 28, 1, 28),
+    Conv(28, 28, 4, 28, stride=2),
+    depthwise(28, 14),
+    Conv(28, 112, 3, 14),
+    Conv(112, 56, 3, 14),
+    Conv(28, 56, 1, 14),
+    depthwise(56, 14),
+    Conv(56, 112, 3, 14),
+    Conv(112, 56, 3, 14),
+    Conv(56, 384, 1, 14),
+    Conv(128, 56, 1, 14),
+    Conv(56, 56, 4, 14, stride=2),
+    depthwise(56, 7),
+    Conv(56, 224, 3, 7),
+    Conv(224, 112, 3, 7),
+    Conv(56, 112, 1, 7),
+    depthwise(112, 7),
+    Conv(112, 224, 3, 7),
+    Conv(224, 112, 3, 7),
+    Conv(112, 384, 1, 7),
+    Conv(128, 112, 1, 7),
+    depthwise(112, 7),
+    Conv(112, 224, 3, 7),
+    Conv(224, 112, 3, 7),
+    Conv(112, 384, 1, 7),
+    Conv(128, 112, 1, 7),
+    depthwise(112, 7),
+    Conv(112, 224, 3, 7),
+    Conv(224, 112, 3, 7),
+    depthwise(224, 7),
+    Conv(224, 112, 3, 7),
+    Conv(112, 56, 3, 7),
+    Conv(224, 56, 1, 7),
+    depthwise(56, 7),
+    Conv(56, 112, 3, 7),
+    Conv(112, 56, 3, 7),
+    Conv(56, 384, 1, 7),
+    Conv(128, 56, 1, 7),
+    Conv(56, 56, 4, 7, stride=2, transposed=True),
+    depthwise(112, 14),
+    Conv(112, 56, 3, 14),
+    Conv(56, 28, 3, 14),
+    Conv(112, 28, 1, 14),
+    depthwise(28, 14),
+    Conv(28, 56, 3, 14),
+    Conv(56, 28, 3, 14),
+    Conv(28, 384, 1, 14),
+    Conv(128, 28, 1, 14),
+    Conv(28, 28, 4, 14, stride=2, transposed=True),
+    depthwise(28, 28),
+    Conv(28, 56, 3, 28),
+    Conv(56, 28, 3, 28),
+    Conv(28, 1, 1, 28),
+]
 
 
 class Projected(nn.Cell):
@@ -82,12 +131,12 @@ class MindSporeConv(nn.Cell):
         super().__init__()
         self.transposed = conv.transposed
         if conv.transposed:
-            self.conv = ms.ops.Conv2DTranspose(conv.c_in, conv.kernel, pad_mode="pad", pad=conv.pad,
-                                               stride=conv.stride)
+            self.conv = ms.ops.Conv2DTranspose(conv.c_in, conv.kernel, pad_mode="pad", pad=conv.pad, stride=conv.stride)
             self.out_shape = (conv.c_out, conv.size * conv.stride, conv.size * conv.stride)
         else:
-            self.conv = ms.ops.Conv2D(conv.c_out, conv.kernel, pad_mode="pad", pad=conv.pad, stride=conv.stride,
-                                      group=conv.groups)
+            self.conv = ms.ops.Conv2D(
+                conv.c_out, conv.kernel, pad_mode="pad", pad=conv.pad, stride=conv.stride, group=conv.groups
+            )
 
     def construct(self, x, weight):
         if self.transposed:
@@ -137,18 +186,31 @@ def main() -> None:
         x = ms.Tensor(rng.standard_normal((args.batch, conv.c_in, conv.size, conv.size)), ms.float32)
         w = ms.Tensor(rng.standard_normal(weight_shape(conv)) / conv.kernel, ms.float32)
         p = ms.Tensor(rng.standard_normal((args.batch, conv.c_out, out_size, out_size)), ms.float32)
-        steps = {name: ms.jit(ms.grad(Projected(cell, p), grad_position=(0, 1)))
-                 for name, cell in implementations(conv).items() if not args.impls or name in args.impls.split(",")}
+        steps = {
+            name: ms.jit(ms.grad(Projected(cell, p), grad_position=(0, 1)))
+            for name, cell in implementations(conv).items()
+            if not args.impls or name in args.impls.split(",")
+        }
         ms_per_step = {name: round(time_step(step, (x, w), args.repeats), 3) for name, step in steps.items()}
         uses = NETWORK.count(conv)
-        kind = totals.setdefault(str(conv).split(" ")[0], {})
+        sums = totals.setdefault(str(conv).split(" ")[0], {})
         for name, value in ms_per_step.items():
-            kind[name] = kind.get(name, 0.0) + uses * value
-        sys.stdout.write(json.dumps({"conv": str(conv), "batch": args.batch, "uses": uses,
-                                     "ms_fwd_bwd": ms_per_step}) + "\n")
+            sums[name] = sums.get(name, 0.0) + uses * value
+        sys.stdout.write(
+            json.dumps({"conv": str(conv), "batch": args.batch, "uses": uses, "ms_fwd_bwd": ms_per_step}) + "\n"
+        )
     for kind, by_impl in totals.items():
-        sys.stdout.write(json.dumps({"conv": f"all {kind} of one step", "batch": args.batch,
-                                     "ms_fwd_bwd": {k: round(v, 2) for k, v in by_impl.items()}}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "conv": f"all {kind} of one step",
+                    "batch": args.batch,
+                    "ms_fwd_bwd": {k: round(v, 2) for k, v in by_impl.items()},
+                }
+            )
+            + "\n"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ ancestral DDPM step; `ddim` the wall time of a whole DDIM run (`sample.steps` st
 params.yaml) for `batch` images. `--impl bf16` is PyTorch's usual CPU mixed precision: fp32 weights
 and Adam, the forward under torch.autocast("cpu", dtype=torch.bfloat16), channels_last activations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,11 +91,20 @@ def time_calls(fn: Callable[[int], torch.Tensor], repeats: int, warmup: int, ste
         other = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
         per_call.append(wall / steps)
         foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
-    per_call = np.array(per_call)
-    best, med = float(per_call.min()), float(np.median(per_call))
-    return {"steps": steps, "repeats": repeats, "first_call_s": round(first, 2), "ms_min": round(best * 1e3, 2),
-            "ms_med": round(med * 1e3, 2), "ms_max": round(float(per_call.max()) * 1e3, 2),
-            "foreign_frac": foreign, "_best": best, "_med": med, "_out": out}
+    seconds = np.array(per_call)
+    best, med = float(seconds.min()), float(np.median(seconds))
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "first_call_s": round(first, 2),
+        "ms_min": round(best * 1e3, 2),
+        "ms_med": round(med * 1e3, 2),
+        "ms_max": round(float(seconds.max()) * 1e3, 2),
+        "foreign_frac": foreign,
+        "_best": best,
+        "_med": med,
+        "_out": out,
+    }
 
 
 class Reference:
@@ -152,7 +162,7 @@ class Reference:
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         ts = sorted({round(float(v)) for v in np.linspace(0, self.timesteps - 1, steps)}, reverse=True)
-        for t, t_prev in zip(ts, ts[1:] + [-1]):
+        for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
             a_t = self.alphas_cumprod[t]
             a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
             eps = self.predict(x.float(), torch.full((shape[0],), t, dtype=torch.int64)).double()
@@ -162,7 +172,7 @@ class Reference:
                 eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
             sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # 3. eq. 16
             noise = torch.randn(shape, generator=gen, dtype=torch.float64) if eta > 0 else 0.0
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise  # 4-5. eq. 12
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise  # 4-5. eq. 12
         return x.float()
 
 
@@ -170,9 +180,14 @@ def seeded_inputs(model: UnetConfig, timesteps: int, batch: int) -> list[tuple[t
     """POOL (x0, t, noise) batches from seed 0, drawn as ddpm/benchmark.py draws them."""
     rng = np.random.default_rng(0)
     shape = (batch, model.channels, model.image_size, model.image_size)
-    return [(torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32)),
-             torch.from_numpy(rng.integers(0, timesteps, (batch,)).astype(np.int64)),
-             torch.from_numpy(rng.standard_normal(shape).astype(np.float32))) for _ in range(POOL)]
+    return [
+        (
+            torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32)),
+            torch.from_numpy(rng.integers(0, timesteps, (batch,)).astype(np.int64)),
+            torch.from_numpy(rng.standard_normal(shape).astype(np.float32)),
+        )
+        for _ in range(POOL)
+    ]
 
 
 def bench(ref: Reference, what: str, batch: int, args: argparse.Namespace, sample: dict) -> dict:
@@ -191,18 +206,31 @@ def bench(ref: Reference, what: str, batch: int, args: argparse.Namespace, sampl
             if what == "fwd":
                 result = time_calls(lambda i: ref.predict(pool[i % POOL][2], ts[i % POOL]), args.repeats, args.warmup)
             elif what == "sample":
-                result = time_calls(lambda i: ref.ddpm_step(pool[i % POOL][2], ref.timesteps - 1 - i % POOL,
-                                                            pool[(i + 1) % POOL][2]), args.repeats, args.warmup)
+                result = time_calls(
+                    lambda i: ref.ddpm_step(pool[i % POOL][2], ref.timesteps - 1 - i % POOL, pool[(i + 1) % POOL][2]),
+                    args.repeats,
+                    args.warmup,
+                )
             else:  # one whole run per repeat; its first call is the warm-up
                 result = time_calls(lambda i: ref.ddim(shape, **sample), args.repeats, warmup=0, steps=1)
-                extra = {"sampler": "ddim", "ddim_steps": sample["steps"], "eta": sample["eta"],
-                         "clip_x0": sample["clip_x0"], "wall_s_min": round(result["_best"], 2),
-                         "wall_s_med": round(result["_med"], 2)}
+                extra = {
+                    "sampler": "ddim",
+                    "ddim_steps": sample["steps"],
+                    "eta": sample["eta"],
+                    "clip_x0": sample["clip_x0"],
+                    "wall_s_min": round(result["_best"], 2),
+                    "wall_s_med": round(result["_med"], 2),
+                }
     best, med = result.pop("_best"), result.pop("_med")
     result.pop("_out")
     evals = sample["steps"] if what == "ddim" else 1  # U-Net evaluations per timed call
-    record = {"what": what, "batch": batch, **result, "img_s_best": round(batch / best, 1),
-              "img_s_med": round(batch / med, 1)}
+    record = {
+        "what": what,
+        "batch": batch,
+        **result,
+        "img_s_best": round(batch / best, 1),
+        "img_s_med": round(batch / med, 1),
+    }
     if what != "train":
         record.update(evals_s_best=round(evals / best, 2), evals_s_med=round(evals / med, 2))
     return {**record, **extra}
@@ -235,9 +263,17 @@ def main(argv: list[str] | None = None) -> None:
     model = UnetConfig.from_params(args.params)
     sample = {key: params["sample"][key] for key in ("steps", "eta", "clip_x0")}
     ref = Reference(model, params["diffusion"]["timesteps"], args.impl)
-    settings = {"impl": args.impl, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
-                **processor(), "params": ref.params, "model": {**vars(model), "dim_mults": list(model.dim_mults)}}
+    settings = {
+        "impl": args.impl,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        **processor(),
+        "params": ref.params,
+        "model": {**vars(model), "dim_mults": list(model.dim_mults)},
+    }
     for what in args.what.split(","):
         for batch in (int(b) for b in (args.batch or DEFAULT_BATCHES[what]).split(",")):
             print(json.dumps({**settings, **bench(ref, what, batch, args, sample)}), flush=True)

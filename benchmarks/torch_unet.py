@@ -6,8 +6,10 @@ network gives them one (nn.Conv2d's has_bias=False default), GELU is the tanh ap
 (nn.GELU's default). Initialisation is PyTorch's: the timings do not depend on it.
 Imports neither MindSpore nor ddpm (importing ddpm sets MindSpore's oneDNN ISA cap for the process).
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,8 +39,9 @@ class UnetConfig:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
         unknown = sorted(set(section) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown model keys {unknown}; the model section takes "
-                             f"{[f.name for f in fields(cls)]}")
+            raise ValueError(
+                f"{path}: unknown model keys {unknown}; the model section takes {[f.name for f in fields(cls)]}"
+            )
         if "dim_mults" in section:
             section = {**section, "dim_mults": tuple(section["dim_mults"])}
         return cls(**section)
@@ -48,8 +51,9 @@ def gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")  # MindSpore's nn.GELU default
 
 
-def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False,
-         groups: int = 1) -> nn.Conv2d:
+def conv(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False, groups: int = 1
+) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel, stride, padding, groups=groups, bias=bias)
 
 
@@ -102,7 +106,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int = HEADS, dim_head: int = DIM_HEAD):
         super().__init__()
         hidden = heads * dim_head
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads, self.scale = heads, dim_head**-0.5
         self.to_qkv = conv(dim, hidden * 3, 1)
         self.to_out = conv(hidden, dim, 1, bias=True)
 
@@ -132,7 +136,7 @@ class LinearAttention(nn.Module):
     def __init__(self, dim: int, heads: int = HEADS, dim_head: int = DIM_HEAD):
         super().__init__()
         hidden = heads * dim_head
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads, self.scale = heads, dim_head**-0.5
         self.to_qkv = conv(dim, hidden * 3, 1)
         self.to_out = nn.Sequential(conv(hidden, dim, 1, bias=True), ChannelLayerNorm(dim))
 
@@ -197,23 +201,27 @@ class Unet(nn.Module):
         init_dim = dim // 3 * 2
         self.init_conv = conv(channels, init_dim, 7, padding=3, bias=True)
         dims = [init_dim, *(dim * m for m in dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(
-            SinusoidalPositionEmbeddings(dim), nn.Linear(dim, time_dim), gelu(), nn.Linear(time_dim, time_dim))
+            SinusoidalPositionEmbeddings(dim), nn.Linear(dim, time_dim), gelu(), nn.Linear(time_dim, time_dim)
+        )
 
         last = len(in_out) - 1
-        self.downs = nn.ModuleList([
-            Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out) if i < last else nn.Identity())
-            for i, (d_in, d_out) in enumerate(in_out)])
+        self.downs = nn.ModuleList(
+            [
+                Level(d_in, d_out, time_dim, convnext_mult, downsample(d_out) if i < last else nn.Identity())
+                for i, (d_in, d_out) in enumerate(in_out)
+            ]
+        )
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult)
         self.mid_attn = Residual(PreNorm(mid_dim, Attention(mid_dim)))
         self.mid_block2 = ConvNextBlock(mid_dim, mid_dim, time_dim, convnext_mult)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
-        self.ups = nn.ModuleList([
-            Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in))
-            for d_in, d_out in reversed(in_out[1:])])
+        self.ups = nn.ModuleList(
+            [Level(d_out * 2, d_in, time_dim, convnext_mult, upsample(d_in)) for d_in, d_out in reversed(in_out[1:])]
+        )
         self.final_conv = nn.Sequential(ConvNextBlock(dim, dim, mult=convnext_mult), conv(dim, channels, 1))
 
     def forward(self, x, time):

@@ -1,5 +1,6 @@
 """The `ddpm` command: train, sample, classifier, evaluate, benchmark, fetch-data. Each parses, loads
 config, calls one function."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ def train(args: argparse.Namespace) -> None:
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
     if config.train.workers > 1 and not in_msrun():
         command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
-        launch_workers(config.train.workers, command + (["--resume"] if args.resume else []),
-                       Path(config.train.checkpoint_dir) / WORKER_LOGS)
+        launch_workers(
+            config.train.workers,
+            command + (["--resume"] if args.resume else []),
+            Path(config.train.checkpoint_dir) / WORKER_LOGS,
+        )
         return
     try:
         result = fit(config, resume=args.resume)
@@ -52,11 +56,18 @@ def sample(args: argparse.Namespace) -> None:
         path = save_grid(sampler.sample(request, progress=True), args.out)
     else:
         m = sampler.config.model
-        settings = {**dataclasses.asdict(request), "batch_size": sampler.config.sample.batch_size,  # seeds per batch
-                    "checkpoint": str(args.checkpoint),
-                    "weights": "raw" if args.raw_weights else "ema"}
-        path = write_arrays(args.out, sampler.batches(request, progress=True),
-                            (request.num, m.channels, m.image_size, m.image_size), settings)
+        settings = {
+            **dataclasses.asdict(request),
+            "batch_size": sampler.config.sample.batch_size,  # seeds per batch
+            "checkpoint": str(args.checkpoint),
+            "weights": "raw" if args.raw_weights else "ema",
+        }
+        path = write_arrays(
+            args.out,
+            sampler.batches(request, progress=True),
+            (request.num, m.channels, m.image_size, m.image_size),
+            settings,
+        )
     log.info("wrote %s (%d images, %s)", path, request.num, request)
 
 
@@ -86,7 +97,9 @@ def evaluate(args: argparse.Namespace) -> None:
     from ddpm.config import load_config, parse_sets
     from ddpm.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, load_config(args.params, parse_sets(args.set)), use_ema=not args.raw_weights)
+    metrics = evaluate_checkpoint(
+        args.checkpoint, load_config(args.params, parse_sets(args.set)), use_ema=not args.raw_weights
+    )
     sys.stdout.write(json.dumps(metrics) + "\n")
 
 
@@ -123,17 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num", type=int, default=64, help="images, >= 1 (.npy/.npz: any number, in batches)")
     p.add_argument("--sampler", default=None, help="ddpm | ddim (default: the checkpoint's config)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps in [1, T] (default: the checkpoint's config); ddpm walks all T")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="DDIM steps in [1, T] (default: the checkpoint's config); ddpm walks all T",
+    )
     p.add_argument("--eta", type=float, default=None, help="DDIM noise in [0, 1] (default: the checkpoint's config)")
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**63 - 1]")
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per batch (default: the checkpoint's sample.batch_size)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per batch (default: the checkpoint's sample.batch_size)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
-    p.add_argument("--out", type=sample_output, default=Path("samples.png"),
-                   help=".png: a grid; .npy/.npz: float32 images in [-1, 1], shape (num, 1, 28, 28), "
-                        "the .npz with the settings")
+    p.add_argument(
+        "--out",
+        type=sample_output,
+        default=Path("samples.png"),
+        help=".png: a grid; .npy/.npz: float32 images in [-1, 1], shape (num, 1, 28, 28), the .npz with the settings",
+    )
     p.set_defaults(func=sample)
 
     p = sub.add_parser("classifier", help="train the Fashion-MNIST classifier whose features define FID")
@@ -144,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="denoising loss, FID (with its floor) and class coverage as JSON")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--params", default="params.yaml", help="the evaluate, sample and classifier sections")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override, e.g. evaluate.fid_samples=500")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.fid_samples=500"
+    )
     p.add_argument("--raw-weights", action="store_true", help="score the raw weights, not the EMA")
     p.set_defaults(func=evaluate)
 
@@ -170,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         with logging_redirect_tqdm():
             args.func(args)

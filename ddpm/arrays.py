@@ -3,12 +3,14 @@
 Images are stored as drawn, float32 in [-1, 1], shape (num, C, H, W). A .npz also holds the
 settings that drew them, one small array each (`np.load(path)["sampler"]`); a .npy holds only images.
 """
+
 from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +18,9 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 IMAGES_KEY = "images"  # the images' name inside a .npz
 
 
-def write_arrays(path: str | Path, batches: Iterable[np.ndarray], shape: tuple[int, ...],
-                 settings: dict[str, Any] | None = None) -> Path:
+def write_arrays(
+    path: str | Path, batches: Iterable[np.ndarray], shape: tuple[int, ...], settings: dict[str, Any] | None = None
+) -> Path:
     """Write the float32 `batches` (concatenated: `shape`) to `path` (.npy or .npz) atomically."""
     path = Path(path)
     if path.suffix not in ARRAY_SUFFIXES:

@@ -5,12 +5,13 @@ ms_min, the other processes' share of the CPU while timing) so the two can be co
 wall time of drawing 64 images with DDIM-50 through `ddpm sample`'s code (sample_batches). Every
 record carries the precision in force and the ISA oneDNN dispatched to.
 """
+
 from __future__ import annotations
 
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import mindspore as ms
 import numpy as np
@@ -60,23 +61,39 @@ def time_calls(fn: Callable[[int], object], repeats: int, warmup: int) -> dict:
         other = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
         per_call.append(wall / steps)
         foreign.append(round(other / (wall * (os.cpu_count() or 1)), 3))
-    per_call = np.array(per_call)
-    return {"steps": steps, "repeats": repeats, "first_call_s": round(first, 2),
-            "ms_min": round(per_call.min() * 1e3, 2), "ms_med": round(float(np.median(per_call)) * 1e3, 2),
-            "foreign_frac": foreign, "_best": float(per_call.min()), "_med": float(np.median(per_call))}
+    seconds = np.array(per_call)
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "first_call_s": round(first, 2),
+        "ms_min": round(seconds.min() * 1e3, 2),
+        "ms_med": round(float(np.median(seconds)) * 1e3, 2),
+        "foreign_frac": foreign,
+        "_best": float(seconds.min()),
+        "_med": float(np.median(seconds)),
+    }
 
 
 def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
     trainer = Trainer(config)
     rng = np.random.default_rng(0)
-    pool = [(ms.Tensor(rng.uniform(-1, 1, (batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
-             ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
-             ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32))
-            for _ in range(4)]
+    pool = [
+        (
+            ms.Tensor(rng.uniform(-1, 1, (batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
+            ms.Tensor(rng.integers(0, trainer.diffusion.timesteps, (batch,)), ms.int32),
+            ms.Tensor(rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)), ms.float32),
+        )
+        for _ in range(4)
+    ]
     result = time_calls(lambda i: trainer.train_step(*pool[i % 4], 0.0), repeats, warmup)
     best, med = result.pop("_best"), result.pop("_med")  # before the record is built from what is left
-    return {"what": "train", "batch": batch, **result, "img_s_best": round(batch / best, 1),
-            "img_s_med": round(batch / med, 1)}
+    return {
+        "what": "train",
+        "batch": batch,
+        **result,
+        "img_s_best": round(batch / best, 1),
+        "img_s_med": round(batch / med, 1),
+    }
 
 
 def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
@@ -88,8 +105,14 @@ def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
     ts = [np.full((batch,), trainer.diffusion.timesteps - 1 - i, np.int32) for i in range(4)]
     result = time_calls(lambda i: predict(x_t, ts[i % 4]), repeats, warmup)
     best, med = result.pop("_best"), result.pop("_med")
-    return {"what": "sample", "batch": batch, **result, "evals_s_best": round(1 / best, 2),
-            "evals_s_med": round(1 / med, 2), "img_s_best": round(batch / best, 1)}
+    return {
+        "what": "sample",
+        "batch": batch,
+        **result,
+        "evals_s_best": round(1 / best, 2),
+        "evals_s_med": round(1 / med, 2),
+        "img_s_best": round(batch / best, 1),
+    }
 
 
 def bench_ddim(config: Config, repeats: int) -> dict:
@@ -102,24 +125,45 @@ def bench_ddim(config: Config, repeats: int) -> dict:
     for seed in range(repeats):
         started = time.perf_counter()
         request = SampleRequest(DDIM_IMAGES, seed, "ddim", DDIM_STEPS, config.sample.eta)
-        list(sample_batches(predict, trainer.diffusion.schedule, request, config.model, DDIM_IMAGES,
-                            config.sample.clip_x0))
+        list(
+            sample_batches(
+                predict, trainer.diffusion.schedule, request, config.model, DDIM_IMAGES, config.sample.clip_x0
+            )
+        )
         walls.append(time.perf_counter() - started)
-    return {"what": "ddim", "batch": DDIM_IMAGES, "steps": DDIM_STEPS, "repeats": repeats,
-            "wall_s_min": round(min(walls), 2), "wall_s_med": round(float(np.median(walls)), 2)}
+    return {
+        "what": "ddim",
+        "batch": DDIM_IMAGES,
+        "steps": DDIM_STEPS,
+        "repeats": repeats,
+        "wall_s_min": round(min(walls), 2),
+        "wall_s_med": round(float(np.median(walls)), 2),
+    }
 
 
-def run_benchmark(config: Config, train_batches=(16, 128), sample_batch: int = 64, repeats: int = 3,
-                  warmup: int = 3, ddim: bool = True) -> list[dict]:
+def run_benchmark(
+    config: Config,
+    train_batches=(16, 128),
+    sample_batch: int = 64,
+    repeats: int = 3,
+    warmup: int = 3,
+    ddim: bool = True,
+) -> list[dict]:
     """One JSON-ready record per measurement, each carrying the settings in force."""
     select_device(config.train.device)
     from ddpm.layers import network_layers
     from ddpm.unet import build_unet, count_parameters
 
-    settings = {**runtime_settings(), "python": platform.python_version(), "numpy": np.__version__,
-                "cpus": os.cpu_count(), "params": count_parameters(build_unet(config.model, config.train.precision)),
-                "model": config.to_dict()["model"], "precision_setting": config.train.precision,
-                "precision": network_layers(config.train.precision).precision}
+    settings = {
+        **runtime_settings(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "params": count_parameters(build_unet(config.model, config.train.precision)),
+        "model": config.to_dict()["model"],
+        "precision_setting": config.train.precision,
+        "precision": network_layers(config.train.precision).precision,
+    }
     records = [bench_train(config, b, repeats, warmup) for b in train_batches]
     records.append(bench_sample(config, sample_batch, repeats, warmup))
     if ddim:

@@ -1,10 +1,11 @@
 """What `fit` tells its callbacks: the hooks and the records they receive. No MindSpore here, so
 that the pipeline's MLflow logger and DVC plot writer import it without loading the network."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from ddpm.config import Config
 @dataclasses.dataclass(frozen=True)
 class EpochEnd:
     """What callbacks see at the end of an epoch."""
+
     epoch: int  # 0-based index of the epoch that just finished
     global_step: int
     metrics: dict[str, float]
@@ -41,7 +43,7 @@ class Callback:
         """Resuming after `last`, the newest checkpointed epoch: its checkpoint is written before
         `on_epoch_end`, so a crash in between leaves that epoch unreported; catch up here."""
 
-    def on_train_end(self, result: "FitResult") -> None: ...
+    def on_train_end(self, result: FitResult) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

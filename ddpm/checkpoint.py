@@ -6,6 +6,7 @@ file or the new one, never half of one. `epoch_NNNN.ckpt` holds N complete epoch
 `epoch_NNNN_step_SSSSSS.ckpt` is a mid-epoch checkpoint, S steps into epoch N (1-based), which
 resumes exactly there and is deleted once a newer checkpoint supersedes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.errors import CheckpointError, CheckpointWriteError
 from ddpm.config import Config, config_from_dict
+from ddpm.errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate
 class EpochProgress:
     """How far into an epoch a mid-epoch checkpoint is: what resuming there needs to finish the epoch
     exactly as an uninterrupted run would (its metrics included)."""
+
     step: int  # steps of the epoch done
     losses: tuple[float, ...]  # their losses, for the epoch's mean
     seconds: float  # training time spent in the epoch so far
@@ -69,9 +71,16 @@ def mid_epoch_path(directory: str | Path, epoch: int, step: int) -> Path:
     return Path(directory) / f"epoch_{epoch:04d}_step_{step:06d}.ckpt"
 
 
-def save_checkpoint(directory: str | Path, parameters: list, config: Config, epoch: int,
-                    global_step: int, keep: int, metrics: dict[str, float] | None = None,
-                    progress: EpochProgress | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    parameters: list,
+    config: Config,
+    epoch: int,
+    global_step: int,
+    keep: int,
+    metrics: dict[str, float] | None = None,
+    progress: EpochProgress | None = None,
+) -> Path:
     """Write epoch_NNNN.ckpt (`epoch` complete epochs), or with `progress` the mid-epoch checkpoint
     that far into the next epoch, atomically; then drop the checkpoints it supersedes: older
     mid-epoch ones, and all but the newest `keep` complete epochs (a mid-epoch checkpoint never
@@ -131,7 +140,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    meta, params = read_ckpt(path, META_KEYS, FORMAT_VERSION, "delete it to fall back to the previous epoch's checkpoint")
+    meta, params = read_ckpt(
+        path, META_KEYS, FORMAT_VERSION, "delete it to fall back to the previous epoch's checkpoint"
+    )
     metrics = json.loads(_scalar(params.pop(META_PREFIX + METRICS_KEY, "{}")))
     progress = params.pop(META_PREFIX + PROGRESS_KEY, None)
     if progress is not None:
@@ -151,8 +162,10 @@ def check_writable(directory: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointWriteError(f"cannot write checkpoints to {directory} ({_reason(e, directory)}): make it a "
-                                   "writable directory or set train.checkpoint_dir to one") from None
+        raise CheckpointWriteError(
+            f"cannot write checkpoints to {directory} ({_reason(e, directory)}): make it a "
+            "writable directory or set train.checkpoint_dir to one"
+        ) from None
 
 
 def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
@@ -167,17 +180,19 @@ def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _mindspore_log_off():  # its "Failed to save ..." line would precede our one clear error
-            ms.save_checkpoint(weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()},
-                               crc_check=True)
+            ms.save_checkpoint(
+                weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True
+            )
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
         _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
         _remove_partial(tmp)
         raise CheckpointWriteError(
-            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. Free space "
-            f"on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun with "
-            "--resume") from None
+            f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. "
+            f"Free space on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun "
+            "with --resume"
+        ) from None
     except BaseException:  # e.g. a second Ctrl-C while writing
         _remove_partial(tmp)
         raise
@@ -255,13 +270,17 @@ def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
     """The network's weights to sample with, by network parameter name: the EMA copy when the
     checkpoint has one and `use_ema`, else the raw weights."""
     if use_ema and any(name.startswith(EMA_PREFIX) for name in state.params):
-        return {name[len(EMA_PREFIX):]: p for name, p in state.params.items() if name.startswith(EMA_PREFIX)}
+        return {name[len(EMA_PREFIX) :]: p for name, p in state.params.items() if name.startswith(EMA_PREFIX)}
     return {name: p for name, p in state.params.items() if not _is_training_state(name)}
 
 
 def _meta(config: Config, epoch: int, global_step: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump(config.to_dict()),
-            "epoch": epoch, "global_step": global_step}
+    return {
+        "format_version": FORMAT_VERSION,
+        "config_yaml": yaml.safe_dump(config.to_dict()),
+        "epoch": epoch,
+        "global_step": global_step,
+    }
 
 
 def _is_training_state(name: str) -> bool:

@@ -5,14 +5,15 @@ the training split of the same data, fed images in the same [-1, 1] range the di
 produces. It trains once: its checkpoint (weights, config, test accuracy) is reused while the
 classifier config is unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mindspore as ms
 import numpy as np
@@ -68,13 +69,14 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.SequentialCell:
 @dataclasses.dataclass(frozen=True)
 class FeatureNetwork:
     """A trained classifier ready for inference, with what its checkpoint says about it."""
+
     config: ClassifierConfig
     test_accuracy: float
     forward: Forward
 
     def embed(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(N, 1, 28, 28) in [-1, 1] -> features (N, F) and class probabilities (N, 10), float64."""
-        outputs = [self.forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        outputs = [self.forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         features = np.concatenate([f for f, _ in outputs]).astype(np.float64)
         return features, softmax(np.concatenate([logits for _, logits in outputs]).astype(np.float64))
 
@@ -113,6 +115,7 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     def loss_fn(x, labels):
         _, logits = net(x)
         return ops.cross_entropy(logits, labels)
+
     train_step = make_train_step(loss_fn, optimizer)
 
     def step(x: ms.Tensor, labels: ms.Tensor) -> float:
@@ -121,11 +124,29 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     started = time.perf_counter()
     for epoch in range(c.epochs):
         net.set_train(True)
-        dataset = build_dataset(config.data.root, c.batch_size, c.seed, epoch, c.limit, flip=False,
-                                num_workers=config.data.num_workers, labels=True)
-        losses = list(epoch_losses(dataset.create_tuple_iterator(num_epochs=1), step, epoch=epoch, epochs=c.epochs,
-                                   steps=steps, global_step=epoch * steps, name="classifier",
-                                   fix=f"lower classifier.lr (now {c.lr})", progress=progress))
+        dataset = build_dataset(
+            config.data.root,
+            c.batch_size,
+            c.seed,
+            epoch,
+            c.limit,
+            flip=False,
+            num_workers=config.data.num_workers,
+            labels=True,
+        )
+        losses = list(
+            epoch_losses(
+                dataset.create_tuple_iterator(num_epochs=1),
+                step,
+                epoch=epoch,
+                epochs=c.epochs,
+                steps=steps,
+                global_step=epoch * steps,
+                name="classifier",
+                fix=f"lower classifier.lr (now {c.lr})",
+                progress=progress,
+            )
+        )
         log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, c.epochs, np.mean(losses))
     seconds = time.perf_counter() - started
     network = FeatureNetwork(c, 0.0, make_forward(net))
@@ -135,14 +156,28 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     return dataclasses.replace(network, test_accuracy=accuracy)
 
 
-def embed_split(network: FeatureNetwork, root: str, usage: str, num: int, batch_size: int, flip: bool = False,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_split(
+    network: FeatureNetwork,
+    root: str,
+    usage: str,
+    num: int,
+    batch_size: int,
+    flip: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, class probabilities and labels of the first `num` images of a split, each flipped
     with probability 1/2 (seeded) if `flip`."""
-    dataset = build_dataset(root, batch_size, seed=0, epoch=0, limit=num, flip=flip, usage=usage, labels=True,
-                            drop_remainder=False)
-    batches = tqdm(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1), total=math.ceil(num / batch_size),
-                   desc=f"classifier features ({usage})", unit="batch", leave=False, disable=not progress)
+    dataset = build_dataset(
+        root, batch_size, seed=0, epoch=0, limit=num, flip=flip, usage=usage, labels=True, drop_remainder=False
+    )
+    batches = tqdm(
+        dataset.create_tuple_iterator(output_numpy=True, num_epochs=1),
+        total=math.ceil(num / batch_size),
+        desc=f"classifier features ({usage})",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    )
     outputs = [(*network.embed(x, batch_size), labels) for x, labels in batches]
     return tuple(np.concatenate([o[i] for o in outputs]) for i in range(3))
 
@@ -154,8 +189,11 @@ def test_accuracy(network: FeatureNetwork, root: str, batch_size: int, progress:
 
 def save_classifier(path: str | Path, net: FashionClassifier, config: ClassifierConfig, accuracy: float) -> Path:
     """Write the weights with the config and test accuracy beside them, atomically, CRC-checked."""
-    meta = {"format_version": FORMAT_VERSION, "config_yaml": yaml.safe_dump({"classifier": _plain(config)}),
-            "test_accuracy": repr(accuracy)}  # a string: numbers come back as float32
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config_yaml": yaml.safe_dump({"classifier": _plain(config)}),
+        "test_accuracy": repr(accuracy),
+    }  # a string: numbers come back as float32
     path = write_ckpt(path, net, meta)
     log.info("saved %s", path)
     return path
@@ -186,8 +224,9 @@ def trained_classifier(config: ClassifierConfig) -> FeatureNetwork | None:
 
 def _read(path: Path) -> tuple[ClassifierConfig, float, dict]:
     if not path.is_file():
-        raise CheckpointError(f"classifier checkpoint not found: {path}; train it with `ddpm classifier` "
-                              "(or `dvc repro classifier`)")
+        raise CheckpointError(
+            f"classifier checkpoint not found: {path}; train it with `ddpm classifier` (or `dvc repro classifier`)"
+        )
     meta, params = read_ckpt(path, META_KEYS, FORMAT_VERSION, "delete it and retrain")
     config = config_from_dict(yaml.safe_load(meta["config_yaml"])).classifier
     return config, float(meta["test_accuracy"]), params

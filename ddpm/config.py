@@ -3,6 +3,7 @@
 Every section is a frozen dataclass; `load_config` rejects unknown keys, wrong types and
 out-of-range values, listing every bad field in one error before anything starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,7 @@ class ModelConfig:
         if not self.dim_mults or any(m < 1 for m in self.dim_mults):
             errors.append(f"model.dim_mults: must be a non-empty list of positive ints, got {list(self.dim_mults)}")
         downsamplings = len(self.dim_mults) - 1
-        if self.image_size % (2 ** downsamplings):
+        if self.image_size % (2**downsamplings):
             errors.append(f"model.image_size: {self.image_size} is not divisible by 2**{downsamplings}")
         if self.dim % 2:
             errors.append(f"model.dim: must be even (sinusoidal embedding halves it), got {self.dim}")
@@ -67,7 +68,9 @@ class DiffusionConfig:
     def check(self) -> list[str]:
         errors = _at_least(self, timesteps=2)
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
-            errors.append(f"diffusion.beta_start/beta_end: need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}")
+            errors.append(
+                f"diffusion.beta_start/beta_end: need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}"
+            )
         return errors
 
 
@@ -95,16 +98,31 @@ class TrainConfig:
     sample_seed: int = 0
 
     def check(self) -> list[str]:
-        errors = _at_least(self, epochs=1, batch_size=1, warmup_steps=0, seed=0, sample_every=0, workers=1, threads=0,
-                           sample_num=1, sample_steps=1, sample_seed=0)
+        errors = _at_least(
+            self,
+            epochs=1,
+            batch_size=1,
+            warmup_steps=0,
+            seed=0,
+            sample_every=0,
+            workers=1,
+            threads=0,
+            sample_num=1,
+            sample_steps=1,
+            sample_seed=0,
+        )
         if self.workers >= 1 and self.batch_size % self.workers:
-            errors.append(f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}")
+            errors.append(
+                f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}"
+            )
         if not 0.0 < self.lr < 1.0:
             errors.append(f"train.lr: must be in (0, 1), got {self.lr}")
         if not 0.0 <= self.min_lr <= self.lr:
             errors.append(f"train.min_lr: must be in [0, lr], got {self.min_lr}")
-        if not 0.0 <= self.checkpoint_minutes:
-            errors.append(f"train.checkpoint_minutes: must be >= 0 (0 = only at epoch ends), got {self.checkpoint_minutes}")
+        if not self.checkpoint_minutes >= 0.0:
+            errors.append(
+                f"train.checkpoint_minutes: must be >= 0 (0 = only at epoch ends), got {self.checkpoint_minutes}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             errors.append(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         return errors
@@ -148,6 +166,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     """The Fashion-MNIST CNN whose penultimate features define FID and whose softmax gives class coverage."""
+
     channels: tuple[int, ...] = (32, 64)  # one block each: 3x3 conv, batch norm, ReLU, 2x2 max-pool
     features: int = 128  # penultimate width: the dimension of the FID features
     epochs: int = 4
@@ -160,8 +179,10 @@ class ClassifierConfig:
     def check(self) -> list[str]:
         errors = _at_least(self, features=2, epochs=1, batch_size=1, limit=0, seed=0)
         if not self.channels or any(c < 1 for c in self.channels) or len(self.channels) > MAX_CLASSIFIER_BLOCKS:
-            errors.append(f"classifier.channels: need 1 to {MAX_CLASSIFIER_BLOCKS} positive ints "
-                          f"(28 -> 14 -> 7 -> 3), got {list(self.channels)}")
+            errors.append(
+                f"classifier.channels: need 1 to {MAX_CLASSIFIER_BLOCKS} positive ints "
+                f"(28 -> 14 -> 7 -> 3), got {list(self.channels)}"
+            )
         if not 0.0 < self.lr < 1.0:
             errors.append(f"classifier.lr: must be in (0, 1), got {self.lr}")
         if self.limit and self.limit < self.batch_size:
@@ -187,16 +208,18 @@ class Config:
         if self.sample.steps > self.diffusion.timesteps:
             errors.append(f"sample.steps: {self.sample.steps} exceeds diffusion.timesteps {self.diffusion.timesteps}")
         if self.train.sample_steps > self.diffusion.timesteps:
-            errors.append(f"train.sample_steps: {self.train.sample_steps} exceeds diffusion.timesteps "
-                          f"{self.diffusion.timesteps}")
+            errors.append(
+                f"train.sample_steps: {self.train.sample_steps} exceeds diffusion.timesteps {self.diffusion.timesteps}"
+            )
         if self.evaluate.t_points > self.diffusion.timesteps:
             errors.append(f"evaluate.t_points: {self.evaluate.t_points} exceeds diffusion.timesteps")
         return errors
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe data (tuples become lists)."""
-        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
-                                                                     for k, v in items})
+        return dataclasses.asdict(
+            self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+        )
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -236,8 +259,11 @@ def parse_sets(items: typing.Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_config(path: str | Path | None = None, overrides: Overrides | None = None,
-                extra_sections: typing.Collection[str] = PIPELINE_SECTIONS) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: Overrides | None = None,
+    extra_sections: typing.Collection[str] = PIPELINE_SECTIONS,
+) -> Config:
     """Read params.yaml (or defaults), apply the overrides, validate everything.
 
     Sections named in `extra_sections` belong to other readers of the same file (the
@@ -260,8 +286,9 @@ def read_params(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], overrides: Overrides | None = None,
-                     extra_sections: typing.Collection[str] = ()) -> Config:
+def config_from_dict(
+    raw: dict[str, Any], overrides: Overrides | None = None, extra_sections: typing.Collection[str] = ()
+) -> Config:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     errors = apply_overrides(raw, overrides or {})
     sections = {}
@@ -272,11 +299,11 @@ def config_from_dict(raw: dict[str, Any], overrides: Overrides | None = None,
             errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
         elif not isinstance(value, dict):
             errors.append(f"{name}: must be a mapping, got {value!r}")
-    for f in dataclasses.fields(Config):
-        values = raw.get(f.name)
-        section_errors, section = build_section(f.name, f.default_factory, values if isinstance(values, dict) else {})
+    for name, cls in typing.get_type_hints(Config).items():  # each section's dataclass
+        values = raw.get(name)
+        section_errors, section = build_section(name, cls, values if isinstance(values, dict) else {})
         errors += section_errors + section.check()  # ranges of the values that parsed
-        sections[f.name] = section
+        sections[name] = section
     if not errors:
         config = Config(**sections)
         errors = config.check()
@@ -354,8 +381,11 @@ def _type_name(hint: Any) -> str:
 
 def _at_least(section: Any, **minimums: int) -> list[str]:
     prefix = _SECTION_OF.get(type(section), type(section).__name__)
-    return [f"{prefix}.{k}: must be >= {m}, got {getattr(section, k)}"
-            for k, m in minimums.items() if getattr(section, k) < m]
+    return [
+        f"{prefix}.{k}: must be >= {m}, got {getattr(section, k)}"
+        for k, m in minimums.items()
+        if getattr(section, k) < m
+    ]
 
 
-_SECTION_OF = {f.default_factory: f.name for f in dataclasses.fields(Config)}
+_SECTION_OF = {cls: name for name, cls in typing.get_type_hints(Config).items()}

@@ -1,4 +1,5 @@
 """Fashion-MNIST: verify the IDX files, then FashionMnistDataset -> shuffle -> [-1, 1] -> batch (-> flip)."""
+
 from __future__ import annotations
 
 import gzip
@@ -48,8 +49,9 @@ def dataset_problems(root: str | Path) -> dict[Path, str]:
             continue
         actual = sha256_of(path)
         if actual != expected:
-            problems[path] = (f"{path}: sha256 {actual}, expected {expected} "
-                              f"({path.stat().st_size} bytes; truncated or altered)")
+            problems[path] = (
+                f"{path}: sha256 {actual}, expected {expected} ({path.stat().st_size} bytes; truncated or altered)"
+            )
     return problems
 
 
@@ -57,9 +59,12 @@ def verify_dataset(root: str | Path) -> None:
     """Check every IDX file against its known SHA-256; raise one DataError naming each bad file."""
     problems = dataset_problems(root)
     if problems:
-        raise DataError("Fashion-MNIST check failed:\n  " + "\n  ".join(problems.values()) +
-                        f"\nFetch a clean copy: `ddpm fetch-data --root {root}` "
-                        "(or `python -m flows.data` to pull it through DVC).")
+        raise DataError(
+            "Fashion-MNIST check failed:\n  "
+            + "\n  ".join(problems.values())
+            + f"\nFetch a clean copy: `ddpm fetch-data --root {root}` "
+            "(or `python -m flows.data` to pull it through DVC)."
+        )
 
 
 def install_dataset(source: str, root: str | Path) -> None:
@@ -105,13 +110,24 @@ def shard_order(order: np.ndarray, batch_size: int, rank: int = 0, world: int = 
     """One worker's part of every global batch, in order: the first B/world images of each batch go to
     rank 0, the next to rank 1, ... (steps * B,) -> (steps * B / world,); world 1 keeps the order."""
     steps, local = len(order) // batch_size, batch_size // world
-    batches = order[:steps * batch_size].reshape(steps, batch_size)  # (steps, B)
-    return batches[:, rank * local:(rank + 1) * local].ravel()
+    batches = order[: steps * batch_size].reshape(steps, batch_size)  # (steps, B)
+    return batches[:, rank * local : (rank + 1) * local].ravel()
 
 
-def build_dataset(root: str | Path, batch_size: int, seed: int, epoch: int, limit: int = 0,
-                  flip: bool = False, num_workers: int = 1, usage: str = "train", labels: bool = False,
-                  drop_remainder: bool = True, rank: int = 0, world: int = 1):
+def build_dataset(
+    root: str | Path,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    limit: int = 0,
+    flip: bool = False,
+    num_workers: int = 1,
+    usage: str = "train",
+    labels: bool = False,
+    drop_remainder: bool = True,
+    rank: int = 0,
+    world: int = 1,
+):
     """One epoch of (B / world, 1, 28, 28) float32 batches in [-1, 1] (with int32 labels if `labels`):
     worker `rank`'s part of each shuffled global batch of B, drop_remainder like the tutorial unless
     told otherwise. Training flips later, per global batch (`flip_horizontally`), so that every worker

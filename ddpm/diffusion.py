@@ -3,6 +3,7 @@
 The schedule lives in float64 numpy (`ddpm.schedule`); here its arrays become MindSpore tensors
 for the jitted train step. The samplers (the reverse process) live in `ddpm.samplers`.
 """
+
 from __future__ import annotations
 
 import mindspore as ms

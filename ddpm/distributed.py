@@ -6,6 +6,7 @@ workers before Adam steps, and every worker draws the same t, noise and flips fo
 so N workers end with the weights one process gets at batch B. Rank 0 alone writes checkpoints and
 runs the callbacks (tracking, progress).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,9 @@ class World:
         return slice(self.rank * local, (self.rank + 1) * local)
 
 
+ONE_PROCESS = World()  # no data parallelism
+
+
 def in_msrun() -> bool:
     """True in a process that msrun started (a worker or its scheduler)."""
     return ROLE_ENV in os.environ
@@ -76,25 +80,38 @@ def launch_workers(workers: int, command: list[str], log_dir: str | Path) -> Non
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "mindspore.parallel.cluster.run",  # msrun, from this interpreter
-            f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_addr={LOCALHOST}",
-            f"--master_port={free_port()}", "--join=True", f"--log_dir={log_dir}", "--tail_worker_log=0",
-            "python", *command]
+    args = [
+        sys.executable,
+        "-m",
+        "mindspore.parallel.cluster.run",  # msrun, from this interpreter
+        f"--worker_num={workers}",
+        f"--local_worker_num={workers}",
+        f"--master_addr={LOCALHOST}",
+        f"--master_port={free_port()}",
+        "--join=True",
+        f"--log_dir={log_dir}",
+        "--tail_worker_log=0",
+        "python",
+        *command,
+    ]
     # msrun starts "python" from PATH: make it this interpreter (the project's environment).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("data-parallel training on %d workers (msrun; logs in %s)", workers, log_dir)
     result = subprocess.run(args, env=env)
     if result.returncode != 0:
-        raise WorkerError(f"data-parallel training failed (msrun exit {result.returncode}).\n"
-                          f"{failure_report(log_dir)}\nWorker logs: {log_dir}")
+        raise WorkerError(
+            f"data-parallel training failed (msrun exit {result.returncode}).\n"
+            f"{failure_report(log_dir)}\nWorker logs: {log_dir}"
+        )
 
 
 def failure_report(log_dir: Path) -> str:
     """The last lines of each worker log that reports an error (else of worker 0's)."""
     logs = sorted(log_dir.glob("worker_*.log"))
     failed = [p for p in logs if "Error" in p.read_text(errors="replace")] or logs[:1]
-    return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-                     for p in failed)
+    return "\n".join(
+        f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]) for p in failed
+    )
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
 """An exponential moving average of the weights, the copy that samples (Ho et al., 2020, appendix B)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ class EMA(nn.Cell):
     def __init__(self, params: Sequence[ms.Parameter]):
         super().__init__()
         self.shadow = ms.ParameterTuple(
-            [ms.Parameter(p.value().copy(), name=EMA_PREFIX + p.name, requires_grad=False) for p in params])
+            [ms.Parameter(p.value().copy(), name=EMA_PREFIX + p.name, requires_grad=False) for p in params]
+        )
         self.hyper_map = ops.HyperMap()
 
     def construct(self, params, decay):

@@ -36,5 +36,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # What an entry point reports as one clear line rather than a traceback (flows adds its own).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, WorkerError, SampleRequestError, FloatingPointError,
-               FileExistsError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    DeviceError,
+    WorkerError,
+    SampleRequestError,
+    FloatingPointError,
+    FileExistsError,
+    FileNotFoundError,
+)

@@ -5,6 +5,7 @@ evaluate it (evaluate, sample and classifier sections), so changing an evaluatio
 re-scores an old checkpoint with the new setting. Noise and samples come from evaluate.seed, so
 candidates are scored on identical inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ def t_grid(timesteps: int, points: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, timesteps - 1, points)).astype(np.int32))
 
 
-def evaluate_checkpoint(checkpoint: str, config: Config, progress: bool = True,
-                        use_ema: bool = True) -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str, config: Config, progress: bool = True, use_ema: bool = True
+) -> dict[str, float]:
     """Denoising loss and sample quality of `checkpoint` (its EMA weights, if it has them, unless
     `use_ema` is off), evaluated as `config` says."""
     verify_dataset(config.data.root)
@@ -45,9 +47,10 @@ def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = 
     ev, schedule = config.evaluate, sampler.schedule
     ts = t_grid(schedule.timesteps, ev.t_points)
     rng = np.random.default_rng(ev.seed)
-    dataset = build_dataset(config.data.root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, flip=False,
-                            usage="test")
-    squared_errors = {int(t): [] for t in ts}
+    dataset = build_dataset(
+        config.data.root, ev.batch_size, seed=ev.seed, epoch=0, limit=ev.num_images, flip=False, usage="test"
+    )
+    squared_errors: dict[int, list[np.ndarray]] = {int(t): [] for t in ts}
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
     for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="denoising loss", disable=not progress):
         x0 = x0.astype(np.float64)
@@ -57,7 +60,10 @@ def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = 
             eps = sampler.predict(x_t.astype(np.float32), np.full((len(x0),), t, np.int32))
             squared_errors[int(t)].append(np.mean((eps - noise) ** 2, axis=(1, 2, 3)))
     per_t = {t: float(np.concatenate(v).mean()) for t, v in squared_errors.items()}
-    metrics = {"eval_loss": float(np.mean(list(per_t.values()))), **{f"eval_loss_t{t:04d}": v for t, v in per_t.items()}}
+    metrics = {
+        "eval_loss": float(np.mean(list(per_t.values()))),
+        **{f"eval_loss_t{t:04d}": v for t, v in per_t.items()},
+    }
     log.info("held-out denoising MSE %.5f over %d images x %d timesteps", metrics["eval_loss"], ev.num_images, len(ts))
     return metrics
 
@@ -68,8 +74,9 @@ class FidReference:
     floor: float  # FID of the first N training images against `test`: what real images score
 
 
-def fid_reference(network: FeatureNetwork, root: str, num: int, batch_size: int, flip: bool,
-                  progress: bool = False) -> FidReference:
+def fid_reference(
+    network: FeatureNetwork, root: str, num: int, batch_size: int, flip: bool, progress: bool = False
+) -> FidReference:
     """The test-set Gaussian every FID is measured against, and the real-vs-real floor at the same N.
 
     With `flip`, half the real images are mirrored, as the model's training data were: a model
@@ -79,8 +86,9 @@ def fid_reference(network: FeatureNetwork, root: str, num: int, batch_size: int,
     test, _, _ = embed_split(network, root, "test", num, batch_size, flip, progress)
     train, _, _ = embed_split(network, root, "train", num, batch_size, flip, progress)
     reference = FidReference(gaussian_stats(test), fid_of(gaussian_stats(train), gaussian_stats(test)))
-    log.info("FID floor (%d train vs %d test images%s): %.4f", num, num, ", half mirrored" if flip else "",
-             reference.floor)
+    log.info(
+        "FID floor (%d train vs %d test images%s): %.4f", num, num, ", half mirrored" if flip else "", reference.floor
+    )
     return reference
 
 
@@ -90,17 +98,30 @@ def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = 
     the model's own training data were (its checkpoint's data.flip)."""
     ev = config.evaluate
     network = load_classifier(config.classifier.checkpoint, config.train.device)
-    reference = fid_reference(network, config.data.root, ev.fid_samples, ev.batch_size, sampler.config.data.flip,
-                              progress)
+    reference = fid_reference(
+        network, config.data.root, ev.fid_samples, ev.batch_size, sampler.config.data.flip, progress
+    )
     started = time.perf_counter()
     images = sampler.draw(ev.fid_samples, ev.seed, progress=progress)  # (N, 1, 28, 28) in [-1, 1]
     seconds = time.perf_counter() - started
     features, probs = network.embed(images, ev.batch_size)
     fid = fid_of(gaussian_stats(features), reference.test)
-    metrics = {"fid": fid, "fid_floor": reference.floor, "fid_ratio": fid / reference.floor,
-               "class_kl": class_kl(probs), "sample_seconds": seconds,
-               "classifier_accuracy": network.test_accuracy}
-    log.info("FID %.4f (floor %.4f, ratio %.2f), class KL %.4f (histogram %s), %d samples in %.0f s", fid,
-             reference.floor, metrics["fid_ratio"], metrics["class_kl"],
-             np.round(class_histogram(probs), 3).tolist(), ev.fid_samples, seconds)
+    metrics = {
+        "fid": fid,
+        "fid_floor": reference.floor,
+        "fid_ratio": fid / reference.floor,
+        "class_kl": class_kl(probs),
+        "sample_seconds": seconds,
+        "classifier_accuracy": network.test_accuracy,
+    }
+    log.info(
+        "FID %.4f (floor %.4f, ratio %.2f), class KL %.4f (histogram %s), %d samples in %.0f s",
+        fid,
+        reference.floor,
+        metrics["fid_ratio"],
+        metrics["class_kl"],
+        np.round(class_histogram(probs), 3).tolist(),
+        ev.fid_samples,
+        seconds,
+    )
     return metrics

@@ -4,6 +4,7 @@ FID (Heusel et al., 2017) is the Frechet distance between Gaussians fitted to tw
     d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
 Class coverage is KL(p || uniform) of the histogram p of the classes a classifier predicts.
 """
+
 from __future__ import annotations
 
 import dataclasses

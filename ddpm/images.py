@@ -1,4 +1,5 @@
 """Sample tensors -> uint8 image grid (numpy), and PNG files."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
     for i, tile in enumerate(tiles):
         r, col = divmod(i, ncols)
         top, left = GRID_PADDING + r * (h + GRID_PADDING), GRID_PADDING + col * (w + GRID_PADDING)
-        grid[top:top + h, left:left + w] = tile
+        grid[top : top + h, left : left + w] = tile
     return grid[..., 0] if c == 1 else grid
 
 

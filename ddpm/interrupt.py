@@ -6,12 +6,16 @@ as it would without us (Ctrl-C raises KeyboardInterrupt at once, a second SIGTER
 again when the block ends. A signal that was ignored when the block began (`nohup`, a background
 job) stays ignored. Signals reach only the main thread, so elsewhere the block does nothing.
 """
+
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +29,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int, checkpoint: Path, global_step: int, where: str):
         self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
-        super().__init__(f"training stopped by {signal.Signals(signum).name} after step {global_step} ({where}); "
-                         f"checkpoint {checkpoint}")
+        super().__init__(
+            f"training stopped by {signal.Signals(signum).name} after step {global_step} ({where}); "
+            f"checkpoint {checkpoint}"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -39,14 +45,14 @@ class StopRequest:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.signum: int | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return self
         for signum in STOP_SIGNALS:
             handler = signal.getsignal(signum)
-            if handler in (signal.SIG_IGN, None):  # None: installed outside Python, cannot be put back
+            if handler is None or handler == signal.SIG_IGN:  # None: installed outside Python, cannot be put back
                 continue
             self.previous[signum] = handler
             signal.signal(signum, self._record)
@@ -62,8 +68,10 @@ class StopRequest:
     def _record(self, signum: int, frame) -> None:
         self.signum = signum
         self._restore()
-        log.warning("%s: finishing this step, then checkpointing and stopping (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: finishing this step, then checkpointing and stopping (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def _restore(self) -> None:
         for signum, handler in self.previous.items():

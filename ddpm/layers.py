@@ -10,6 +10,7 @@ accumulation). Parameter names, shapes and initialisation are the same whichever
 checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs and
 gradients to the reference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,14 +103,15 @@ class DepthwiseConv2d(nn.Cell):
     per group; forward, input and weight gradient were among the slowest kernels of the step.
     With the native `library` all three run as oneDNN's direct depthwise kernels through
     ddpm/kernels (the layout conversions happen inside the operator; always float32: in bf16 they
-    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input gradient as the forward conv with the flipped
-    kernel, the weight gradient MindSpore's.
+    measured 3x slower, docs/performance.md); without it the MindSpore formulation: the input
+    gradient as the forward conv with the flipped kernel, the weight gradient MindSpore's.
     """
 
     def __init__(self, channels: int, kernel_size: int, library: Path | None = None):
         super().__init__()
-        self.weight = ms.Parameter(initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)),
-                                   name="weight")  # nn.Conv2d's default init
+        self.weight = ms.Parameter(  # nn.Conv2d's default init
+            initializer(HeUniform(math.sqrt(5)), (channels, 1, kernel_size, kernel_size)), name="weight"
+        )
         if library is not None:
             self.conv = NativeConv2d(library, pad=kernel_size // 2, groups=channels)
         else:
@@ -129,8 +131,9 @@ class _DepthwiseConv(nn.Cell):
         self.kernel_size = kernel_size
         self.conv = ops.Conv2D(channels, kernel_size, pad_mode="pad", pad=pad, group=channels)
         self.flip = ops.ReverseV2(axis=[2, 3])
-        self.weight_grad = Conv2DBackpropFilter(channels, kernel_size, pad_mode="pad", pad=pad,
-                                                pad_list=(pad,) * 4, group=channels)
+        self.weight_grad = Conv2DBackpropFilter(
+            channels, kernel_size, pad_mode="pad", pad=pad, pad_list=(pad,) * 4, group=channels
+        )
 
     def construct(self, x, weight):
         return self.conv(x, weight)
@@ -241,28 +244,35 @@ class Layers:
         small = kernel_size == 1 or in_channels == 1
         return small and not self.bf16 and runtime.mindspore_convs_are_fast()
 
-    def conv2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-               has_bias: bool = False) -> nn.Cell:
+    def conv2d(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        has_bias: bool = False,
+    ) -> nn.Cell:
         """nn.Conv2d with symmetric padding."""
-        if self._mindspore_conv(in_channels, kernel_size):
-            return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding,
-                             has_bias=has_bias)
-        return Conv2d(self.library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
+        library = self.library
+        if library is None or self._mindspore_conv(in_channels, kernel_size):
+            return nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding, has_bias=has_bias
+            )
+        return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
 
-    def conv_transpose2d(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                         padding: int = 0) -> nn.Cell:
+    def conv_transpose2d(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0
+    ) -> nn.Cell:
         """nn.Conv2dTranspose with symmetric padding."""
         if self.library is None:
-            return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad",
-                                      padding=padding)
-        return Conv2dTranspose(self.library, in_channels, out_channels, kernel_size, stride, padding,
-                               bf16=self.bf16)
+            return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
+        return Conv2dTranspose(self.library, in_channels, out_channels, kernel_size, stride, padding, bf16=self.bf16)
 
     def depthwise_conv(self, channels: int, kernel_size: int) -> nn.Cell:
         """A depthwise conv with 'same' padding."""
         if not self.native:
-            return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
-                             group=channels)
+            return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=channels)
         return DepthwiseConv2d(channels, kernel_size, self.library)
 
     def group_norm(self, num_channels: int, eps: float) -> nn.Cell:

@@ -4,6 +4,7 @@
 The caller owns what is particular to its network: what a step's inputs are, the learning-rate
 schedule, checkpoints and callbacks; here is what every training shares.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,13 @@ import mindspore as ms
 from mindspore import nn, ops
 from tqdm import tqdm
 
-from ddpm.distributed import World
+from ddpm.distributed import ONE_PROCESS, World
 from ddpm.errors import NonFiniteLossError
 
 
-def make_train_step(loss_fn: Callable[..., ms.Tensor], optimizer: nn.Optimizer, ema: nn.Cell | None = None,
-                    world: World = World()) -> Callable[..., ms.Tensor]:
+def make_train_step(
+    loss_fn: Callable[..., ms.Tensor], optimizer: nn.Optimizer, ema: nn.Cell | None = None, world: World = ONE_PROCESS
+) -> Callable[..., ms.Tensor]:
     """A jitted step(*inputs[, ema_decay]): the loss of `loss_fn(*inputs)`, its gradients (mean-reduced
     across data-parallel workers), the optimizer's update, then `ema(parameters, decay)` if given (an
     `ddpm.ema.EMA`; the decay is the step's last argument); returns the loss of the global batch."""
@@ -42,15 +44,32 @@ def make_train_step(loss_fn: Callable[..., ms.Tensor], optimizer: nn.Optimizer, 
     return train_step
 
 
-def epoch_losses(batches: Iterable, step: Callable[..., float], *, epoch: int, epochs: int, steps: int,
-                 done: int = 0, global_step: int = 0, name: str = "", fix: str = "",
-                 progress: bool = True) -> Iterator[float]:
+def epoch_losses(
+    batches: Iterable,
+    step: Callable[..., float],
+    *,
+    epoch: int,
+    epochs: int,
+    steps: int,
+    done: int = 0,
+    global_step: int = 0,
+    name: str = "",
+    fix: str = "",
+    progress: bool = True,
+) -> Iterator[float]:
     """Run `step(*batch) -> loss` on each of an epoch's batches (`done` of its `steps` already run,
     `global_step` of the whole training) behind a progress bar, yielding each loss. A non-finite loss
     raises NonFiniteLossError naming the step and `fix`, before anything after the step sees it."""
     label = f"{name} " if name else ""
-    bar = tqdm(batches, total=steps, initial=done, desc=f"{label}epoch {epoch + 1}/{epochs}", unit="step",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        batches,
+        total=steps,
+        initial=done,
+        desc=f"{label}epoch {epoch + 1}/{epochs}",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
     try:
         for number, batch in enumerate(bar, start=global_step + 1):
             loss = step(*batch)

@@ -1,4 +1,5 @@
 """Learning-rate schedules: the rate of every optimizer step, decided before training starts."""
+
 from __future__ import annotations
 
 import numpy as np

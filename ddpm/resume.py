@@ -4,13 +4,15 @@
 `Checkpointer` writes one at every epoch's end, every `train.checkpoint_minutes` within an epoch,
 and at the step boundary after a SIGTERM or SIGINT, after which it raises TrainingInterrupted.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ddpm import checkpoint as ckpt
 from ddpm.interrupt import StopRequest, TrainingInterrupted
@@ -40,14 +42,18 @@ def resume_point(trainer: Trainer, directory: Path, resume: bool) -> ResumePoint
     if latest is None:
         return ResumePoint(None, 0, 0, {}, None)
     if not resume:
-        raise FileExistsError(f"{directory} already holds checkpoints ({latest.name}); pass --resume "
-                              "to continue that run, or set train.checkpoint_dir to a new directory")
+        raise FileExistsError(
+            f"{directory} already holds checkpoints ({latest.name}); pass --resume "
+            "to continue that run, or set train.checkpoint_dir to a new directory"
+        )
     state = ckpt.load_checkpoint(latest)
     trainer.restore(state)
     done = state.epoch * trainer.steps_per_epoch + (state.progress.step if state.progress else 0)
     if done != state.global_step:
-        raise ckpt.CheckpointError(f"{latest} is at step {state.global_step}, its epochs make {done}: "
-                                   "not a checkpoint of this training; use a new train.checkpoint_dir")
+        raise ckpt.CheckpointError(
+            f"{latest} is at step {state.global_step}, its epochs make {done}: "
+            "not a checkpoint of this training; use a new train.checkpoint_dir"
+        )
     where = f", {state.progress.step} steps into the next" if state.progress else ""
     log.info("resuming from %s: %d epochs done%s", latest, state.epoch, where)
     return ResumePoint(latest, state.epoch, state.global_step, state.metrics, state.progress)
@@ -57,8 +63,14 @@ class Checkpointer:
     """Writes a run's checkpoints (rank 0 alone): at every epoch's end, mid-epoch when
     `train.checkpoint_minutes` have passed since the last one or a stop was requested."""
 
-    def __init__(self, trainer: Trainer, directory: Path, callbacks: Sequence[Callback], stop: StopRequest,
-                 metrics: dict[str, float]):
+    def __init__(
+        self,
+        trainer: Trainer,
+        directory: Path,
+        callbacks: Sequence[Callback],
+        stop: StopRequest,
+        metrics: dict[str, float],
+    ):
         self.trainer, self.directory, self.callbacks, self.stop = trainer, directory, callbacks, stop
         self.interval = trainer.config.train.checkpoint_minutes * SECONDS_PER_MINUTE
         self.last = time.monotonic()
@@ -68,8 +80,13 @@ class Checkpointer:
         """A mid-epoch checkpoint is wanted now."""
         return self.stop.requested or (self.interval > 0 and time.monotonic() - self.last >= self.interval)
 
-    def save(self, epoch: int, global_step: int, metrics: dict[str, float] | None = None,
-             progress: ckpt.EpochProgress | None = None) -> Path:
+    def save(
+        self,
+        epoch: int,
+        global_step: int,
+        metrics: dict[str, float] | None = None,
+        progress: ckpt.EpochProgress | None = None,
+    ) -> Path:
         """Checkpoint epoch `epoch` (0-based) at its end (`metrics`), or `progress` into it."""
         for cb in self.callbacks:
             cb.on_checkpoint(global_step)
@@ -77,14 +94,26 @@ class Checkpointer:
             self.metrics = metrics
         done = epoch + 1 if progress is None else epoch
         if self.trainer.world.is_main:
-            path = ckpt.save_checkpoint(self.directory, self.trainer.parameters(), self.trainer.config, done,
-                                        global_step, KEEP_CHECKPOINTS, self.metrics, progress)
+            path = ckpt.save_checkpoint(
+                self.directory,
+                self.trainer.parameters(),
+                self.trainer.config,
+                done,
+                global_step,
+                KEEP_CHECKPOINTS,
+                self.metrics,
+                progress,
+            )
         else:
-            path = (ckpt.epoch_path(self.directory, done) if progress is None
-                    else ckpt.mid_epoch_path(self.directory, epoch + 1, progress.step))
+            path = (
+                ckpt.epoch_path(self.directory, done)
+                if progress is None
+                else ckpt.mid_epoch_path(self.directory, epoch + 1, progress.step)
+            )
         self.last = time.monotonic()
         return path
 
     def stop_if_requested(self, path: Path, global_step: int, where: str) -> None:
         if self.stop.requested:
+            assert self.stop.signum is not None  # a request names its signal
             raise TrainingInterrupted(self.stop.signum, path, global_step, where)

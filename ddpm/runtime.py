@@ -6,12 +6,14 @@ variable the user has already set wins. oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) is
 processor (`isa_cap`), and `resolve_precision` turns `train.precision: auto` into fp32 or bf16;
 both read the processor's flags through `cpu_flags`, the one place that detects them.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from ddpm.errors import DeviceError
 
@@ -81,16 +83,31 @@ def lower_isa_cap() -> None:
     """Back to AVX2 for MindSpore's own convs when ddpm/kernels cannot be built; effective while
     oneDNN has dispatched nothing yet (the network is built before its first step)."""
     if os.environ.get(ISA_ENV) != FALLBACK_ISA:
-        log.warning("%s=%s -> %s: MindSpore's own convolutions are slow above it", ISA_ENV,
-                    os.environ.get(ISA_ENV), FALLBACK_ISA)
+        log.warning(
+            "%s=%s -> %s: MindSpore's own convolutions are slow above it",
+            ISA_ENV,
+            os.environ.get(ISA_ENV),
+            FALLBACK_ISA,
+        )
         os.environ[ISA_ENV] = FALLBACK_ISA
 
 
 # dnnl_cpu_isa_t (oneapi/dnnl/dnnl_types.h) -> the names ONEDNN_MAX_CPU_ISA takes
-DNNL_ISAS = {0x1: "SSE41", 0x3: "AVX", 0x7: "AVX2", 0xF: "AVX2_VNNI", 0x1F: "AVX2_VNNI_2", 0x27: "AVX512_CORE",
-             0x67: "AVX512_CORE_VNNI", 0xE7: "AVX512_CORE_BF16", 0x1EF: "AVX10_1_512",
-             0xFEF: "AVX10_1_512_AMX", 0x1FEF: "AVX10_1_512_AMX_FP16", 0x201FF: "AVX10_2_512",
-             0x22FFF: "AVX10_2_512_AMX_2"}
+DNNL_ISAS = {
+    0x1: "SSE41",
+    0x3: "AVX",
+    0x7: "AVX2",
+    0xF: "AVX2_VNNI",
+    0x1F: "AVX2_VNNI_2",
+    0x27: "AVX512_CORE",
+    0x67: "AVX512_CORE_VNNI",
+    0xE7: "AVX512_CORE_BF16",
+    0x1EF: "AVX10_1_512",
+    0xFEF: "AVX10_1_512_AMX",
+    0x1FEF: "AVX10_1_512_AMX_FP16",
+    0x201FF: "AVX10_2_512",
+    0x22FFF: "AVX10_2_512_AMX_2",
+}
 
 
 def effective_isa() -> str:
@@ -107,8 +124,9 @@ def effective_isa() -> str:
     return DNNL_ISAS.get(value, hex(value))
 
 
-def resolve_precision(precision: str, target: str | None = None, flags: frozenset[str] | None = None,
-                      isa: str | None = None) -> str:
+def resolve_precision(
+    precision: str, target: str | None = None, flags: frozenset[str] | None = None, isa: str | None = None
+) -> Literal["fp32", "bf16"]:
     """fp32 or bf16 for `train.precision` (auto | fp32 | bf16) on device `target` (default: MindSpore's),
     a processor with `flags` (default: this one's) and oneDNN's cap `isa` (default: the one in force).
     auto is bf16 where the processor has bf16 matrix units (amx_bf16 or avx512_bf16) and the cap
@@ -126,8 +144,11 @@ def resolve_precision(precision: str, target: str | None = None, flags: frozense
     isa = os.environ.get(ISA_ENV, "") if isa is None else isa
     capped = isa.upper() in MINDSPORE_CONV_ISAS  # oneDNN has no bf16 convs at AVX2
     if precision == "bf16" and not (has_units and not capped):
-        why = (f"{ISA_ENV}={isa} caps oneDNN below its bf16 kernels (unset it)" if has_units
-               else "this processor has no bf16 units (amx_bf16, avx512_bf16)")
+        why = (
+            f"{ISA_ENV}={isa} caps oneDNN below its bf16 kernels (unset it)"
+            if has_units
+            else "this processor has no bf16 units (amx_bf16, avx512_bf16)"
+        )
         log.warning("train.precision is bf16 but %s: running fp32", why)
     return "bf16" if has_units and not capped else "fp32"
 
@@ -143,7 +164,8 @@ def select_device(device: str) -> str:
         raise DeviceError(
             f"train.device is {device!r} but MindSpore cannot use a {device} here. "
             f"{device} needs MindSpore's {device} package and drivers (GPU: CUDA 11.1 or 11.6 with cuDNN 8); "
-            "set train.device to 'auto' or 'CPU' to run on the CPU.")
+            "set train.device to 'auto' or 'CPU' to run on the CPU."
+        )
     # MindSpore fixes the device when the first kernel runs; a second fit() in one process reuses it.
     if not ms.hal.is_initialized(target):
         ms.set_device(target)
@@ -160,8 +182,7 @@ def set_cpu_threads(threads: int) -> None:
     from mindspore._c_expression import RuntimeConf  # no public getter for the value in force
 
     if RuntimeConf.get_instance().is_op_threads_num_configured():
-        log.warning("MindSpore's CPU thread count is already set in this process; train.threads=%d ignored",
-                    threads)
+        log.warning("MindSpore's CPU thread count is already set in this process; train.threads=%d ignored", threads)
         return
     ms.device_context.cpu.op_tuning.threads_num(threads)
     log.info("MindSpore CPU kernels on %d thread(s)", threads)
@@ -173,6 +194,9 @@ def runtime_settings() -> dict[str, str]:
 
     from ddpm.kernels.build import native_library
 
-    return {"mindspore": ms.__version__, "device": ms.get_context("device_target"),
-            "native_kernels": "on" if native_library() is not None else "off (MindSpore's own operators)",
-            **{key: os.environ.get(key, "") for key in (*ENV_DEFAULTS, ISA_ENV)}}
+    return {
+        "mindspore": ms.__version__,
+        "device": ms.get_context("device_target"),
+        "native_kernels": "on" if native_library() is not None else "off (MindSpore's own operators)",
+        **{key: os.environ.get(key, "") for key in (*ENV_DEFAULTS, ISA_ENV)},
+    }

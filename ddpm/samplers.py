@@ -3,6 +3,7 @@
 No MindSpore here: a sampler takes the schedule's arrays and a function that predicts the noise,
 so each step reads like the paper's equations. `ddpm.sampling` checks requests and batches them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -31,11 +32,12 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps spread evenly over [T-1, 0], highest first."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"DDIM steps must be in [1, {timesteps}], got {steps}")
-    return sorted({int(round(v)) for v in np.linspace(0, timesteps - 1, steps)}, reverse=True)
+    return sorted({int(v) for v in np.rint(np.linspace(0, timesteps - 1, steps))}, reverse=True)
 
 
-def ddpm_step(s: NoiseSchedule, x_t: np.ndarray, t: int, eps: np.ndarray, noise: np.ndarray,
-              clip_x0: bool) -> np.ndarray:
+def ddpm_step(
+    s: NoiseSchedule, x_t: np.ndarray, t: int, eps: np.ndarray, noise: np.ndarray, clip_x0: bool
+) -> np.ndarray:
     """One ancestral step x_t -> x_{t-1} (DDPM algorithm 2, via the posterior of eq. 7)."""
     x0 = predict_x0(s, x_t, t, eps)  # 1. predicted x0 (eq. 15)
     if clip_x0:
@@ -46,8 +48,16 @@ def ddpm_step(s: NoiseSchedule, x_t: np.ndarray, t: int, eps: np.ndarray, noise:
     return mean + np.sqrt(s.posterior_variance[t]) * noise  # 4. add posterior variance
 
 
-def ddim_step(s: NoiseSchedule, x_t: np.ndarray, t: int, t_prev: int, eps: np.ndarray, noise: np.ndarray | float,
-              eta: float, clip_x0: bool) -> np.ndarray:
+def ddim_step(
+    s: NoiseSchedule,
+    x_t: np.ndarray,
+    t: int,
+    t_prev: int,
+    eps: np.ndarray,
+    noise: np.ndarray | float,
+    eta: float,
+    clip_x0: bool,
+) -> np.ndarray:
     """One DDIM step x_t -> x_{t_prev} (Song et al., 2021, eq. 12); t_prev = -1 means x0."""
     a_t = s.alphas_cumprod[t]
     a_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0
@@ -60,9 +70,17 @@ def ddim_step(s: NoiseSchedule, x_t: np.ndarray, t: int, t_prev: int, eps: np.nd
     return np.sqrt(a_prev) * x0 + direction + sigma * noise  # 5. eq. 12
 
 
-def sample(predict_noise: NoisePredictor, s: NoiseSchedule, shape: tuple[int, ...], seed: int | list[int],
-           sampler: str = "ddim", steps: int = 50, eta: float = 0.0, clip_x0: bool = True,
-           progress: Callable[[Iterable], Iterable] = iter) -> np.ndarray:
+def sample(
+    predict_noise: NoisePredictor,
+    s: NoiseSchedule,
+    shape: tuple[int, ...],
+    seed: int | list[int],
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    clip_x0: bool = True,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> np.ndarray:
     """Draw images of `shape` (B, C, H, W) from pure noise; same seed, same images. float32."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)  # x_T ~ N(0, I), float64
@@ -72,7 +90,7 @@ def sample(predict_noise: NoisePredictor, s: NoiseSchedule, shape: tuple[int, ..
             x = ddpm_step(s, x, t, eps, rng.standard_normal(shape), clip_x0)
     elif sampler == "ddim":
         ts = ddim_timesteps(s.timesteps, steps)
-        for t, t_prev in progress(list(zip(ts, [*ts[1:], -1]))):
+        for t, t_prev in progress(list(zip(ts, [*ts[1:], -1], strict=True))):
             eps = _eps(predict_noise, x, t)
             noise = rng.standard_normal(shape) if eta > 0 else 0.0
             x = ddim_step(s, x, t, t_prev, eps, noise, eta, clip_x0)

@@ -3,9 +3,11 @@
 Every request is checked here, in one place, before any sampling: `num`, `sampler`, `steps`,
 `eta` and `seed` each have a stated range, and one `SampleRequestError` names every bad value.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ MAX_SEED = int(np.iinfo(np.int64).max)  # the registered model's `seed` column i
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
     """A checked request: `num` images from `sampler` (DDIM: `steps` steps, stochasticity `eta`), seeded."""
+
     num: int
     seed: int
     sampler: str
@@ -50,8 +53,9 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def request_errors(num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, timesteps: int,
-                   max_num: int | None = None) -> list[str]:
+def request_errors(
+    num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, timesteps: int, max_num: int | None = None
+) -> list[str]:
     """Every problem with a request's values (steps/eta None = not given), each with its allowed range."""
     errors = []
     allowed = f"an integer in [1, {max_num:,}] per request" if max_num else "an integer >= 1"
@@ -67,8 +71,10 @@ def request_errors(num: Any, seed: Any, sampler: Any, steps: Any, eta: Any, time
     if eta is not None and not (_is_real(eta) and 0.0 <= eta <= 1.0):
         errors.append(f"eta must be a number in [0, 1], got {eta!r}")
     if sampler == "ddpm" and ((steps is not None and steps != timesteps) or eta is not None):
-        errors.append(f"sampler ddpm walks all T = {timesteps} steps and takes no eta; omit steps (or give "
-                      f"{timesteps}) and eta, or use sampler ddim")
+        errors.append(
+            f"sampler ddpm walks all T = {timesteps} steps and takes no eta; omit steps (or give "
+            f"{timesteps}) and eta, or use sampler ddim"
+        )
     return errors
 
 
@@ -78,8 +84,15 @@ class CheckpointSampler:
     schedule: NoiseSchedule
     predict: NoisePredictor
 
-    def request(self, num: Any, seed: Any = 0, sampler: Any = None, steps: Any = None, eta: Any = None,
-                max_num: int | None = None) -> SampleRequest:
+    def request(
+        self,
+        num: Any,
+        seed: Any = 0,
+        sampler: Any = None,
+        steps: Any = None,
+        eta: Any = None,
+        max_num: int | None = None,
+    ) -> SampleRequest:
         """Check a request (None = the checkpoint's sample config) and fill in its defaults."""
         s, timesteps = self.config.sample, self.schedule.timesteps
         sampler = s.sampler if sampler is None else sampler
@@ -99,15 +112,25 @@ class CheckpointSampler:
                 errors.append(f"row {i}: unknown {', '.join(unknown)}; a row has {', '.join(REQUEST_KEYS)}")
                 continue
             try:
-                checked.append(self.request(given.get("num"), given.get("seed", 0), given.get("sampler"),
-                                            given.get("steps"), given.get("eta"), max_num))
+                checked.append(
+                    self.request(
+                        given.get("num"),
+                        given.get("seed", 0),
+                        given.get("sampler"),
+                        given.get("steps"),
+                        given.get("eta"),
+                        max_num,
+                    )
+                )
             except SampleRequestError as e:
                 where = f"row {i}: " if len(rows) > 1 else ""
                 errors.append(where + str(e).removeprefix("bad sampling request: "))
         total = sum(r.num for r in checked)
         if not errors and total > max_num:
-            errors.append(f"num: the rows ask {total:,} images together, more than {max_num:,} per request "
-                          "(draw more with `ddpm sample --out images.npz`)")
+            errors.append(
+                f"num: the rows ask {total:,} images together, more than {max_num:,} per request "
+                "(draw more with `ddpm sample --out images.npz`)"
+            )
         if errors:
             raise SampleRequestError("bad sampling request: " + "; ".join(errors))
         return checked
@@ -119,15 +142,23 @@ class CheckpointSampler:
     def batches(self, request: SampleRequest, progress: bool = False) -> Iterator[np.ndarray]:
         """The request's images, batch after batch of sample.batch_size: (B, C, H, W) float32 in [-1, 1]."""
         s = self.config.sample
-        return sample_batches(self.predict, self.schedule, request, self.config.model, s.batch_size, s.clip_x0,
-                              progress)
+        return sample_batches(
+            self.predict, self.schedule, request, self.config.model, s.batch_size, s.clip_x0, progress
+        )
 
     def sample(self, request: SampleRequest, progress: bool = False) -> np.ndarray:
         """(num, C, H, W) float32 images in [-1, 1]; the same request gives the same images."""
         return np.concatenate(list(self.batches(request, progress)))
 
-    def draw(self, num: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-             eta: float | None = None, progress: bool = False) -> np.ndarray:
+    def draw(
+        self,
+        num: int,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         """(num, C, H, W) float32 images in [-1, 1]; None takes the checkpoint's sample config."""
         return self.sample(self.request(num, seed, sampler, steps, eta), progress)
 
@@ -140,8 +171,7 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
     not_loaded, _ = ms.load_param_into_net(net, sampling_weights(state, use_ema), strict_load=True)
     if not_loaded:
         raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")
-    return CheckpointSampler(state.config, NoiseSchedule.from_config(state.config.diffusion),
-                             make_noise_predictor(net))
+    return CheckpointSampler(state.config, NoiseSchedule.from_config(state.config.diffusion), make_noise_predictor(net))
 
 
 def make_noise_predictor(net: nn.Cell) -> NoisePredictor:
@@ -158,17 +188,33 @@ def make_noise_predictor(net: nn.Cell) -> NoisePredictor:
     return predict
 
 
-def sample_batches(predict: NoisePredictor, schedule: NoiseSchedule, request: SampleRequest, model: ModelConfig,
-                   batch_size: int, clip_x0: bool, progress: bool = False) -> Iterator[np.ndarray]:
+def sample_batches(
+    predict: NoisePredictor,
+    schedule: NoiseSchedule,
+    request: SampleRequest,
+    model: ModelConfig,
+    batch_size: int,
+    clip_x0: bool,
+    progress: bool = False,
+) -> Iterator[np.ndarray]:
     """The request's images in (B, C, H, W) batches of `batch_size`, float32 in [-1, 1]; batch i is
     seeded [seed, i], so the same request gives the same images."""
     starts = range(0, request.num, batch_size)
     with tqdm(total=request.num, desc=f"sampling {request.sampler}", unit="img", disable=not progress) as images_bar:
         for i, start in enumerate(starts):
             size = min(batch_size, request.num - start)
-            bar = (lambda it: tqdm(it, desc=f"batch {i + 1}/{len(starts)}", unit="step", leave=False)) \
-                if progress else iter
-            x0 = samplers.sample(predict, schedule, (size, model.channels, model.image_size, model.image_size),
-                                 [request.seed, i], request.sampler, request.steps, request.eta, clip_x0, bar)
+            desc = f"batch {i + 1}/{len(starts)}"
+            bar = functools.partial(tqdm, desc=desc, unit="step", leave=False) if progress else iter
+            x0 = samplers.sample(
+                predict,
+                schedule,
+                (size, model.channels, model.image_size, model.image_size),
+                [request.seed, i],
+                request.sampler,
+                request.steps,
+                request.eta,
+                clip_x0,
+                bar,
+            )
             images_bar.update(size)
             yield np.clip(x0, -1.0, 1.0)

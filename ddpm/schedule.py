@@ -1,4 +1,5 @@
 """Beta schedules and the arrays derived from them, in float64 numpy (no MindSpore)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def cosine_beta_schedule(timesteps: int, beta_start: float, beta_end: float) -> 
 
 def quadratic_beta_schedule(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
     """Betas linear in sqrt(beta) (Annotated Diffusion, corrected version)."""
-    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=np.float64) ** 2
+    return np.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=np.float64) ** 2
 
 
 def sigmoid_beta_schedule(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -72,9 +73,11 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # DDPM eq. 7: the posterior mean is coef1 * x0 + coef2 * x_t
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        )
         assert (np.diff(self.alphas_cumprod) < 0).all(), "alpha_bar must decrease strictly"
 
     @classmethod
-    def from_config(cls, diffusion) -> "NoiseSchedule":
+    def from_config(cls, diffusion) -> NoiseSchedule:
         return cls(make_betas(diffusion.schedule, diffusion.timesteps, diffusion.beta_start, diffusion.beta_end))

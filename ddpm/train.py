@@ -7,6 +7,7 @@ epoch, every `train.checkpoint_minutes` within one, and at the step boundary aft
 SIGINT (`ddpm.interrupt`); a resume continues at the exact step, replaying the data order and the
 draws of the steps it skips, so it ends with the weights of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,14 +24,14 @@ from ddpm.callbacks import Callback, EpochEnd, FitResult
 from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.distributed import World, init_world
+from ddpm.distributed import ONE_PROCESS, World, init_world
 from ddpm.ema import EMA, ema_decay_at
-from ddpm.errors import NonFiniteLossError
 from ddpm.interrupt import StopRequest
 from ddpm.loop import epoch_losses, make_train_step
 from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
 from ddpm.runtime import select_device, set_cpu_threads
+from ddpm.samplers import NoisePredictor
 from ddpm.sampling import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.unet import build_unet
 
@@ -42,16 +43,25 @@ PREVIEW_SAMPLER, PREVIEW_ETA = "ddim", 1.0  # the preview grid draws fresh noise
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
-RESUMABLE_CHANGES = {"train.epochs", "train.sample_every", "train.sample_num", "train.sample_steps",
-                     "train.sample_seed", "train.device", "train.threads", "train.workers", "train.checkpoint_minutes",
-                     "data.num_workers"}
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.sample_every",
+    "train.sample_num",
+    "train.sample_steps",
+    "train.sample_seed",
+    "train.device",
+    "train.threads",
+    "train.workers",
+    "train.checkpoint_minutes",
+    "data.num_workers",
+}
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
 class Trainer:
     """The network, optimizer and EMA of one training run, and their checkpointed state."""
 
-    def __init__(self, config: Config, world: World = World()):
+    def __init__(self, config: Config, world: World = ONE_PROCESS):
         self.config = config
         self.world = world
         self.steps_per_epoch = steps_per_epoch(config.data.limit, config.train.batch_size)
@@ -66,8 +76,10 @@ class Trainer:
 
         def loss_fn(x0, t, noise):
             return self.diffusion.training_loss(self.net, x0, t, noise)
+
         self._train_step = make_train_step(loss_fn, self.optimizer, self.ema, world)
-        self._sampling_net, self._predict = None, None
+        self._sampling_net: nn.Cell | None = None
+        self._predict: NoisePredictor | None = None
 
     def train_step(self, x0: ms.Tensor, t: ms.Tensor, noise: ms.Tensor, ema_decay: float) -> float:
         """One optimizer step on x0 (B, C, H, W), t (B,), noise (B, C, H, W); the global batch's loss."""
@@ -86,7 +98,8 @@ class Trainer:
         if changed:
             raise ckpt.CheckpointError(
                 f"{state.path} was trained with different settings ({', '.join(changed)}); "
-                "resume with the same params or train into a new train.checkpoint_dir")
+                "resume with the same params or train into a new train.checkpoint_dir"
+            )
         missing = [p.name for p in self.parameters() if p.name not in state.params]
         if missing:
             raise ckpt.CheckpointError(f"{state.path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -96,8 +109,9 @@ class Trainer:
     def noise_predictor(self):
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
         if self._predict is None:
-            self._sampling_net = (build_unet(self.config.model, self.config.train.precision) if self.ema is not None
-                                   else self.net)
+            self._sampling_net = (
+                build_unet(self.config.model, self.config.train.precision) if self.ema is not None else self.net
+            )
             self._predict = make_noise_predictor(self._sampling_net)
         if self.ema is not None:
             self.ema.copy_to(self._sampling_net)
@@ -107,9 +121,13 @@ class Trainer:
 def resume_conflicts(saved: Config, current: Config) -> list[str]:
     """Settings that differ between a checkpoint and the current config and forbid resuming it."""
     a, b = saved.to_dict(), current.to_dict()
-    return [f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
-            for section in a if section not in UNTRAINED_SECTIONS for key in a[section]
-            if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES]
+    return [
+        f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
+        for section in a
+        if section not in UNTRAINED_SECTIONS
+        for key in a[section]
+        if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
 
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:
@@ -132,6 +150,7 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     for cb in callbacks:
         cb.on_train_start(config, start.epoch, trainer.steps_per_epoch, start.global_step)
     if start.epoch and start.progress is None:
+        assert start.path is not None  # epochs done: their checkpoint
         last = EpochEnd(start.epoch - 1, start.global_step, start.metrics, start.path, make_sampler(trainer))
         for cb in callbacks:
             cb.on_resume(last)
@@ -150,10 +169,10 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
             for cb in callbacks:
                 cb.on_epoch_end(end)
             saver.stop_if_requested(path, global_step, where)
-    path = ckpt.latest_epoch_checkpoint(directory)
-    if path is None:
+    final = ckpt.latest_epoch_checkpoint(directory)
+    if final is None:
         raise ValueError(f"nothing to train: train.epochs={config.train.epochs} and no checkpoint in {directory}")
-    result = FitResult(path, config.train.epochs, global_step, metrics)
+    result = FitResult(final, config.train.epochs, global_step, metrics)
     for cb in callbacks:
         cb.on_train_end(result)
     return result
@@ -170,8 +189,15 @@ def draw_step(rng: np.random.Generator, trainer: Trainer) -> tuple[np.ndarray, n
     return flips, t, noise
 
 
-def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequence[Callback], progress: bool,
-              saver: Checkpointer, resumed: ckpt.EpochProgress | None = None) -> tuple[dict[str, float], int]:
+def run_epoch(
+    trainer: Trainer,
+    epoch: int,
+    global_step: int,
+    callbacks: Sequence[Callback],
+    progress: bool,
+    saver: Checkpointer,
+    resumed: ckpt.EpochProgress | None = None,
+) -> tuple[dict[str, float], int]:
     """One pass over the data (from `resumed.step` on, if given); returns the epoch's metrics and the
     new global step. Checkpoints mid-epoch when `saver` says so, and stops after one on a signal."""
     config = trainer.config
@@ -181,8 +207,16 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     for _ in range(done):  # replay the draws of the steps the checkpoint holds
         draw_step(rng, trainer)
     world = trainer.world
-    dataset = build_dataset(data.root, train.batch_size, train.seed, epoch, data.limit,
-                            num_workers=data.num_workers, rank=world.rank, world=world.size)
+    dataset = build_dataset(
+        data.root,
+        train.batch_size,
+        train.seed,
+        epoch,
+        data.limit,
+        num_workers=data.num_workers,
+        rank=world.rank,
+        world=world.size,
+    )
     if done:
         dataset = dataset.skip(done)  # batches, in the epoch's fixed order
     mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
@@ -194,14 +228,26 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
     def step(x0: np.ndarray) -> float:
         flips, t, noise = draw_step(rng, trainer)
         x0 = flip_horizontally(x0, flips[mine])
-        return trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]),
-                                  ema_decay_at(global_step, train.ema_decay))
+        return trainer.train_step(
+            ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]), ema_decay_at(global_step, train.ema_decay)
+        )
 
-    fix = (f"no checkpoint was written for this step. Lower train.lr (now {train.lr}) or check the data, "
-           "then rerun with --resume.")
+    fix = (
+        f"no checkpoint was written for this step. Lower train.lr (now {train.lr}) or check the data, "
+        "then rerun with --resume."
+    )
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    for loss in epoch_losses(batches, step, epoch=epoch, epochs=train.epochs, steps=trainer.steps_per_epoch,
-                             done=done, global_step=global_step, fix=fix, progress=progress):
+    for loss in epoch_losses(
+        batches,
+        step,
+        epoch=epoch,
+        epochs=train.epochs,
+        steps=trainer.steps_per_epoch,
+        done=done,
+        global_step=global_step,
+        fix=fix,
+        progress=progress,
+    ):
         lr = float(trainer.lr[global_step])  # the rate this step used
         global_step += 1
         losses.append(loss)
@@ -210,14 +256,24 @@ def run_epoch(trainer: Trainer, epoch: int, global_step: int, callbacks: Sequenc
         if len(losses) < trainer.steps_per_epoch and saver.due():
             state = ckpt.EpochProgress(len(losses), tuple(losses), spent + time.perf_counter() - started)
             path = saver.save(epoch, global_step, progress=state)
-            saver.stop_if_requested(path, global_step, f"{state.step} of {trainer.steps_per_epoch} steps "
-                                                       f"into epoch {epoch + 1}")
+            saver.stop_if_requested(
+                path, global_step, f"{state.step} of {trainer.steps_per_epoch} steps into epoch {epoch + 1}"
+            )
     seconds = spent + time.perf_counter() - started
     images = len(losses) * train.batch_size
-    metrics = {"train_loss_epoch": float(np.mean(losses)), "epoch_seconds": seconds,
-               "images_per_second": images / seconds}
-    log.info("epoch %d/%d: loss %.4f, %.0f s, %.1f img/s", epoch + 1, train.epochs,
-             metrics["train_loss_epoch"], seconds, metrics["images_per_second"])
+    metrics = {
+        "train_loss_epoch": float(np.mean(losses)),
+        "epoch_seconds": seconds,
+        "images_per_second": images / seconds,
+    }
+    log.info(
+        "epoch %d/%d: loss %.4f, %.0f s, %.1f img/s",
+        epoch + 1,
+        train.epochs,
+        metrics["train_loss_epoch"],
+        seconds,
+        metrics["images_per_second"],
+    )
     return metrics, global_step
 
 
@@ -227,9 +283,22 @@ def make_sampler(trainer: Trainer) -> Callable[..., np.ndarray]:
     train, model = trainer.config.train, trainer.config.model
 
     def draw(num: int | None = None, seed: int | None = None, progress: bool = False) -> np.ndarray:
-        request = SampleRequest(train.sample_num if num is None else num, train.sample_seed if seed is None else seed,
-                                PREVIEW_SAMPLER, train.sample_steps, PREVIEW_ETA)
-        batches = sample_batches(trainer.noise_predictor(), trainer.diffusion.schedule, request, model,
-                                 batch_size=train.sample_num, clip_x0=True, progress=progress)
+        request = SampleRequest(
+            train.sample_num if num is None else num,
+            train.sample_seed if seed is None else seed,
+            PREVIEW_SAMPLER,
+            train.sample_steps,
+            PREVIEW_ETA,
+        )
+        batches = sample_batches(
+            trainer.noise_predictor(),
+            trainer.diffusion.schedule,
+            request,
+            model,
+            batch_size=train.sample_num,
+            clip_x0=True,
+            progress=progress,
+        )
         return np.concatenate(list(batches))
+
     return draw

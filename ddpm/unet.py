@@ -4,15 +4,17 @@ Layer for layer the network of MindSpore's diffusion tutorial (a port of Hugging
 Diffusion), without its dead code. `Unet(dim=28, channels=1, dim_mults=(1, 2, 4))` has
 2,992,180 trainable parameters. Convs keep MindSpore's default of no bias unless noted.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ddpm.layers import Layers, network_layers
+from ddpm.layers import Layers, Precision, network_layers
 
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
 POSITION_SCALE = 10000.0  # Transformer sinusoid base (Vaswani et al., 2017)
@@ -35,8 +37,9 @@ class SinusoidalPositionEmbeddings(nn.Cell):
 class ConvNextBlock(nn.Cell):
     """ConvNeXt block (Liu et al., 2022) with the time embedding added after the depthwise conv."""
 
-    def __init__(self, layers: Layers, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2,
-                 norm: bool = True):
+    def __init__(
+        self, layers: Layers, dim: int, dim_out: int, time_emb_dim: int | None = None, mult: int = 2, norm: bool = True
+    ):
         super().__init__()
         self.mlp = nn.SequentialCell(layers.gelu(), nn.Dense(time_emb_dim, dim)) if time_emb_dim else None
         self.ds_conv = layers.depthwise_conv(dim, 7)
@@ -64,7 +67,7 @@ class Attention(nn.Cell):
         super().__init__()
         hidden = dim_head * heads
         self.to_qkv = layers.conv2d(dim, hidden * 3, 1)
-        self.attend = layers.full_attention(heads, dim_head ** -0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
+        self.attend = layers.full_attention(heads, dim_head**-0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
         self.to_out = layers.conv2d(hidden, dim, 1, has_bias=True)
 
     def construct(self, x):
@@ -90,7 +93,7 @@ class LinearAttention(nn.Cell):
         super().__init__()
         hidden = dim_head * heads
         self.to_qkv = layers.conv2d(dim, hidden * 3, 1)
-        self.attend = layers.linear_attention(heads, dim_head ** -0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
+        self.attend = layers.linear_attention(heads, dim_head**-0.5)  # (B, 3 hidden, H, W) -> (B, hidden, H, W)
         self.to_out = nn.SequentialCell(layers.conv2d(hidden, dim, 1, has_bias=True), ChannelLayerNorm(layers, dim))
 
     def construct(self, x):
@@ -147,33 +150,54 @@ class Unet(nn.Cell):
     (ddpm/layers.py's `Layers` decides both). Same parameters, names and order either way.
     """
 
-    def __init__(self, dim: int, channels: int = 1, dim_mults: tuple[int, ...] = (1, 2, 4), convnext_mult: int = 2,
-                 native: bool = True, precision: str = "fp32"):
+    def __init__(
+        self,
+        dim: int,
+        channels: int = 1,
+        dim_mults: tuple[int, ...] = (1, 2, 4),
+        convnext_mult: int = 2,
+        native: bool = True,
+        precision: Precision = "fp32",
+    ):
         super().__init__()
         layers = Layers(native, precision)
         init_dim = dim // 3 * 2
         self.init_conv = layers.conv2d(channels, init_dim, 7, padding=3, has_bias=True)
         dims = [init_dim, *(dim * m for m in dim_mults)]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         time_dim = dim * 4
         self.time_mlp = nn.SequentialCell(
-            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), layers.gelu(), nn.Dense(time_dim, time_dim))
+            SinusoidalPositionEmbeddings(dim), nn.Dense(dim, time_dim), layers.gelu(), nn.Dense(time_dim, time_dim)
+        )
 
         last = len(in_out) - 1
-        self.downs = nn.CellList([
-            Level(layers, d_in, d_out, time_dim, convnext_mult,
-                  downsample(layers, d_out) if i < last else nn.Identity())
-            for i, (d_in, d_out) in enumerate(in_out)])
+        self.downs = nn.CellList(
+            [
+                Level(
+                    layers,
+                    d_in,
+                    d_out,
+                    time_dim,
+                    convnext_mult,
+                    downsample(layers, d_out) if i < last else nn.Identity(),
+                )
+                for i, (d_in, d_out) in enumerate(in_out)
+            ]
+        )
         mid_dim = dims[-1]
         self.mid_block1 = ConvNextBlock(layers, mid_dim, mid_dim, time_dim, convnext_mult)
         self.mid_attn = Residual(PreNorm(layers, mid_dim, Attention(layers, mid_dim)))
         self.mid_block2 = ConvNextBlock(layers, mid_dim, mid_dim, time_dim, convnext_mult)
         # Up levels mirror all downs but the first; the tutorial never uses the first level's skip.
-        self.ups = nn.CellList([
-            Level(layers, d_out * 2, d_in, time_dim, convnext_mult, upsample(layers, d_in))
-            for d_in, d_out in reversed(in_out[1:])])
-        self.final_conv = nn.SequentialCell(ConvNextBlock(layers, dim, dim, mult=convnext_mult),
-                                             layers.conv2d(dim, channels, 1))
+        self.ups = nn.CellList(
+            [
+                Level(layers, d_out * 2, d_in, time_dim, convnext_mult, upsample(layers, d_in))
+                for d_in, d_out in reversed(in_out[1:])
+            ]
+        )
+        self.final_conv = nn.SequentialCell(
+            ConvNextBlock(layers, dim, dim, mult=convnext_mult), layers.conv2d(dim, channels, 1)
+        )
 
     def construct(self, x, time):
         x = self.init_conv(x)
@@ -193,8 +217,14 @@ def build_unet(model_config, precision: str = "auto") -> Unet:
     """The network of `model_config` on the native layers, in the precision `precision` (train.precision:
     auto | fp32 | bf16) resolves to here."""
     layers = network_layers(precision)
-    return Unet(model_config.dim, model_config.channels, tuple(model_config.dim_mults), model_config.convnext_mult,
-                layers.native, layers.precision)
+    return Unet(
+        model_config.dim,
+        model_config.channels,
+        tuple(model_config.dim_mults),
+        model_config.convnext_mult,
+        layers.native,
+        layers.precision,
+    )
 
 
 def count_parameters(net: nn.Cell) -> int:

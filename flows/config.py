@@ -3,6 +3,7 @@
 Where a setting names a service (tracking URI, DVC remote), the environment wins over the file:
 MLFLOW_TRACKING_URI, DDPM_DVC_REMOTE. Prefect's API comes from PREFECT_API_URL as Prefect reads it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,11 +11,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, Overrides, apply_overrides, build_section, config_from_dict
-
 
 SQLITE_PREFIX = "sqlite:///"  # then a path, relative unless it starts with "/"
 
@@ -28,8 +28,10 @@ def checkout_root() -> Path:
 @dataclass(frozen=True)
 class FetchConfig:
     # Where to bootstrap Fashion-MNIST when the DVC remote lacks it, tried in order.
-    sources: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",
-                                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com")
+    sources: tuple[str, ...] = (
+        "/usr/share/datasets/fashion-mnist",
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    )
     remote: str = ""  # DVC remote name; "" = the repository's default (see .dvc/config)
 
     def check(self) -> list[str]:
@@ -65,15 +67,20 @@ class RegistryConfig:
         for key in ("candidate_alias", "champion_alias"):
             alias = getattr(self, key)
             if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-                errors.append(f"registry.{key}: MLflow aliases are 1-255 letters, digits, _ or -, not 'latest' "
-                              f"or v<number>; got {alias!r}")
+                errors.append(
+                    f"registry.{key}: MLflow aliases are 1-255 letters, digits, _ or -, not 'latest' "
+                    f"or v<number>; got {alias!r}"
+                )
         if self.candidate_alias.lower() == self.champion_alias.lower():
-            errors.append(f"registry.candidate_alias: must differ from champion_alias ({self.champion_alias!r}): "
-                          "new versions would become champion without passing the gate")
+            errors.append(
+                f"registry.candidate_alias: must differ from champion_alias ({self.champion_alias!r}): "
+                "new versions would become champion without passing the gate"
+            )
         lower_is_better = ("fid", "fid_ratio", "class_kl", "eval_loss")  # what the evaluate step logs
         if self.metric in lower_is_better and self.greater_is_better:
-            errors.append(f"registry.greater_is_better: {self.metric} is lower-is-better; true would promote "
-                          "worse models")
+            errors.append(
+                f"registry.greater_is_better: {self.metric} is lower-is-better; true would promote worse models"
+            )
         if not self.metric:
             errors.append("registry.metric: must name the run metric the gate compares, e.g. fid")
         return errors
@@ -114,8 +121,9 @@ PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must skip exactly these sections"
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Overrides | None = None,
-                repo: str | Path | None = None) -> tuple[Config, PipelineConfig]:
+def load_params(
+    path: str | Path = "params.yaml", overrides: Overrides | None = None, repo: str | Path | None = None
+) -> tuple[Config, PipelineConfig]:
     """Both halves of params.yaml, validated together: one error lists every bad field. With `repo`,
     the checkout the pipeline runs in, paths that would point at the checkout itself are errors too."""
     config, pipeline = params_from_dict(ddpm_config.read_params(path), overrides)
@@ -130,8 +138,10 @@ def checkout_path_errors(config: Config, repo: Path) -> list[str]:
     repo = repo.resolve()
     directory = (repo / config.train.checkpoint_dir).resolve()
     if directory == repo or directory in repo.parents:
-        return [f"train.checkpoint_dir: {config.train.checkpoint_dir!r} is the checkout {repo} or a folder holding "
-                f"it; name a directory of its own inside it, e.g. checkpoints"]
+        return [
+            f"train.checkpoint_dir: {config.train.checkpoint_dir!r} is the checkout {repo} or a folder holding "
+            f"it; name a directory of its own inside it, e.g. checkpoints"
+        ]
     return []
 
 
@@ -141,21 +151,21 @@ def params_from_dict(raw: dict[str, Any], overrides: Overrides | None = None) ->
     mine = {key: value for key, value in overrides.items() if key.split(".", 1)[0] in PIPELINE_SECTIONS}
     errors = apply_overrides(raw, mine)
     sections = {}
-    for f in dataclasses.fields(PipelineConfig):
-        values = raw.get(f.name) or {}
+    for name, cls in get_type_hints(PipelineConfig).items():  # each section's dataclass
+        values = raw.get(name) or {}
         if not isinstance(values, dict):
-            errors.append(f"{f.name}: must be a mapping, got {values!r}")
+            errors.append(f"{name}: must be a mapping, got {values!r}")
             values = {}
-        section_errors, section = build_section(f.name, f.default_factory, values)
+        section_errors, section = build_section(name, cls, values)
         errors += section_errors + section.check()
-        sections[f.name] = section
+        sections[name] = section
     ml_overrides = {key: value for key, value in overrides.items() if key not in mine}
     try:
         config = config_from_dict(raw, ml_overrides, extra_sections=PIPELINE_SECTIONS)
     except ConfigError as e:
         errors += str(e).splitlines()[1:]
         config = None
-    if errors:
+    if errors or config is None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e.strip() for e in errors))
     return config, PipelineConfig(**sections)
 

@@ -6,6 +6,7 @@ hashes); a damaged copy in DVC's cache is an error naming the cache file and bot
 quiet fallback to upstream. `python -m flows.data` is the first stage of dvc.yaml and the first
 task of the Prefect flow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from ddpm.config import ConfigError
 from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 
@@ -65,8 +65,11 @@ def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> st
         return "workspace"
     damaged = [path for path in damage if path.is_file()]
     if damaged:  # known-bad copies: delete them, so that DVC (whose state cache may vouch for them) restores them
-        log.warning("damaged data in the workspace:\n  %s\nreplacing it with the version %s records, from DVC",
-                    "\n  ".join(damage[path] for path in damaged), DATA_DVC)
+        log.warning(
+            "damaged data in the workspace:\n  %s\nreplacing it with the version %s records, from DVC",
+            "\n  ".join(damage[path] for path in damaged),
+            DATA_DVC,
+        )
         for path in damaged:
             path.unlink()
     pulled = dvc("pull", *remote_args, DATA_DVC, cwd=repo)
@@ -76,9 +79,12 @@ def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> st
             return "dvc-remote"
         if damage:
             problems = [*damage.values(), *damaged_cache_files(repo)]
-            raise DataError("DVC gave back damaged data:\n  " + "\n  ".join(problems) +
-                            "\nDelete the damaged DVC cache file(s) and rerun to pull a good copy from the DVC "
-                            "remote; if that copy is damaged too, `dvc push` a good one from a machine that has it.")
+            raise DataError(
+                "DVC gave back damaged data:\n  "
+                + "\n  ".join(problems)
+                + "\nDelete the damaged DVC cache file(s) and rerun to pull a good copy from the DVC "
+                "remote; if that copy is damaged too, `dvc push` a good one from a machine that has it."
+            )
     log.info("not on the DVC remote (%s); bootstrapping from upstream", pulled.stderr.strip().splitlines()[-1:])
     errors = []
     for source in sources:
@@ -91,8 +97,10 @@ def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> st
         raise DataError("could not get Fashion-MNIST from the DVC remote or any source:\n  " + "\n  ".join(errors))
     recorded, actual = data_hashes(repo)
     if recorded != actual:
-        raise DataError(f"{root} passed its SHA-256 checks but hashes to {actual} while {DATA_DVC} records "
-                        f"{recorded}; was {DATA_DVC} edited? Restore it with `git checkout {DATA_DVC}`")
+        raise DataError(
+            f"{root} passed its SHA-256 checks but hashes to {actual} while {DATA_DVC} records "
+            f"{recorded}; was {DATA_DVC} edited? Restore it with `git checkout {DATA_DVC}`"
+        )
     for step in (("commit", "-f", "-q", DATA_DVC), ("push", *remote_args, DATA_DVC)):
         result = dvc(*step, cwd=repo)
         if result.returncode != 0:

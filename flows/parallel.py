@@ -4,6 +4,7 @@ The pipeline's process owns the MLflow run (params, tags, final status) and wait
 run `python -m flows.worker`, and rank 0 reopens that run for the per-step and per-epoch logging.
 They read the resolved params from a file, so CLI, DVC and deployment overrides reach them all.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +12,10 @@ import json
 from pathlib import Path
 
 import yaml
+
+from ddpm.callbacks import FitResult
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS, launch_workers
-from ddpm.callbacks import FitResult
-
 from flows.config import PipelineConfig
 
 WORKER_PARAMS = "worker_params.yaml"  # in train.checkpoint_dir: the params every worker reads

@@ -5,6 +5,7 @@
 Without PREFECT_API_URL Prefect runs an ephemeral API for the one flow run; with a server set, the
 same flow runs as the `ddpm-pipeline/default` deployment (prefect.yaml).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, load_params
 from flows.data import fetch_data
-from flows.tracking import connect, run_url
 from flows.steps import USER_ERRORS, Trained
+from flows.tracking import connect, run_url
 from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
@@ -63,8 +64,9 @@ def train(config: Config, pipeline: PipelineConfig, repo: str) -> Trained:
     from flows.steps.train import train
 
     connect(pipeline)
-    return train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(),
-                 continue_finished=True)
+    return train(
+        config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), continue_finished=True
+    )
 
 
 @task
@@ -99,8 +101,14 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
         metrics = evaluate(config, pipeline, repo, trained)
         registration = register(pipeline, repo, trained)
         publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
-    return {"run_id": trained.run_id, "model_id": trained.model_id, "eval_loss": metrics["eval_loss"],
-            "fid": metrics["fid"], "fid_floor": metrics["fid_floor"], **registration}
+    return {
+        "run_id": trained.run_id,
+        "model_id": trained.model_id,
+        "eval_loss": metrics["eval_loss"],
+        "fid": metrics["fid"],
+        "fid_floor": metrics["fid_floor"],
+        **registration,
+    }
 
 
 def show_project_logs() -> None:
@@ -111,9 +119,10 @@ def show_project_logs() -> None:
 
 def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str) -> None:
     """A markdown artifact with the final sample grid and a link to the MLflow run."""
+    from PIL import Image
+
     from ddpm.images import make_grid
     from ddpm.sampling import load_sampler
-    from PIL import Image
 
     sampler = load_sampler(trained.checkpoint)
     images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
@@ -121,28 +130,34 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
     how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.schedule.timesteps}"
     weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
     buffer = io.BytesIO()
-    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.NEAREST)
+    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.Resampling.NEAREST)
     grid_image.save(buffer, format="PNG")
     grid = base64.b64encode(buffer.getvalue()).decode()
-    create_markdown_artifact(key="ddpm-summary", description="DDPM pipeline summary", markdown=f"""
+    model_uri = f"models:/{registration['name']}/{registration['version']}"
+    serve = f'`mlflow models serve -m "{model_uri}" --env-manager local -p 5001`'
+    create_markdown_artifact(
+        key="ddpm-summary",
+        description="DDPM pipeline summary",
+        markdown=f"""
 # DDPM pipeline run
 
 | | |
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
-| registered | `{registration['name']}` v{registration['version']} as @candidate (model `{trained.model_id}`) |
-| serve it | `mlflow models serve -m "models:/{registration['name']}/{registration['version']}" --env-manager local -p 5001`, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
-| FID (classifier features) | {metrics['fid']:.4f}, {metrics['fid_ratio']:.2f}x the floor {metrics['fid_floor']:.4f} |
-| class coverage: KL(classes \\|\\| uniform) | {metrics['class_kl']:.4f} (0 balanced, 2.30 one class) |
-| eval_loss (held-out denoising MSE) | {metrics['eval_loss']:.5f} |
-| final train_loss (epoch mean) | {trained.metrics.get('train_loss_epoch', float('nan')):.5f} |
-| throughput | {trained.metrics.get('images_per_second', float('nan')):.1f} img/s |
+| registered | `{registration["name"]}` v{registration["version"]} as @candidate (model `{trained.model_id}`) |
+| serve it | {serve}, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
+| FID (classifier features) | {metrics["fid"]:.4f}, {metrics["fid_ratio"]:.2f}x the floor {metrics["fid_floor"]:.4f} |
+| class coverage: KL(classes \\|\\| uniform) | {metrics["class_kl"]:.4f} (0 balanced, 2.30 one class) |
+| eval_loss (held-out denoising MSE) | {metrics["eval_loss"]:.5f} |
+| final train_loss (epoch mean) | {trained.metrics.get("train_loss_epoch", float("nan")):.5f} |
+| throughput | {trained.metrics.get("images_per_second", float("nan")):.1f} img/s |
 | checkpoint | `{trained.checkpoint}` |
 
 Final samples ({how}, {weights}, seed {SUMMARY_SEED}):
 
 ![samples](data:image/png;base64,{grid})
-""")
+""",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

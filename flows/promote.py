@@ -1,4 +1,5 @@
 """`python -m flows.promote [--version N]`: move @champion to a version that passes the gate."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ log = logging.getLogger("flows.promote")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--version", help="model version to promote (default: the @candidate); it still passes the gate")
+    parser.add_argument(
+        "--version", help="model version to promote (default: the @candidate); it still passes the gate"
+    )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

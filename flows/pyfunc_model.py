@@ -9,6 +9,7 @@ Values are checked by ddpm.sampling before anything is drawn; a bad one is an Ml
 INVALID_PARAMETER_VALUE (HTTP 400) naming every bad value and its range.
 The `ddpm` package travels with the model (code_paths), so loading needs only its dependencies.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a lazy loader, opaque to type checkers
 
 DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/quality.md)
 
@@ -27,7 +29,7 @@ def _given(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-class DdpmSampler(mlflow.pyfunc.PythonModel):
+class DdpmSampler(PythonModel):
     def load_context(self, context):
         import ddpm  # noqa: F401  (sets MindSpore's environment before it loads)
         from ddpm.sampling import load_sampler
@@ -38,8 +40,9 @@ class DdpmSampler(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from ddpm.sampling import SampleRequestError
 
-        rows = [{key: _given(value) for key, value in row.items()}
-                for row in pd.DataFrame(model_input).to_dict("records")]
+        rows = [
+            {key: _given(value) for key, value in row.items()} for row in pd.DataFrame(model_input).to_dict("records")
+        ]
         rows = [{**row, "sampler": DEFAULT_SAMPLER if row.get("sampler") is None else row["sampler"]} for row in rows]
         try:
             requests = self.sampler.requests(rows)

@@ -1,4 +1,5 @@
 """The registered model: logging the pyfunc, registering versions, aliases and the promotion gate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from ddpm.config import ConfigError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from ddpm.config import ConfigError
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX
@@ -34,10 +35,17 @@ MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow"
 # sampler ddim, seed 0, steps and eta from the model's config. Columns, not inference params, so each row
 # is a whole request; ddpm.sampling states and checks the ranges.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("long", "num"), ColSpec("string", "sampler", required=False),
-                   ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False),
-                   ColSpec("double", "eta", required=False)]),
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]))
+    inputs=Schema(
+        [
+            ColSpec("long", "num"),
+            ColSpec("string", "sampler", required=False),
+            ColSpec("long", "steps", required=False),
+            ColSpec("long", "seed", required=False),
+            ColSpec("double", "eta", required=False),
+        ]
+    ),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+)
 # MLflow loads the logged model and predicts this before registering: a broken model never registers.
 INPUT_EXAMPLE = pd.DataFrame({"num": [2], "sampler": ["ddim"], "steps": [2], "seed": [0]})
 
@@ -55,17 +63,26 @@ def log_sampler_model(checkpoint: str) -> str:
     a model that cannot sample is never logged."""
     from ddpm.checkpoint import export_weights
 
-    run_id = mlflow.active_run().info.run_id
+    run = mlflow.active_run()
+    assert run is not None, "log_sampler_model is called inside the training's run"
+    run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
             slim = export_weights(checkpoint, Path(tmp) / "model.ckpt")
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={"checkpoint": str(slim)},
-                code_paths=[str(DDPM_PACKAGE)], pip_requirements=MODEL_REQUIREMENTS, signature=SIGNATURE,
-                input_example=INPUT_EXAMPLE)
+                name=MODEL_NAME,
+                python_model=str(MODEL_CODE),
+                artifacts={"checkpoint": str(slim)},
+                code_paths=[str(DDPM_PACKAGE)],
+                pip_requirements=MODEL_REQUIREMENTS,
+                signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE,
+            )
     except (MlflowException, OSError) as e:
-        raise TrackingError(f"logging the model of run {run_id} failed ({e}). The training and its checkpoint "
-                            f"{checkpoint} are intact: rerun to log, evaluate and register it.") from None
+        raise TrackingError(
+            f"logging the model of run {run_id} failed ({e}). The training and its checkpoint "
+            f"{checkpoint} are intact: rerun to log, evaluate and register it."
+        ) from None
     log.info("logged the model of run %s as %s", run_id, info.model_uri)
     return info.model_id
 
@@ -92,7 +109,8 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
         raise RegistrationError(
             f"registering model {model_id} of run {run_id} as {registry.model_name} failed ({e.message}). The "
             f"training run and its evaluation are intact: rerun the pipeline (or `dvc repro register`) to "
-            f"register it.") from None
+            f"register it."
+        ) from None
     log.info("registered %s version %s as @%s", registry.model_name, version, registry.candidate_alias)
     return Registration(registry.model_name, version, run_id)
 
@@ -115,6 +133,7 @@ def require_gate(registry: RegistryConfig) -> None:
 class Scores:
     """A version's evaluation: its metrics and how they were measured (the logged model's
     MEASURED_PREFIX tags, and the floor and classifier behind the FID)."""
+
     metrics: dict[str, float]
     measured: dict[str, str]
 
@@ -128,12 +147,13 @@ def scores_of(client: MlflowClient, name: str, version: str) -> Scores:
         metrics = {m.key: m.value for m in model.metrics or []}
         measured = {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
     else:
-        metrics, measured = client.get_run(model_version.run_id).data.metrics, {}
+        run_id = model_version.run_id  # None for a version registered from neither: no metrics
+        metrics, measured = (client.get_run(run_id).data.metrics if run_id else {}), {}
     measured.update({key: f"{metrics[key]:.6g}" for key in MEASURED_METRICS if key in metrics})
     return Scores(metrics, measured)
 
 
-def logged_model_of(source: str) -> str | None:
+def logged_model_of(source: str | None) -> str | None:
     """The LoggedModel id a version was registered from (its source is models:/<model id>); the SQLite
     registry does not return ModelVersion.model_id."""
     match = LOGGED_MODEL_SOURCE.fullmatch(source or "")
@@ -145,15 +165,19 @@ def metric_of(scores: Scores, name: str, version: str, metric: str) -> float:
         raise MlflowException(f"{name} v{version} has no metric {metric!r}; evaluate it first")
     value = scores.metrics[metric]
     if not math.isfinite(value):
-        raise MlflowException(f"{name} v{version} has {metric}={value}; the gate compares finite values only: "
-                              "evaluate it again")
+        raise MlflowException(
+            f"{name} v{version} has {metric}={value}; the gate compares finite values only: evaluate it again"
+        )
     return value
 
 
 def measured_differently(a: Scores, b: Scores) -> list[str]:
     """The settings two evaluations were measured with that differ (those both record)."""
-    return [f"{key} {a.measured[key]} vs {b.measured[key]}" for key in sorted(a.measured.keys() & b.measured.keys())
-            if a.measured[key] != b.measured[key]]
+    return [
+        f"{key} {a.measured[key]} vs {b.measured[key]}"
+        for key in sorted(a.measured.keys() & b.measured.keys())
+        if a.measured[key] != b.measured[key]
+    ]
 
 
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
@@ -175,14 +199,24 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
         best = metric_of(champion_scores, name, champion, metric)
         differ = measured_differently(scores, champion_scores)
         if differ:
-            return GateDecision(False, f"refused: v{version} and champion v{champion} were scored differently "
-                                       f"({'; '.join(differ)}), so their {metric} do not compare; evaluate one "
-                                       "with the other's settings", version, champion)
+            return GateDecision(
+                False,
+                f"refused: v{version} and champion v{champion} were scored differently "
+                f"({'; '.join(differ)}), so their {metric} do not compare; evaluate one "
+                "with the other's settings",
+                version,
+                champion,
+            )
         better = value > best if registry.greater_is_better else value < best
         if not better:
             direction = "higher" if registry.greater_is_better else "lower"
-            return GateDecision(False, f"refused: v{version} has {metric}={value:.6g}, champion v{champion} has "
-                                       f"{metric}={best:.6g}; {direction} is better", version, champion)
+            return GateDecision(
+                False,
+                f"refused: v{version} has {metric}={value:.6g}, champion v{champion} has "
+                f"{metric}={best:.6g}; {direction} is better",
+                version,
+                champion,
+            )
         reason = f"v{version} {metric}={value:.6g} beats champion v{champion} ({best:.6g})"
     else:
         reason = f"v{version} {metric}={value:.6g}; there was no champion"

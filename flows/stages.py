@@ -1,6 +1,7 @@
 """DVC stage entry points: `python -m flows.stages classifier|train|evaluate|register`. Each parses
 params.yaml (with the values `dvc exp run -S` set there) and calls its one step, importing only that
 step's module: dvc.yaml lists exactly the code each stage runs (tests/test_dvc_stages.py checks it)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 from ddpm.interrupt import TrainingInterrupted
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained

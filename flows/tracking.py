@@ -4,6 +4,7 @@ A training survives a crash in one MLflow run: the run id is kept beside the che
 resumed training reopens that run, and the logger skips whatever the run already holds, so every
 step and every epoch is logged exactly once however often the training was interrupted.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -16,13 +17,13 @@ from pathlib import Path
 
 import mlflow
 import sqlalchemy.exc
-from ddpm.config import Config
-from ddpm.images import make_grid
-from ddpm.callbacks import Callback, EpochEnd, FitResult
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
+from ddpm.callbacks import Callback, EpochEnd, FitResult
+from ddpm.config import Config
+from ddpm.images import make_grid
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
 from flows.steps import MEASURED_PREFIX, PER_T_PREFIX
@@ -54,7 +55,8 @@ def connect(pipeline: PipelineConfig) -> str:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e) or type(e).__name__}). "
                 f"Start it (`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to "
-                f"use the local default {pipeline.tracking.uri}.") from None
+                f"use the local default {pipeline.tracking.uri}."
+            ) from None
     mlflow.set_tracking_uri(uri)
     use_experiment(uri, pipeline.tracking.experiment)
     return uri
@@ -79,7 +81,8 @@ def use_experiment(uri: str, name: str) -> None:
         raise TrackingError(
             f"{uri.removeprefix(SQLITE_PREFIX)} is not a readable MLflow database ({e.orig}). It was left as it is: "
             f"restore it from a backup, or move it aside to start a new store there (its runs and models are then "
-            f"not shown), or point MLFLOW_TRACKING_URI at another store.") from None
+            f"not shown), or point MLFLOW_TRACKING_URI at another store."
+        ) from None
 
 
 def refused_message(uri: str, experiment: str, status: int) -> str:
@@ -87,10 +90,14 @@ def refused_message(uri: str, experiment: str, status: int) -> str:
     user = read_mlflow_creds().username
     if status == http.HTTPStatus.UNAUTHORIZED:
         given = f"user {user!r}" if user else "none given"
-        return (f"the tracking server {uri} refused the credentials ({given}): set MLFLOW_TRACKING_USERNAME and "
-                f"MLFLOW_TRACKING_PASSWORD to an account on that server (docs/scale.md, 'Who can get in').")
-    return (f"the tracking server {uri} denies user {user!r} access to experiment {experiment!r}: ask its admin "
-            f"for EDIT on it (docs/scale.md, 'Who can get in').")
+        return (
+            f"the tracking server {uri} refused the credentials ({given}): set MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD to an account on that server (docs/scale.md, 'Who can get in')."
+        )
+    return (
+        f"the tracking server {uri} denies user {user!r} access to experiment {experiment!r}: ask its admin "
+        f"for EDIT on it (docs/scale.md, 'Who can get in')."
+    )
 
 
 def git_commit(repo: Path) -> str:
@@ -165,7 +172,9 @@ def log_evaluation(run_id: str, model_id: str, metrics: dict[str, float], measur
     tab and `search_logged_models` show them per model); the per-timestep losses as one metric with
     step = t, one curve in the UI; `measured` (how the scores were measured) as the model's tags, which
     the promotion gate compares. The run keeps its status."""
-    per_t = {int(key.removeprefix(PER_T_PREFIX)): value for key, value in metrics.items() if key.startswith(PER_T_PREFIX)}
+    per_t = {
+        int(key.removeprefix(PER_T_PREFIX)): value for key, value in metrics.items() if key.startswith(PER_T_PREFIX)
+    }
     scalars = {key: value for key, value in metrics.items() if not key.startswith(PER_T_PREFIX)}
     mlflow.log_metrics(scalars, run_id=run_id, model_id=model_id, synchronous=True)
     for t, value in sorted(per_t.items()):
@@ -177,10 +186,12 @@ def log_dataset(data_root: Path, data_hash: str) -> None:
     """Fashion-MNIST as the active run's training input, its DVC hash as the digest (the run page's
     Datasets panel; runs trained on other data show another digest)."""
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # mlflow adds it at import
 
     source = LocalArtifactDatasetSource(data_root.resolve().as_uri())
-    mlflow.log_input(MetaDataset(source, name=DATASET_NAME, digest=data_hash), context="training")
+    # mlflow's Dataset marks `profile` abstract without enforcing it; MetaDataset, made for this use, has none
+    dataset = MetaDataset(source, name=DATASET_NAME, digest=data_hash)  # type: ignore[abstract]
+    mlflow.log_input(dataset, context="training")
 
 
 def run_name(config: Config) -> str:
@@ -207,7 +218,8 @@ def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.
         raise TrackingError(
             f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {pipeline.tracking_uri} "
             f"cannot reopen ({e.message}). Point MLFLOW_TRACKING_URI at the store that holds it, or delete "
-            f"{run_file.parent} to start a new training.") from None
+            f"{run_file.parent} to start a new training."
+        ) from None
     if FAILURE_TAG in previous.data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
     mlflow.set_tag(RESUMED_TAG, int(previous.data.tags.get(RESUMED_TAG, 0)) + 1)
@@ -230,8 +242,11 @@ def logged_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
 def logged_image_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
     """Steps of the images logged under `key` (MLflow names them images/<key>+step+<n>+...)."""
     names = (a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, "images"))
-    return {int(parts[2]) for parts in (n.split("+") for n in names)
-            if len(parts) > 2 and parts[0] == key and parts[1] == "step"}
+    return {
+        int(parts[2])
+        for parts in (n.split("+") for n in names)
+        if len(parts) > 2 and parts[0] == key and parts[1] == "step"
+    }
 
 
 class MlflowLogger(Callback):
@@ -257,14 +272,20 @@ class MlflowLogger(Callback):
             operations.wait()
 
     def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
-        client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+        run = mlflow.active_run()
+        assert run is not None, "fit() with an MlflowLogger runs inside mlflow.start_run()"
+        client, run_id = MlflowClient(), run.info.run_id
         self.steps_per_epoch = steps_per_epoch
         self.done_steps = logged_steps(client, run_id, "train_loss")
         self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")
         self.done_grids = logged_image_steps(client, run_id, SAMPLES_KEY)
         if self.done_steps:
-            log.info("run %s already holds %d steps and %d epochs; they will not be logged again",
-                     run_id, len(self.done_steps), len(self.done_epochs))
+            log.info(
+                "run %s already holds %d steps and %d epochs; they will not be logged again",
+                run_id,
+                len(self.done_steps),
+                len(self.done_epochs),
+            )
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
         if global_step % self.log_every == 0 and global_step not in self.done_steps:

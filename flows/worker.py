@@ -1,7 +1,8 @@
 """One msrun worker of a data-parallel pipeline training (started by flows.parallel, not by hand).
 
-    python -m flows.worker --params CHECKPOINT_DIR/worker_params.yaml --run-id RUN_ID --repo REPO [--resume]
+python -m flows.worker --params CHECKPOINT_DIR/worker_params.yaml --run-id RUN_ID --repo REPO [--resume]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,9 @@ import sys
 from pathlib import Path
 
 import mlflow
+
 from ddpm.distributed import init_world
 from ddpm.train import fit
-
 from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.parallel import save_fit_result
@@ -29,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config, pipeline = load_params(args.params)
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this too
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.replace("%(levelname)s", f"rank {world.rank} %(levelname)s"),
-                        datefmt=LOG_DATE_FORMAT)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=LOG_FORMAT.replace("%(levelname)s", f"rank {world.rank} %(levelname)s"),
+        datefmt=LOG_DATE_FORMAT,
+    )
     callbacks = []
     if world.is_main:
         connect(pipeline)

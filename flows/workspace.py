@@ -7,6 +7,7 @@ by kill -9, releases it, but its record stays in the file. So the next holder kn
 previous pipeline died, and cleans up after it: it marks the dead pipeline's Prefect flow run
 Crashed (Prefect leaves it Running) and ends its MLflow runs KILLED (MLflow leaves them RUNNING).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,10 @@ import os
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 from uuid import UUID
 
 from flows.config import PipelineConfig
@@ -69,8 +71,13 @@ def workspace_lock(repo: Path, timeout: float, flow_run_id: str | None = None) -
         _acquire(f, path, timeout)
         try:
             dead = _read(path)
-            me = Holder(os.getpid(), socket.gethostname(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        " ".join(sys.argv), flow_run_id)
+            me = Holder(
+                os.getpid(),
+                socket.gethostname(),
+                datetime.now(UTC).isoformat(timespec="seconds"),
+                " ".join(sys.argv),
+                flow_run_id,
+            )
             _write(f, json.dumps(dataclasses.asdict(me)))
             if dead is not None:
                 log.warning("the previous pipeline in %s died without finishing (%s); cleaning up after it", repo, dead)
@@ -96,8 +103,9 @@ def _acquire(f: IO[str], path: Path, timeout: float) -> None:
                     f"Let it finish, or raise workspace.lock_timeout (e.g. --set workspace.lock_timeout=3600)."
                 ) from None
             if not waiting:  # a warning: Prefect ships the extra loggers' warnings, not their info
-                log.warning("%s is in use by another pipeline (%s); waiting up to %g s for it",
-                            path.parent, holder, timeout)
+                log.warning(
+                    "%s is in use by another pipeline (%s); waiting up to %g s for it", path.parent, holder, timeout
+                )
                 waiting = True
             time.sleep(min(POLL_SECONDS, remaining))
 
@@ -131,7 +139,12 @@ def crash_flow_run(flow_run_id: str, reason: str) -> None:
                 return
             client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
     except (ObjectNotFound, httpx.HTTPError) as e:
-        log.warning("could not mark Prefect flow run %s Crashed (%s: %s); it may still show as Running on the "
-                    "Prefect API it ran on", flow_run_id, type(e).__name__, e)
+        log.warning(
+            "could not mark Prefect flow run %s Crashed (%s: %s); it may still show as Running on the "
+            "Prefect API it ran on",
+            flow_run_id,
+            type(e).__name__,
+            e,
+        )
         return
     log.warning("marked Prefect flow run %s Crashed: %s", flow_run_id, reason)

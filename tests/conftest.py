@@ -2,6 +2,7 @@ import gzip
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,13 +41,20 @@ def fashion_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(fashion_root, tmp_path):
     """A small, fast configuration over real images; keyword overrides as {"section": {...}}."""
+
     def make(**sections):
-        raw = {
+        raw: dict[str, dict[str, Any]] = {
             "data": {"root": str(fashion_root), "limit": 64, "num_workers": 1},
             "model": dict(TINY_MODEL),
             "diffusion": {"timesteps": 50, "schedule": "scaled_linear"},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "lr_schedule": "constant", "device": "CPU",
-                      "checkpoint_dir": str(tmp_path / "ckpt")},
+            "train": {
+                "epochs": 1,
+                "batch_size": 16,
+                "lr": 1e-3,
+                "lr_schedule": "constant",
+                "device": "CPU",
+                "checkpoint_dir": str(tmp_path / "ckpt"),
+            },
             "sample": {"steps": 5, "num": 4, "batch_size": 4},
             "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
             "classifier": {**TINY_CLASSIFIER, "checkpoint": str(tmp_path / "classifier.ckpt")},
@@ -54,6 +62,7 @@ def tiny_config(fashion_root, tmp_path):
         for name, values in sections.items():
             raw[name] = {**raw.get(name, {}), **values}
         return config_from_dict(raw)
+
     return make
 
 
@@ -67,7 +76,7 @@ def mlflow_state(monkeypatch):
     saved = {key: os.environ.pop(key, None) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     yield
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
     for key, value in saved.items():
         os.environ.pop(key, None)
         if value is not None:

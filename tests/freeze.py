@@ -5,6 +5,7 @@ starts (`Freezer.env`). `arm(pattern)` makes the next process that opens a path 
 `pattern` stop itself before the open; `wait_frozen()` returns its pid once it is stopped, so the
 test can SIGKILL it there: after the step before, never racing a tiny training that is faster
 than a poll."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,5 @@
 """Real MLflow and Prefect servers on loopback for integration tests."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 def start(args: list[str], health: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                               start_new_session=True)
+    with open(log, "w") as out:  # the server holds its own copy of the file
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
     wait_healthy(health, process, log)
     return process
 
@@ -53,15 +56,22 @@ def start_mlflow(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def prefect_env(workdir: Path, port: int) -> dict[str, str]:
-    return {"PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def start_prefect(workdir: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     port = free_port()
     env = prefect_env(workdir, port)
-    process = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    f"http://127.0.0.1:{port}/api/health", workdir / "prefect.log", env)
+    process = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/api/health",
+        workdir / "prefect.log",
+        env,
+    )
     return process, env
 
 
@@ -88,30 +98,70 @@ def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Pat
         user = pwd.getpwnam(POSTGRES_USER)
         os.chown(home, user.pw_uid, user.pw_gid)
     data = home / "data"
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", database],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", database],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
-    process = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(home),
-                                "-c", "listen_addresses=127.0.0.1"], stdout=open(home / "postgres.log", "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    with open(home / "postgres.log", "w") as out:
+        process = subprocess.Popen(
+            [
+                *as_user,
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(home),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                         capture_output=True).returncode != 0:
+    while (
+        subprocess.run(
+            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+        ).returncode
+        != 0
+    ):
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"PostgreSQL did not start:\n{(home / 'postgres.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", database, database],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", database, database],
+        check=True,
+        capture_output=True,
+    )
     return process, f"postgresql+psycopg2://{database}@127.0.0.1:{port}/{database}", home
 
 
 def start_mlflow_on(workdir: Path, backend_uri: str) -> tuple[subprocess.Popen, str]:
     """`mlflow server` with the given backend store (e.g. PostgreSQL) and local artifacts."""
     port = free_port()
-    process = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                     "--backend-store-uri", backend_uri, "--artifacts-destination", str(workdir / "artifacts"),
-                     "--workers", "1"], f"http://127.0.0.1:{port}/health", workdir / "mlflow.log",
-                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS})
+    process = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}/health",
+        workdir / "mlflow.log",
+        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS},
+    )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -122,16 +172,38 @@ MLFLOW_ADMIN = ("admin", "test-admin-password")  # MLflow ships no admin passwor
 def start_mlflow_basic_auth(workdir: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server --app-name basic-auth` with its own user database; admin is MLFLOW_ADMIN."""
     config = workdir / "basic_auth.ini"
-    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
-                      f"admin_username = {MLFLOW_ADMIN[0]}\n")
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_ADMIN[1],
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS}
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
+        f"admin_username = {MLFLOW_ADMIN[0]}\n"
+    )
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_ADMIN[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": NO_JOBS,
+    }
     port = free_port()
-    process = start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-                     "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                     "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-                    f"http://127.0.0.1:{port}/health", workdir / "mlflow.log", env)
+    process = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}/health",
+        workdir / "mlflow.log",
+        env,
+    )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -140,18 +212,39 @@ def start_prefect_with_auth(workdir: Path, auth_string: str) -> tuple[subprocess
     the returned client env lacks PREFECT_API_AUTH_STRING: callers add it."""
     port = free_port()
     env = prefect_env(workdir, port)
-    process = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    f"http://127.0.0.1:{port}/api/health", workdir / "prefect.log",
-                    {**env, "PREFECT_SERVER_API_AUTH_STRING": auth_string})
+    process = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/api/health",
+        workdir / "prefect.log",
+        {**env, "PREFECT_SERVER_API_AUTH_STRING": auth_string},
+    )
     return process, env
 
 
 def start_model_server(model_uri: str, workdir: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
     """`mlflow models serve` of a registered model in the local environment, as the README serves @champion."""
     port = free_port()
-    process = start([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                     "--host", "127.0.0.1", "-p", str(port), "--workers", "1"],
-                    f"http://127.0.0.1:{port}/ping", workdir / "model-server.log",
-                    {"MLFLOW_TRACKING_URI": tracking_uri,  # it runs `uvicorn`, found on PATH as under `uv run`
-                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    process = start(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        f"http://127.0.0.1:{port}/ping",
+        workdir / "model-server.log",
+        {
+            "MLFLOW_TRACKING_URI": tracking_uri,  # it runs `uvicorn`, found on PATH as under `uv run`
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        },
+    )
     return process, f"http://127.0.0.1:{port}"

@@ -1,4 +1,7 @@
 """Writing samples to .npy/.npz batch by batch (ddpm.arrays)."""
+
+import itertools
+
 import numpy as np
 import pytest
 
@@ -14,7 +17,7 @@ def batches(images, written_before=None, path=None):
         if path is not None:
             partial = path.with_name(path.name + ".partial")
             written_before.append(partial.stat().st_size)
-        yield images[start:start + BATCH]
+        yield images[start : start + BATCH]
 
 
 @pytest.fixture
@@ -25,12 +28,12 @@ def images():
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
 def test_arrays_round_trip_and_stream_to_disk(tmp_path, images, suffix):
     path = tmp_path / f"samples{suffix}"
-    sizes = []
+    sizes: list[int] = []
     assert write_arrays(path, batches(images, sizes, path), SHAPE, {"sampler": "ddim", "steps": 5}) == path
     assert not (tmp_path / f"samples{suffix}.partial").exists()
     # Each batch reached the file before the next was drawn: memory holds one batch, not the array.
     batch_bytes = BATCH * 28 * 28 * 4
-    assert all(later - earlier >= batch_bytes for earlier, later in zip(sizes, sizes[1:])), sizes
+    assert all(later - earlier >= batch_bytes for earlier, later in itertools.pairwise(sizes)), sizes
     loaded = np.load(path)
     if suffix == ".npz":
         assert sorted(loaded.files) == ["images", "sampler", "steps"]

@@ -1,6 +1,7 @@
 """Who can get in: a real `mlflow server --app-name basic-auth` and a real `prefect server start` with
 PREFECT_SERVER_API_AUTH_STRING refuse clients without credentials (401), the pipeline's connect() says
 which variables to set, and with credentials a run logs, a model version registers and a flow runs."""
+
 import base64
 import json
 import os
@@ -53,7 +54,7 @@ def credentials(user: tuple[str, str] | None):
     """MLFLOW_TRACKING_USERNAME/PASSWORD set to `user` (unset for None) inside the block."""
     saved = {key: os.environ.pop(key, None) for key in CREDENTIAL_VARS}
     if user is not None:
-        os.environ.update(zip(CREDENTIAL_VARS, user))
+        os.environ.update(zip(CREDENTIAL_VARS, user, strict=True))
     try:
         yield
     finally:
@@ -112,8 +113,14 @@ def test_connect_as_a_user_denied_the_experiment_names_user_and_experiment(mlflo
 def test_a_stage_without_credentials_exits_2_with_one_line(mlflow_server, tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     env = {key: value for key, value in os.environ.items() if key not in CREDENTIAL_VARS}
-    result = subprocess.run([sys.executable, "-m", "flows.stages", "train"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300, env={**env, "MLFLOW_TRACKING_URI": mlflow_server})
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.stages", "train"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "refused the credentials (none given)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
@@ -150,9 +157,10 @@ def test_only_users_with_edit_on_the_model_can_move_its_champion(mlflow_server):
     with credentials(READER):  # default_permission = READ: it may load the champion, not change it
         client = MlflowClient(mlflow_server)
         assert client.get_model_version_by_alias(MODEL, "champion").version == version
-        for change in (lambda: client.set_registered_model_alias(MODEL, "champion", version),
-                       lambda: client.create_model_version(MODEL, f"{run.info.artifact_uri}/model",
-                                                           run_id=run.info.run_id)):
+        for change in (
+            lambda: client.set_registered_model_alias(MODEL, "champion", version),
+            lambda: client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run_id=run.info.run_id),
+        ):
             with pytest.raises(MlflowException) as denied:
                 change()
             assert denied.value.get_http_status_code() == 403
@@ -167,18 +175,20 @@ def test_the_admin_changes_its_own_password(mlflow_server):
     user, bootstrap = servers.MLFLOW_ADMIN
     search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
     with credentials(servers.MLFLOW_ADMIN):
-        AuthServiceClient(mlflow_server).update_user_password(user, "rotated-admin-password",
-                                                              current_password=bootstrap)
+        AuthServiceClient(mlflow_server).update_user_password(
+            user, "rotated-admin-password", current_password=bootstrap
+        )
     try:
         assert status_of(search, f"{user}:{bootstrap}") == 401
         assert status_of(search, f"{user}:rotated-admin-password") == 200
     finally:
         with credentials((user, "rotated-admin-password")):
-            AuthServiceClient(mlflow_server).update_user_password(user, bootstrap,
-                                                                  current_password="rotated-admin-password")
+            AuthServiceClient(mlflow_server).update_user_password(
+                user, bootstrap, current_password="rotated-admin-password"
+            )
 
 
-FLOW = '''
+FLOW = """
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -189,7 +199,7 @@ def hello() -> str:
 
 
 print(f"FLOW_RUN_ID={hello()}")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +213,14 @@ def prefect_server(tmp_path_factory):
 
 def run_flow(tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     inherited = {key: value for key, value in os.environ.items() if key != "PREFECT_API_AUTH_STRING"}
-    return subprocess.run([sys.executable, str(tmp / "hello.py")], cwd=tmp, capture_output=True, text=True,
-                          timeout=300, env={**inherited, **env})
+    return subprocess.run(
+        [sys.executable, str(tmp / "hello.py")],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**inherited, **env},
+    )
 
 
 def test_prefect_refuses_a_client_without_the_auth_string(prefect_server):
@@ -223,7 +239,9 @@ def test_prefect_client_with_the_auth_string_runs_a_flow(prefect_server):
     result = run_flow(tmp, {**env, "PREFECT_API_AUTH_STRING": PREFECT_AUTH})
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split("FLOW_RUN_ID=", 1)[1].split()[0]
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", headers={
-        "Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()})
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/flow_runs/{run_id}",
+        headers={"Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.load(response)["state"]["type"] == "COMPLETED"  # recorded by the authenticated server

@@ -1,6 +1,7 @@
 """The boundary between the ML library and its orchestration, as the interpreter sees it: ddpm
 imports no orchestration, and importing a flows module loads no MindSpore (flows drives ddpm
 through functions that import it where they are called), except the msrun worker, which trains."""
+
 from __future__ import annotations
 
 import json
@@ -11,18 +12,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWS_MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                       for p in (ROOT / "flows").rglob("*.py"))
+FLOWS_MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "flows").rglob("*.py")
+)
 TRAINS_AT_IMPORT = {"flows.worker"}  # an msrun worker process: importing it is training
 ORCHESTRATION = ("prefect", "mlflow", "dvc")
-DDPM_LIGHT = ["ddpm", "ddpm.config", "ddpm.callbacks", "ddpm.checkpoint", "ddpm.data", "ddpm.images", "ddpm.fid",
-              "ddpm.schedule", "ddpm.runtime", "ddpm.distributed"]
+DDPM_LIGHT = [
+    "ddpm",
+    "ddpm.config",
+    "ddpm.callbacks",
+    "ddpm.checkpoint",
+    "ddpm.data",
+    "ddpm.images",
+    "ddpm.fid",
+    "ddpm.schedule",
+    "ddpm.runtime",
+    "ddpm.distributed",
+]
 
 
 def loaded_after_import(module: str) -> set[str]:
     """Top-level packages in sys.modules after importing `module` in a fresh interpreter."""
-    code = (f"import importlib, json, sys; importlib.import_module({module!r}); "
-            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    code = (
+        f"import importlib, json, sys; importlib.import_module({module!r}); "
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))

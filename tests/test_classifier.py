@@ -1,4 +1,5 @@
 """The FID feature network: it learns, its checkpoint round-trips, it is reused only when it matches."""
+
 import dataclasses
 
 import numpy as np
@@ -33,7 +34,7 @@ def test_tiny_classifier_learns_from_a_few_hundred_images_and_is_reused(tiny_con
 
 
 def test_damaged_or_missing_checkpoint_is_named(tiny_config, tmp_path):
-    with pytest.raises(CheckpointError, match="not found.*ddpm classifier"):
+    with pytest.raises(CheckpointError, match=r"not found.*ddpm classifier"):
         load_classifier(tmp_path / "none.ckpt", "CPU")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\0" * 1000)
@@ -44,7 +45,12 @@ def test_damaged_or_missing_checkpoint_is_named(tiny_config, tmp_path):
 @pytest.mark.slow
 def test_default_classifier_reaches_91_percent_test_accuracy(fashion_root, tmp_path):
     """The params.yaml recipe on all 60,000 training images (measured: 92.1% in 6 min on 2 cores)."""
-    config = config_from_dict({"data": {"root": str(fashion_root)}, "train": {"device": "CPU"},
-                               "classifier": {"checkpoint": str(tmp_path / "classifier.ckpt")}})
+    config = config_from_dict(
+        {
+            "data": {"root": str(fashion_root)},
+            "train": {"device": "CPU"},
+            "classifier": {"checkpoint": str(tmp_path / "classifier.ckpt")},
+        }
+    )
     assert config.classifier.limit == 0 and config.classifier.epochs == 4
     assert train_classifier(config, progress=False).test_accuracy >= 0.91

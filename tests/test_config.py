@@ -18,7 +18,9 @@ def test_defaults_and_shipped_params_files_load():
 
 
 def test_overrides_are_parsed_as_yaml():
-    config = load_config(ROOT / "params.yaml", parse_sets(["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"]))
+    config = load_config(
+        ROOT / "params.yaml", parse_sets(["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"])
+    )
     assert config.train.epochs == 2
     assert config.model.dim_mults == (1, 2)
     assert config.data.flip is False
@@ -34,27 +36,30 @@ def test_exponent_without_a_dot_is_a_float():
     assert config_from_dict({}, parse_sets(["train.lr=1e-4"])).train.lr == 1e-4
 
 
-@pytest.mark.parametrize("raw, overrides, message", [
-    ({"train": {"epochs": 0}}, {}, "train.epochs: must be >= 1"),
-    ({"train": {"lr": 2.0}}, {}, "train.lr: must be in (0, 1)"),
-    ({"train": {"bogus": 1}}, {}, "train.bogus: unknown key"),
-    ({"nosuch": {}}, {}, "nosuch: unknown section"),
-    ({"train": {"epochs": "ten"}}, {}, "train.epochs: expected int"),
-    ({"train": {"epochs": True}}, {}, "train.epochs: expected int"),
-    ({"diffusion": {"schedule": "zigzag"}}, {}, "diffusion.schedule: expected one of"),
-    ({"model": {"dim_mults": [1, 2, 4, 8]}}, {}, "not divisible"),
-    ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, {}, "need 0 < start < end < 1"),
-    ({"sample": {"steps": 500}}, {}, "exceeds diffusion.timesteps"),
-    ({"evaluate": {"fid_samples": 1}}, {}, "evaluate.fid_samples: must be >= 2"),
-    ({"evaluate": {"fid_samples": 20_000}}, {}, "evaluate.fid_samples: the test split has 10,000 images"),
-    ({"classifier": {"channels": [8, 16, 32, 64]}}, {}, "classifier.channels: need 1 to 3 positive ints"),
-    ({"classifier": {"channels": []}}, {}, "classifier.channels: need 1 to 3 positive ints"),
-    ({"classifier": {"lr": 0}}, {}, "classifier.lr: must be in (0, 1)"),
-    ({"classifier": {"limit": 10, "batch_size": 16}}, {}, "classifier.limit: 10 gives no full batch of 16"),
-    ({"classifier": {"checkpoint": ""}}, {}, "classifier.checkpoint: must not be empty"),
-    ({"classifier": {"depth": 3}}, {}, "classifier.depth: unknown key"),
-    ({}, {"trainepochs": 2}, "override 'trainepochs': expected section.key"),
-])
+@pytest.mark.parametrize(
+    "raw, overrides, message",
+    [
+        ({"train": {"epochs": 0}}, {}, "train.epochs: must be >= 1"),
+        ({"train": {"lr": 2.0}}, {}, "train.lr: must be in (0, 1)"),
+        ({"train": {"bogus": 1}}, {}, "train.bogus: unknown key"),
+        ({"nosuch": {}}, {}, "nosuch: unknown section"),
+        ({"train": {"epochs": "ten"}}, {}, "train.epochs: expected int"),
+        ({"train": {"epochs": True}}, {}, "train.epochs: expected int"),
+        ({"diffusion": {"schedule": "zigzag"}}, {}, "diffusion.schedule: expected one of"),
+        ({"model": {"dim_mults": [1, 2, 4, 8]}}, {}, "not divisible"),
+        ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, {}, "need 0 < start < end < 1"),
+        ({"sample": {"steps": 500}}, {}, "exceeds diffusion.timesteps"),
+        ({"evaluate": {"fid_samples": 1}}, {}, "evaluate.fid_samples: must be >= 2"),
+        ({"evaluate": {"fid_samples": 20_000}}, {}, "evaluate.fid_samples: the test split has 10,000 images"),
+        ({"classifier": {"channels": [8, 16, 32, 64]}}, {}, "classifier.channels: need 1 to 3 positive ints"),
+        ({"classifier": {"channels": []}}, {}, "classifier.channels: need 1 to 3 positive ints"),
+        ({"classifier": {"lr": 0}}, {}, "classifier.lr: must be in (0, 1)"),
+        ({"classifier": {"limit": 10, "batch_size": 16}}, {}, "classifier.limit: 10 gives no full batch of 16"),
+        ({"classifier": {"checkpoint": ""}}, {}, "classifier.checkpoint: must not be empty"),
+        ({"classifier": {"depth": 3}}, {}, "classifier.depth: unknown key"),
+        ({}, {"trainepochs": 2}, "override 'trainepochs': expected section.key"),
+    ],
+)
 def test_bad_values_are_errors(raw, overrides, message):
     with pytest.raises(ConfigError, match=None) as info:
         config_from_dict(raw, overrides)
@@ -85,7 +90,7 @@ def test_extra_sections_are_left_to_their_reader():
 
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
-        Config().train.epochs = 3
+        Config().train.epochs = 3  # type: ignore[misc]  # the assignment this test expects to fail
 
 
 def test_missing_or_invalid_file(tmp_path):

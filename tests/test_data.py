@@ -3,8 +3,16 @@ import shutil
 import numpy as np
 import pytest
 
-from ddpm.data import (DEBIAN_DATASET_DIR, FILES, DataError, build_dataset, flip_horizontally, install_dataset,
-                       shard_order, verify_dataset)
+from ddpm.data import (
+    DEBIAN_DATASET_DIR,
+    FILES,
+    DataError,
+    build_dataset,
+    flip_horizontally,
+    install_dataset,
+    shard_order,
+    verify_dataset,
+)
 
 
 def test_real_dataset_verifies(fashion_root):

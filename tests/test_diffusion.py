@@ -48,8 +48,10 @@ def test_ddpm_step_without_clipping_is_the_tutorials_formula(diffusion):
     rng = np.random.default_rng(1)
     x_t, eps, z = (rng.standard_normal((2, 1, 4, 4)) for _ in range(3))
     t = 120
-    tutorial = np.sqrt(1 / s.alphas[t]) * (x_t - s.betas[t] * eps / s.sqrt_one_minus_alphas_cumprod[t]) \
+    tutorial = (
+        np.sqrt(1 / s.alphas[t]) * (x_t - s.betas[t] * eps / s.sqrt_one_minus_alphas_cumprod[t])
         + np.sqrt(s.posterior_variance[t]) * z
+    )
     np.testing.assert_allclose(samplers.ddpm_step(s, x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
 
 
@@ -60,8 +62,9 @@ def test_ddim_with_exact_noise_recovers_x0(diffusion):
     noise = rng.standard_normal(x0.shape)
     t = 150
     x_t = diffusion.schedule.sqrt_alphas_cumprod[t] * x0 + diffusion.schedule.sqrt_one_minus_alphas_cumprod[t] * noise
-    np.testing.assert_allclose(samplers.ddim_step(diffusion.schedule, x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        samplers.ddim_step(diffusion.schedule, x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0, atol=1e-10
+    )
 
 
 def test_ddim_timesteps():
@@ -78,6 +81,7 @@ def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
 
     def draw(seed):
         return samplers.sample(tiny_predictor, schedule, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)
+
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (3, 1, 28, 28) and a.dtype == np.float32
     assert np.abs(a).max() <= 1.0 + 1e-6  # the last step returns the clipped x0 (DDIM) or its posterior mean
@@ -87,5 +91,6 @@ def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
 
 def test_unknown_sampler(tiny_predictor):
     with pytest.raises(ValueError, match="unknown sampler"):
-        samplers.sample(tiny_predictor, NoiseSchedule.from_config(DiffusionConfig(timesteps=5)), (1, 1, 28, 28), 0,
-                        "euler")
+        samplers.sample(
+            tiny_predictor, NoiseSchedule.from_config(DiffusionConfig(timesteps=5)), (1, 1, 28, 28), 0, "euler"
+        )

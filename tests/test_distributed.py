@@ -1,5 +1,6 @@
 """Data-parallel training under msrun: two workers end with the weights one process gets at the same
 global batch, flips, t and noise included."""
+
 import json
 import subprocess
 import sys
@@ -19,8 +20,12 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def train(params, *sets: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm", "train", "--params", str(params),
-                           *(f"--set={s}" for s in sets)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm", "train", "--params", str(params), *(f"--set={s}" for s in sets)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture
@@ -37,14 +42,17 @@ def test_two_workers_equal_one_process_on_the_same_global_batch(params, tmp_path
     parallel = train(params, f"train.checkpoint_dir={tmp_path / 'two'}", "train.workers=2")
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "worker_logs").glob("worker_*.log")) == [
-        "worker_0.log", "worker_1.log"]
+        "worker_0.log",
+        "worker_1.log",
+    ]
     a = ckpt.load_checkpoint(tmp_path / "one" / "epoch_0002.ckpt")
     b = ckpt.load_checkpoint(tmp_path / "two" / "epoch_0002.ckpt")
     assert a.global_step == b.global_step == 8  # 64 images / global batch 16 x 2 epochs
     assert set(a.params) == set(b.params) and any(k.startswith("ema.") for k in a.params)
     for name in a.params:
-        np.testing.assert_allclose(b.params[name].asnumpy(), a.params[name].asnumpy(), rtol=RTOL, atol=ATOL,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            b.params[name].asnumpy(), a.params[name].asnumpy(), rtol=RTOL, atol=ATOL, err_msg=name
+        )
 
 
 def test_a_batch_that_does_not_split_over_the_workers_is_refused(params):
@@ -61,7 +69,9 @@ def test_pipeline_trains_on_two_workers_into_one_mlflow_run(tmp_path):
 
     repo = make_project(tmp_path)
     uri = f"sqlite:///{repo / 'mlflow.db'}"  # the embedded default store, shared by the workers
-    result = run([sys.executable, "-m", "flows.pipeline", "--set", "train.workers=2"], repo, {"MLFLOW_TRACKING_URI": uri})
+    result = run(
+        [sys.executable, "-m", "flows.pipeline", "--set", "train.workers=2"], repo, {"MLFLOW_TRACKING_URI": uri}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     client = MlflowClient(uri)

@@ -1,6 +1,7 @@
 """dvc.yaml lists exactly what each stage reads: every module of ours that the stage's entry point
 imports, directly or through others (also inside functions), and no params a stage does not read,
 so that changing how a model is looked at never retrains it."""
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,7 @@ def module_file(name: str) -> Path | None:
 
 def imported_modules(path: Path) -> set[str]:
     """Every module `path` imports anywhere in it, with the packages on the way (their __init__ runs)."""
-    names = set()
+    names: set[str] = set()
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -38,10 +39,12 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    with_parents = set()
+    with_parents: set[str] = set()
     for name in names:
         parts = name.split(".")
         with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -96,9 +99,21 @@ def test_the_code_walk_follows_imports_inside_functions():
     assert "flows/registry.py" in code and "ddpm/evaluate.py" not in code
 
 
-LOOKING_AT_A_MODEL = ["sample.sampler", "sample.steps", "sample.eta", "sample.num", "sample.seed", "sample.clip_x0",
-                      "sample.batch_size", "evaluate.fid_samples", "evaluate.seed", "tracking.uri",
-                      "tracking.connect_timeout", "registry.metric", "registry.candidate_alias"]
+LOOKING_AT_A_MODEL = [
+    "sample.sampler",
+    "sample.steps",
+    "sample.eta",
+    "sample.num",
+    "sample.seed",
+    "sample.clip_x0",
+    "sample.batch_size",
+    "evaluate.fid_samples",
+    "evaluate.seed",
+    "tracking.uri",
+    "tracking.connect_timeout",
+    "registry.metric",
+    "registry.candidate_alias",
+]
 
 
 def read_params(stage: dict) -> list[str]:

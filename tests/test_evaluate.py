@@ -1,4 +1,5 @@
 """Evaluating a checkpoint: the metric keys, FID beside its floor, and scoring by the current config."""
+
 import dataclasses
 import math
 
@@ -32,8 +33,8 @@ def test_evaluate_reports_fid_beside_its_floor(tiny_config):
 
     # The current config, not the one saved in the checkpoint, says how many images to score.
     fewer = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, fid_samples=32))
-    assert sample_quality(load_sampler(checkpoint, "CPU"), fewer, progress=False)["fid_floor"] != \
-        pytest.approx(metrics["fid_floor"])
+    floor = sample_quality(load_sampler(checkpoint, "CPU"), fewer, progress=False)["fid_floor"]
+    assert floor != pytest.approx(metrics["fid_floor"])
 
 
 def test_noise_scores_far_above_the_floor_and_mirroring_follows_the_training_data(tiny_config):
@@ -46,7 +47,8 @@ def test_noise_scores_far_above_the_floor_and_mirroring_follows_the_training_dat
     # Real images of which about half are mirrored, as a model trained with data.flip draws them,
     # sit closer to the half-mirrored reference than to the plain one.
     mirrored = fid_reference(network, config.data.root, 256, batch_size=64, flip=True)
-    x0 = next(build_dataset(config.data.root, 256, seed=1, epoch=0, limit=512, flip=True, usage="test")
-              .create_tuple_iterator(output_numpy=True, num_epochs=1))[0]  # another draw: other images and flips
+    # another draw: other images and flips
+    another = build_dataset(config.data.root, 256, seed=1, epoch=0, limit=512, flip=True, usage="test")
+    x0 = next(another.create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
     half_mirrored = gaussian_stats(network.embed(x0, batch_size=64)[0])
     assert fid_of(half_mirrored, mirrored.test) < fid_of(half_mirrored, plain.test)  # measured: 0.45 < 1.07

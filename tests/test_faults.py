@@ -1,6 +1,7 @@
 """Faults lose nothing: kill -9, NaN loss, damaged data, a dead tracking server, bad params and a
 second pipeline, each injected into the real pipeline (real dvc, real MLflow store, real Prefect) in
 a temporary project. docs/reliability.md maps each fault to its test here."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ import yaml
 from mlflow import MlflowClient
 
 from ddpm import checkpoint as ckpt
-from ddpm.data import DEBIAN_DATASET_DIR, FILES
 from ddpm.callbacks import Callback
+from ddpm.data import DEBIAN_DATASET_DIR, FILES
 from ddpm.train import fit
 from flows import pipeline, stages
 from flows.config import load_params
@@ -80,10 +81,15 @@ def freezer(tmp_path_factory) -> Freezer:
 
 
 def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
-    return subprocess.Popen(args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **env,
+    }
+    return subprocess.Popen(
+        args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
@@ -117,8 +123,10 @@ class Losses(Callback):
 
 def uninterrupted(repo: Path, tmp: Path) -> tuple[list[float], ckpt.Checkpoint]:
     """The same training, same seed, in one go: per-step losses and the final checkpoint."""
-    config, _ = load_params(repo / "params.yaml", {"data.root": str(repo / "data" / "fashion-mnist"),
-                                                   "train.checkpoint_dir": str(tmp / "uninterrupted")})
+    config, _ = load_params(
+        repo / "params.yaml",
+        {"data.root": str(repo / "data" / "fashion-mnist"), "train.checkpoint_dir": str(tmp / "uninterrupted")},
+    )
     losses = Losses()
     result = fit(config, [losses], progress=False)
     return losses.losses, ckpt.load_checkpoint(result.checkpoint)
@@ -137,7 +145,9 @@ def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(1, STEPS + 1))
     for key in ("train_loss_epoch", "epoch_seconds", "images_per_second"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, EPOCHS + 1)), key
-    grids = sorted(int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    grids = sorted(
+        int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")
+    )
     assert grids == list(range(1, EPOCHS + 1))
     rows = (repo / "outputs" / "loss.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == list(range(1, STEPS + 1))
@@ -145,11 +155,14 @@ def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
     losses, reference = uninterrupted(repo, tmp)
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     np.testing.assert_allclose(logged, losses, rtol=1e-4, atol=1e-6)
-    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(repo / "checkpoints"))
+    latest = ckpt.latest_checkpoint(repo / "checkpoints")
+    assert latest is not None
+    final = ckpt.load_checkpoint(latest)
     assert final.epoch == EPOCHS and final.global_step == reference.global_step == STEPS
     for name in reference.params:
-        np.testing.assert_allclose(final.params[name].asnumpy(), reference.params[name].asnumpy(),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            final.params[name].asnumpy(), reference.params[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name
+        )
     return run_id
 
 
@@ -203,18 +216,39 @@ def test_damaged_data_fails_before_any_run_is_created(project, monkeypatch, mlfl
 
 def test_invalid_params_are_one_error_before_anything_starts(project, monkeypatch, mlflow_state, caplog):
     monkeypatch.chdir(project)
-    assert pipeline.main(["--set", "train.lr=fast", "--set", "train.bogus=1", "--set", "model.dim=3",
-                          "--set", "workspace.lock_timeout=-1", "--set", "epochs"]) == 2
+    assert (
+        pipeline.main(
+            [
+                "--set",
+                "train.lr=fast",
+                "--set",
+                "train.bogus=1",
+                "--set",
+                "model.dim=3",
+                "--set",
+                "workspace.lock_timeout=-1",
+                "--set",
+                "epochs",
+            ]
+        )
+        == 2
+    )
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    for fragment in ("train.lr: expected float, got 'fast'", "train.bogus: unknown key", "model.dim: must be even",
-                     "workspace.lock_timeout: must be >= 0", "--set 'epochs': expected section.key=value"):
+    for fragment in (
+        "train.lr: expected float, got 'fast'",
+        "train.bogus: unknown key",
+        "model.dim: must be even",
+        "workspace.lock_timeout: must be >= 0",
+        "--set 'epochs': expected section.key=value",
+    ):
         assert fragment in error, fragment
     assert "Beginning flow run" not in caplog.text  # Prefect never started
     assert not (project / "mlflow.db").exists() and not (project / "checkpoints").exists()
 
 
-def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training(project, monkeypatch, mlflow_state,
-                                                                                 caplog):
+def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training(
+    project, monkeypatch, mlflow_state, caplog
+):
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{servers.free_port()}")
     started = time.monotonic()
@@ -247,16 +281,18 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
 
 
 @pytest.mark.parametrize("directory", [".", ""])
-def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(project, monkeypatch, mlflow_state,
-                                                                               caplog, directory):
+def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(
+    project, monkeypatch, mlflow_state, caplog, directory
+):
     monkeypatch.chdir(project)
     assert pipeline.main(["--set", f"train.checkpoint_dir='{directory}'"]) == 2
     assert "train.checkpoint_dir" in caplog.text and "is the checkout" in caplog.text
     assert not (project / "mlflow.db").exists() and (project / "params.yaml").is_file()
 
 
-def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_registers_it(project, monkeypatch,
-                                                                                      mlflow_state, caplog):
+def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_registers_it(
+    project, monkeypatch, mlflow_state, caplog
+):
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -294,6 +330,7 @@ def test_a_damaged_mlflow_db_is_one_error_naming_it_and_left_as_it_was(project, 
 
 
 # ---- slow: the Prefect paths (ephemeral API, then a real server, worker and deployment) ----
+
 
 def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
     return run([str(servers.BIN / "prefect"), *args], repo, env)
@@ -396,9 +433,14 @@ def test_a_queued_dvc_experiment_records_into_the_checkouts_store(project, tmp_p
     assert run([*git, "commit", "-qm", "fetched"], project, {}).returncode == 0
     queued = run([*dvc, "exp", "run", "--queue", "--name", "queued", "-S", "train.epochs=1"], project, {})
     assert queued.returncode == 0, queued.stdout + queued.stderr
-    started = subprocess.run([*dvc, "queue", "start", "--jobs", "1"], cwd=project, timeout=300,
-                             env={**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its worker keeps pipes open
+    started = subprocess.run(
+        [*dvc, "queue", "start", "--jobs", "1"],
+        cwd=project,
+        timeout=300,
+        env={**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # its worker keeps pipes open
     assert started.returncode == 0
     deadline = time.monotonic() + QUEUE_DEADLINE
     while True:
@@ -431,21 +473,34 @@ def deployment(template, tmp_path_factory, freezer):
     mlflow_server, uri = servers.start_mlflow(tmp)
     prefect_server, env = servers.start_prefect(tmp)
     env = {**env, "MLFLOW_TRACKING_URI": uri}
-    worker = None
-    try:
-        for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-            result = prefect(*args, repo=repo, env=env)
-            assert result.returncode == 0, result.stdout + result.stderr
-        worker = subprocess.Popen([str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-                                  cwd=repo, env={**os.environ, **env, **freezer.env,  # its flow runs inherit the freezer
-                                                 "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
-                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        yield repo, env, MlflowClient(uri), tmp, freezer
-    finally:
-        if worker is not None:
-            servers.stop(worker)
-        servers.stop(prefect_server)
-        servers.stop(mlflow_server)
+    with open(tmp / "worker.log", "w") as worker_log:
+        worker = None
+        try:
+            for args in (
+                ["work-pool", "create", "ddpm-process", "--type", "process"],
+                ["--no-prompt", "deploy", "--all"],
+            ):
+                result = prefect(*args, repo=repo, env=env)
+                assert result.returncode == 0, result.stdout + result.stderr
+            worker = subprocess.Popen(
+                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+                cwd=repo,
+                env={
+                    **os.environ,
+                    **env,
+                    **freezer.env,  # its flow runs inherit the freezer
+                    "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+                },
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            yield repo, env, MlflowClient(uri), tmp, freezer
+        finally:
+            if worker is not None:
+                servers.stop(worker)
+            servers.stop(prefect_server)
+            servers.stop(mlflow_server)
 
 
 def trigger(repo: Path, env: dict, overrides: dict | None = None) -> str:
@@ -511,7 +566,7 @@ def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(depl
 def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deployment):
     """prefect.yaml's concurrency limit: the server queues the second run (no worker, no process, no
     lock wait that could time out) and starts it when the first ends."""
-    repo, env, client, tmp, freezer = deployment
+    repo, env, client, tmp, _ = deployment
     first = trigger(repo, env, {"train.epochs": 2})
     holder = wait_for_holder(repo, first)
     os.kill(holder["pid"], signal.SIGSTOP)  # the first holds its slot as long as it likes
@@ -524,8 +579,10 @@ def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deploy
         os.kill(holder["pid"], signal.SIGCONT)
     assert wait_final(first, repo, env) == "COMPLETED"
     assert wait_final(second, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
-    runs = {r.data.tags.get("prefect_flow_run_id"): r for r in client.search_runs(
-        [client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    runs = {
+        r.data.tags.get("prefect_flow_run_id"): r
+        for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    }
     a, b = runs[first], runs[second]
     assert a.data.params["train.epochs"] == "2" and b.data.params["train.epochs"] == "1"
     assert a.info.status == b.info.status == "FINISHED" and b.info.start_time > a.info.end_time  # one at a time

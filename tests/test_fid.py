@@ -1,4 +1,5 @@
 """FID against closed forms, and class coverage."""
+
 import math
 
 import numpy as np
@@ -58,8 +59,8 @@ def test_non_commuting_high_dim_against_eigenvalues_of_the_product():
 
 
 def test_one_dimension_is_squared_difference_of_means_and_deviations():
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[0.25]])) == \
-        pytest.approx(3.0 ** 2 + (2.0 - 0.5) ** 2)
+    distance = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[0.25]]))
+    assert distance == pytest.approx(3.0**2 + (2.0 - 0.5) ** 2)
 
 
 def test_symmetric_and_zero_for_identical_statistics():

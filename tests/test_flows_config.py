@@ -18,11 +18,18 @@ def test_params_yaml_has_both_halves():
 
 def test_one_error_lists_bad_fields_of_both_halves():
     with pytest.raises(ConfigError) as info:
-        params_from_dict({"tracking": {"log_every": 0, "colour": "red"}, "train": {"lr": "fast"}},
-                         {"registry.model_name": None, "model.dim": 3})
+        params_from_dict(
+            {"tracking": {"log_every": 0, "colour": "red"}, "train": {"lr": "fast"}},
+            {"registry.model_name": None, "model.dim": 3},
+        )
     text = str(info.value)
-    for fragment in ("tracking.log_every: must be >= 1", "tracking.colour: unknown key", "train.lr: expected float",
-                     "registry.model_name", "model.dim: must be even"):
+    for fragment in (
+        "tracking.log_every: must be >= 1",
+        "tracking.colour: unknown key",
+        "train.lr: expected float",
+        "registry.model_name",
+        "model.dim: must be even",
+    ):
         assert fragment in text
 
 
@@ -51,7 +58,9 @@ def test_unreadable_params_are_a_config_error_not_a_traceback(tmp_path):
         load_params(not_sections)
     with pytest.raises(ConfigError) as info:
         params_from_dict({"tracking": "http://x", "workspace": {"lock_timeout": -1}})
-    assert "tracking: must be a mapping" in str(info.value) and "workspace.lock_timeout: must be >= 0" in str(info.value)
+    assert "tracking: must be a mapping" in str(info.value) and "workspace.lock_timeout: must be >= 0" in str(
+        info.value
+    )
 
 
 def test_a_relative_sqlite_store_is_the_checkouts_even_in_a_dvc_temporary_copy(monkeypatch, tmp_path):
@@ -69,7 +78,7 @@ def test_a_relative_sqlite_store_is_the_checkouts_even_in_a_dvc_temporary_copy(m
 
 @pytest.mark.parametrize("directory", [".", "", "./", "..", str(ROOT), "checkpoints/../.."])
 def test_a_checkpoint_dir_that_is_the_checkout_or_holds_it_is_refused(directory):
-    with pytest.raises(ConfigError, match="train.checkpoint_dir: .* is the checkout"):
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_dir: .* is the checkout"):
         load_params(ROOT / "params.yaml", {"train.checkpoint_dir": directory}, repo=ROOT)
 
 

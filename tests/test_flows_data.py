@@ -1,4 +1,5 @@
 """DVC-versioned fetching with real `dvc` in a temporary git repository and a local remote."""
+
 import hashlib
 import logging
 import os
@@ -24,7 +25,8 @@ def repo(tmp_path):
     for name in ("data.dvc", ".dvcignore", ".dvc/.gitignore"):
         shutil.copy(ROOT / name, repo / name)
     (repo / ".dvc" / "config").write_text(
-        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp_path / 'remote'}\n")
+        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp_path / 'remote'}\n"
+    )
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     return repo
 
@@ -84,7 +86,7 @@ def rot(path):
 def test_data_dvc_that_does_not_match_the_real_files_is_an_error(repo):
     text = (repo / "data.dvc").read_text().replace("5f974fc0", "00000000")
     (repo / "data.dvc").write_text(text)
-    with pytest.raises(DataError, match="hashes to 5f974fc0.* while data.dvc records 00000000"):
+    with pytest.raises(DataError, match=r"hashes to 5f974fc0.* while data\.dvc records 00000000"):
         fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))
 
 
@@ -122,8 +124,11 @@ print("ATTEMPTS", len(attempts), state.type.value)
 def test_pipeline_fetch_retries_io_errors_but_not_missing_or_damaged_data(repo, tmp_path):
     """The Prefect task's retry condition: a transient OSError is retried, a DataError (nothing
     to fetch, or damaged) fails at once with its message, since a retry would fail the same way."""
-    done = run([sys.executable, "-c", FLAKY_THEN_MISSING, str(repo), str(tmp_path / "nowhere")], ROOT,
-               {"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    done = run(
+        [sys.executable, "-c", FLAKY_THEN_MISSING, str(repo), str(tmp_path / "nowhere")],
+        ROOT,
+        {"PREFECT_HOME": str(tmp_path / "prefect-home")},
+    )
     output = done.stdout + done.stderr
     assert "ATTEMPTS 2 FAILED" in done.stdout, output  # the timeout retried once, the DataError not at all
     assert "could not get Fashion-MNIST from the DVC remote or any source" in output

@@ -4,6 +4,7 @@ falls back cleanly.
 Same tolerances as test_layers.py: float32 sums in a different order, far under any change of
 the math (a wrong pad, a flipped kernel or a transposed weight fails).
 """
+
 import logging
 import os
 
@@ -15,13 +16,27 @@ from mindspore import nn
 from ddpm import runtime
 from ddpm.config import ModelConfig
 from ddpm.kernels import build
-from ddpm.kernels.attention import (NativeAttentionCore, NativeChannelLayerNorm, full_attention_core,
-                                    linear_attention_core)
+from ddpm.kernels.attention import (
+    NativeAttentionCore,
+    NativeChannelLayerNorm,
+    full_attention_core,
+    linear_attention_core,
+)
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
-from ddpm.layers import (GELU, DepthwiseConv2d, LayerGroupNorm, Layers, _ChannelNorm, _DepthwiseConv, _FullAttention,
-                         _LinearAttention, _Normalize, network_layers)
+from ddpm.layers import (
+    GELU,
+    DepthwiseConv2d,
+    LayerGroupNorm,
+    Layers,
+    _ChannelNorm,
+    _DepthwiseConv,
+    _FullAttention,
+    _LinearAttention,
+    _Normalize,
+    network_layers,
+)
 from ddpm.runtime import ISA_ENV
 from ddpm.unet import Attention, ChannelLayerNorm, LinearAttention, build_unet
 
@@ -43,6 +58,7 @@ def library():
 
 def jitted_value_and_grads(cell: nn.Cell, x, projection):
     """cell(x) and the gradients of <cell(x), projection> w.r.t. x and each weight, under @ms.jit."""
+
     def projected(x):
         return (cell(x) * projection).sum()
 
@@ -56,7 +72,7 @@ def assert_same_function(fast: nn.Cell, ref: nn.Cell, x_shape):
     `x_shape` is the input's shape (drawn at random), or the input itself."""
     assert [p.name for p in fast.trainable_params()] == [p.name for p in ref.trainable_params()]
     rng = np.random.default_rng(0)
-    for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params()):
+    for p_fast, p_ref in zip(fast.trainable_params(), ref.trainable_params(), strict=True):
         p_ref.set_data(ms.Tensor(rng.standard_normal(p_ref.shape) * 0.2, ms.float32))
         p_fast.set_data(p_ref.value().copy())
     x = ms.Tensor(rng.standard_normal(x_shape) if isinstance(x_shape, tuple) else x_shape, ms.float32)
@@ -75,8 +91,13 @@ def test_native_depthwise_equals_mindspores_grouped_conv(library, channels, size
 
 # (in, out, kernel, stride, padding, size, bias): the U-Net's 3x3 convs at each resolution, its
 # stride-2 down-sampling, and a biased conv with uneven channels
-NETWORK_DENSE = [(56, 28, 3, 1, 1, 28, False), (28, 112, 3, 1, 1, 14, False), (224, 112, 3, 1, 1, 7, False),
-                 (28, 28, 4, 2, 1, 28, False), (3, 5, 7, 1, 3, 9, True)]
+NETWORK_DENSE = [
+    (56, 28, 3, 1, 1, 28, False),
+    (28, 112, 3, 1, 1, 14, False),
+    (224, 112, 3, 1, 1, 7, False),
+    (28, 28, 4, 2, 1, 28, False),
+    (3, 5, 7, 1, 3, 9, True),
+]
 
 
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, size, bias", NETWORK_DENSE)
@@ -102,8 +123,15 @@ def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library
 def test_the_training_network_runs_its_convs_norms_gelus_and_attention_natively(library):
     for precision in ("fp32", "bf16"):
         kinds = {type(cell) for _, cell in build_unet(ModelConfig(), precision).cells_and_names()}
-        assert {NativeConv2d, Conv2d, Conv2dTranspose, NativeGELU, NativeGroupNorm, NativeChannelLayerNorm,
-                NativeAttentionCore} <= kinds
+        assert {
+            NativeConv2d,
+            Conv2d,
+            Conv2dTranspose,
+            NativeGELU,
+            NativeGroupNorm,
+            NativeChannelLayerNorm,
+            NativeAttentionCore,
+        } <= kinds
         assert not kinds & {nn.GELU, nn.GroupNorm, GELU, _Normalize, _ChannelNorm, _LinearAttention, _FullAttention}
         if network_layers(precision).bf16 or not runtime.mindspore_convs_are_fast():  # MindSpore's: slow kernels
             assert nn.Conv2d not in kinds, "every conv on ddpm/kernels"
@@ -154,8 +182,12 @@ def test_native_gelu_equals_mindspores_tanh_gelu(library, channels, size):
     rng = np.random.default_rng(channels)
     x = ms.Tensor(rng.standard_normal((BATCH, channels, size, size)) * x_scale, ms.float32)
     projection = ms.Tensor(rng.standard_normal((BATCH, channels, size, size)), ms.float32)
-    for a, b, name in zip(jitted_value_and_grads(fast, x, projection), jitted_value_and_grads(ref, x, projection),
-                          ["output", "input gradient"], strict=True):
+    for a, b, name in zip(
+        jitted_value_and_grads(fast, x, projection),
+        jitted_value_and_grads(ref, x, projection),
+        ["output", "input gradient"],
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
@@ -210,7 +242,9 @@ def test_native_attention_cores_on_wide_logits(library, scale):
     """The cores alone on q, k, v drawn wide, without the convs' averaging."""
     heads, dim_head, size = 4, 32, 14
     x = np.random.default_rng(1).standard_normal((BATCH, 3 * heads * dim_head, size, size)) * scale
-    q_scale = dim_head ** -0.5
-    for fast, ref in [(linear_attention_core(library, heads, q_scale), _LinearAttention(heads, q_scale)),
-                      (full_attention_core(library, heads, q_scale), _FullAttention(heads, q_scale))]:
+    q_scale = dim_head**-0.5
+    for fast, ref in [
+        (linear_attention_core(library, heads, q_scale), _LinearAttention(heads, q_scale)),
+        (full_attention_core(library, heads, q_scale), _FullAttention(heads, q_scale)),
+    ]:
         assert_same_function(fast, ref, x)

@@ -3,6 +3,7 @@
 Tolerance: float32 round-off of differently ordered sums, a few 1e-6 relative; we allow
 RTOL/ATOL below, far under any change of the math (a wrong epsilon or a missing term fails).
 """
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_group_norm_equals_mindspores_with_gradients(shape):
     (out_f, dx_f, dw_f), (out_r, dx_r, dw_r) = value_and_grads(fast, x), value_and_grads(ref, x)
     assert_close(out_f, out_r)
     assert_close(dx_f, dx_r)
-    for a, b in zip(dw_f, dw_r):
+    for a, b in zip(dw_f, dw_r, strict=True):
         assert_close(a, b)
 
 
@@ -61,8 +62,9 @@ def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults)
     ref = Unet(dim, 1, dim_mults, native=False)
     fast_names = [p.name for p in fast.trainable_params()]
     assert fast_names == [p.name for p in ref.trainable_params()], "checkpoints must load into either"
-    ms.load_param_into_net(ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()},
-                           strict_load=True)
+    ms.load_param_into_net(
+        ref, {p.name: ms.Parameter(p.value().copy()) for p in fast.trainable_params()}, strict_load=True
+    )
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((3, 1, 28, 28)), ms.float32)
     t = ms.Tensor([0, 57, 199], ms.int32)
@@ -70,7 +72,7 @@ def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults)
     out_r, dx_r, dw_r = value_and_grads(ref, x, t)
     assert_close(out_f, out_r)
     assert_close(dx_f, dx_r)
-    for name, a, b in zip(fast_names, dw_f, dw_r):
+    for name, a, b in zip(fast_names, dw_f, dw_r, strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, np.abs(b).max()), err_msg=name)
 
 

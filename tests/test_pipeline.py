@@ -1,5 +1,6 @@
 """Integration: the pipeline against a real `mlflow server`, a real `prefect server` and process
 worker, and real `dvc` in a temporary git repository with a local remote, on real images."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,22 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/.gitignore"]
 PROJECT_PACKAGES = ["ddpm", "flows"]  # dvc.yaml's stages depend on the code
-TINY = {"data": {"limit": 64, "num_workers": 1}, "model": {"dim": 8, "dim_mults": [1, 2]},
-        "train": {"epochs": 2, "lr": 0.002, "lr_schedule": "constant", "warmup_steps": 0, "device": "CPU",
-                  "ema_decay": 0.9},
-        "diffusion": {"timesteps": 50}, "sample": {"num": 16, "steps": 5},
-        "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64}, "classifier": TINY_CLASSIFIER}
+TINY = {
+    "data": {"limit": 64, "num_workers": 1},
+    "model": {"dim": 8, "dim_mults": [1, 2]},
+    "train": {
+        "epochs": 2,
+        "lr": 0.002,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "device": "CPU",
+        "ema_decay": 0.9,
+    },
+    "diffusion": {"timesteps": 50},
+    "sample": {"num": 16, "steps": 5},
+    "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
+    "classifier": TINY_CLASSIFIER,
+}
 QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds")
 
 
@@ -44,7 +56,8 @@ def make_project(tmp: Path) -> Path:
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".dvc" / "config").write_text(
-        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp / 'dvc-remote'}\n")
+        f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp / 'dvc-remote'}\n"
+    )
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
@@ -53,8 +66,12 @@ def make_project(tmp: Path) -> Path:
 
 
 def run(args: list[str], repo: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+    env = {
+        **os.environ,
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **env,
+    }
     return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -69,7 +86,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(workspace):
     """The main job, `python -m flows.pipeline`, on an ephemeral Prefect API and a real MLflow server."""
-    tmp, repo, uri = workspace
+    _, repo, uri = workspace
     result = run([sys.executable, "-m", "flows.pipeline"], repo, {"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,13 +126,28 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
 
 
 def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, first_run):
-    tmp, repo, uri = workspace
+    _, repo, uri = workspace
     env = {"MLFLOW_TRACKING_URI": uri}
     promoted = run([sys.executable, "-m", "flows.promote"], repo, env)
     assert promoted.returncode == 0 and "no champion" in promoted.stderr, promoted.stderr
     # A model that barely trained, via DVC's experiment runner with params set from the command line.
-    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-7", "-S", "train.min_lr=0",
-               "-S", "train.epochs=1"], repo, env)
+    exp = run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "train.lr=1e-7",
+            "-S",
+            "train.min_lr=0",
+            "-S",
+            "train.epochs=1",
+        ],
+        repo,
+        env,
+    )
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env)
     assert all(f'"{key}"' in shown.stdout for key in ("eval_loss", "fid", "fid_floor", "fid_ratio", "class_kl"))
@@ -127,30 +159,37 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     assert candidate.version != first_run["version"]
     refused = run([sys.executable, "-m", "flows.promote"], repo, env)
     assert refused.returncode == 1 and "lower is better" in refused.stderr, refused.stderr
-    assert f"refused: v{candidate.version} has fid={metrics['fid']:.6g}, champion v{first_run['version']} has " \
-           f"fid={first_run['fid']:.6g}" in refused.stderr
+    assert (
+        f"refused: v{candidate.version} has fid={metrics['fid']:.6g}, champion v{first_run['version']} has "
+        f"fid={first_run['fid']:.6g}" in refused.stderr
+    )
     champion = client.get_model_version_by_alias("ddpm-fashion-mnist", "champion")
     assert champion.version == first_run["version"]
 
 
 def test_champion_loads_and_samples_through_pyfunc(workspace, first_run):
-    tmp, repo, uri = workspace
-    code = ("import mlflow, pandas as pd, sys; mlflow.set_tracking_uri(sys.argv[1]);"
-            "m = mlflow.pyfunc.load_model('models:/ddpm-fashion-mnist@champion');"
-            "draw = lambda eta: m.predict(pd.DataFrame({'num': [3], 'sampler': ['ddim'], 'steps': [4], 'seed': [1], "
-            "                                           'eta': [eta]}));"
-            "x, same, stochastic = draw(0.0), draw(0.0), draw(1.0);"
-            "print(x.shape, x.dtype, float(abs(x).max()) <= 1.0, (x == same).all(), (x != stochastic).any())")
+    tmp, _, uri = workspace
+    code = (
+        "import mlflow, pandas as pd, sys; mlflow.set_tracking_uri(sys.argv[1]);"
+        "m = mlflow.pyfunc.load_model('models:/ddpm-fashion-mnist@champion');"
+        "draw = lambda eta: m.predict(pd.DataFrame({'num': [3], 'sampler': ['ddim'], 'steps': [4], 'seed': [1], "
+        "                                           'eta': [eta]}));"
+        "x, same, stochastic = draw(0.0), draw(0.0), draw(1.0);"
+        "print(x.shape, x.dtype, float(abs(x).max()) <= 1.0, (x == same).all(), (x != stochastic).any())"
+    )
     result = run([sys.executable, "-c", code, uri], tmp, {})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "(3, 1, 28, 28) float32 True True True"  # eta is honoured
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(workspace):
-    tmp, repo, uri = workspace
+    _, repo, _ = workspace
     started = time.monotonic()
-    result = run([sys.executable, "-m", "flows.stages", "train"], repo,
-                 {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{servers.free_port()}"})
+    result = run(
+        [sys.executable, "-m", "flows.stages", "train"],
+        repo,
+        {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{servers.free_port()}"},
+    )
     assert result.returncode == 2 and "unreachable" in result.stderr and "mlflow server" in result.stderr
     assert time.monotonic() - started < 60
 
@@ -164,14 +203,38 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
             result = run([str(servers.BIN / "prefect"), *args], repo, env)
             assert result.returncode == 0, result.stdout + result.stderr
-        worker = subprocess.Popen([str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-                                  cwd=repo, env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
-                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        result = run([str(servers.BIN / "prefect"), "deployment", "run", "ddpm-pipeline/default",
-                      "--param", 'overrides={"train.epochs": 1}', "--watch"], repo, env)
-        assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-3000:] + (tmp / "worker.log").read_text()[-3000:]
-        runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist").experiment_id],
-                                             order_by=["attributes.start_time DESC"], max_results=1)
+        with open(tmp / "worker.log", "w") as out:
+            worker = subprocess.Popen(
+                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+                cwd=repo,
+                env={**os.environ, **env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        result = run(
+            [
+                str(servers.BIN / "prefect"),
+                "deployment",
+                "run",
+                "ddpm-pipeline/default",
+                "--param",
+                'overrides={"train.epochs": 1}',
+                "--watch",
+            ],
+            repo,
+            env,
+        )
+        assert result.returncode == 0 and "Completed" in result.stdout, (
+            result.stdout[-3000:] + (tmp / "worker.log").read_text()[-3000:]
+        )
+        experiment = MlflowClient(uri).get_experiment_by_name("ddpm-fashion-mnist")
+        assert experiment is not None
+        runs = MlflowClient(uri).search_runs(
+            [experiment.experiment_id],
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         assert runs[0].data.params["train.epochs"] == "1" and runs[0].info.status == "FINISHED"
         assert json.loads((repo / "outputs" / "classifier.json").read_text())["reused"]  # trained once, by dvc
     finally:

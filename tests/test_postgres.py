@@ -1,4 +1,5 @@
 """Integration: the pipeline against `mlflow server` on a real PostgreSQL backend store (loopback)."""
+
 import json
 import shutil
 import sys
@@ -30,7 +31,9 @@ def mlflow_on_postgres(tmp_path):
 def test_pipeline_tracks_and_registers_on_postgresql(mlflow_on_postgres, tmp_path):
     uri, backend = mlflow_on_postgres
     repo = make_project(tmp_path)
-    result = run([sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=1"], repo, {"MLFLOW_TRACKING_URI": uri})
+    result = run(
+        [sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=1"], repo, {"MLFLOW_TRACKING_URI": uri}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     client = MlflowClient(uri)
@@ -42,6 +45,10 @@ def test_pipeline_tracks_and_registers_on_postgresql(mlflow_on_postgres, tmp_pat
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     assert client.get_model_version_by_alias("ddpm-fashion-mnist", "champion").version == summary["version"]
     with sqlalchemy.create_engine(backend).connect() as db:  # it is PostgreSQL that holds them
-        assert db.execute(sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"),
-                          {"id": run_.info.run_id}).scalar_one() == "FINISHED"
+        assert (
+            db.execute(
+                sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"), {"id": run_.info.run_id}
+            ).scalar_one()
+            == "FINISHED"
+        )
         assert db.execute(sqlalchemy.text("SELECT count(*) FROM model_versions")).scalar_one() == 1

@@ -7,6 +7,7 @@ the largest value (measured 0.2-0.35% at the network's shapes). BF16_TOL, 1.5% o
 value, is well above that and far under any wrong pad, weight layout or missing term (those err by
 O(100%)). fp32 stays as tight as tests/test_kernels.py holds it.
 """
+
 import dataclasses
 
 import mindspore as ms
@@ -15,7 +16,7 @@ import pytest
 from mindspore import nn
 
 from ddpm import runtime
-from ddpm.config import Config, ConfigError, config_from_dict, load_config
+from ddpm.config import Config, ConfigError, Precision, config_from_dict, load_config
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.train import Trainer
@@ -42,18 +43,26 @@ def library():
 
 # ---- detection and settings ----
 
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n\n"
-                       "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n"
+    )
     assert runtime.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16", "amx_bf16"}
     assert runtime.cpu_flags(tmp_path / "missing") == frozenset()
 
 
-@pytest.mark.parametrize("flags, precision, isa", [(AMX, "bf16", "AVX512_CORE_AMX"),
-                                                   (ZEN4, "bf16", "AVX512_CORE_BF16"),
-                                                   (AVX2_ONLY, "fp32", "AVX2"),
-                                                   (frozenset(), "fp32", "AVX2")])
+@pytest.mark.parametrize(
+    "flags, precision, isa",
+    [
+        (AMX, "bf16", "AVX512_CORE_AMX"),
+        (ZEN4, "bf16", "AVX512_CORE_BF16"),
+        (AVX2_ONLY, "fp32", "AVX2"),
+        (frozenset(), "fp32", "AVX2"),
+    ],
+)
 def test_auto_picks_bf16_only_where_the_processor_has_bf16_units(flags, precision, isa):
     assert runtime.resolve_precision("auto", "CPU", flags, runtime.isa_cap(flags)) == precision
     assert runtime.isa_cap(flags) == isa
@@ -77,7 +86,7 @@ def test_explicit_precision_the_users_isa_cap_and_other_devices(caplog):
 def test_precision_is_a_validated_train_setting():
     assert Config().train.precision == "auto"
     assert load_config(None, {"train.precision": "bf16"}).train.precision == "bf16"
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match=r"train\.precision"):
         load_config(None, {"train.precision": "fp16"})
 
 
@@ -89,8 +98,10 @@ def test_a_checkpoint_config_from_before_the_setting_loads_as_auto():
 
 # ---- operators: bf16 against the fp32 reference ----
 
+
 def conv_values(cell: nn.Cell, x, projection):
     """cell(x) and the gradients of <cell(x), projection> w.r.t. x and each weight, under @ms.jit."""
+
     def projected(x):
         return (cell(x) * projection).sum()
 
@@ -109,8 +120,12 @@ def assert_bf16_close(bf16_values, ref_values, names):
 
 # (in, out, kernel, stride, padding, size, bias): a 3x3, a 1x1 with bias (to_out), the 7x7 input conv,
 # the stride-2 down-sampling
-DENSE = [(56, 28, 3, 1, 1, 28, False), (128, 28, 1, 1, 0, 14, True), (1, 18, 7, 1, 3, 28, True),
-         (28, 28, 4, 2, 1, 28, False)]
+DENSE = [
+    (56, 28, 3, 1, 1, 28, False),
+    (128, 28, 1, 1, 0, 14, True),
+    (1, 18, 7, 1, 3, 28, True),
+    (28, 28, 4, 2, 1, 28, False),
+]
 
 
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, size, bias", DENSE)
@@ -138,9 +153,10 @@ def check_against_reference(bf16: nn.Cell, ref: nn.Cell, x_shape):
 
 # ---- the network ----
 
+
 def conv_precisions(net: nn.Cell) -> dict[str, set]:
     """{'dense': {bf16 flags of the dense convs}, 'depthwise': {...}} as the C++ side reads them."""
-    found = {"dense": set(), "depthwise": set()}
+    found: dict[str, set[int]] = {"dense": set(), "depthwise": set()}
     for _, cell in net.cells_and_names():
         if isinstance(cell, NativeConv2d):
             found["depthwise" if cell.groups > 1 else "dense"].add(int(cell.config.asnumpy()[-1]))
@@ -155,6 +171,7 @@ def test_bf16_network_runs_every_dense_conv_in_bf16_and_fp32_none(library):
 
 def output_and_grads(net: nn.Cell, x, t) -> list[np.ndarray]:
     """net(x, t) and the gradients of mean(net(x, t)^2) w.r.t. every weight."""
+
     def loss(x, t):
         return (net(x, t) ** 2).mean()
 
@@ -167,28 +184,37 @@ def test_bf16_unet_forward_and_gradients_are_close_to_fp32(library):
     fp32, bf16 = Unet(8, 1, (1, 2), precision="fp32"), Unet(8, 1, (1, 2), precision="bf16")
     names = [p.name for p in fp32.trainable_params()]
     assert names == [p.name for p in bf16.trainable_params()], "checkpoints load into either"
-    ms.load_param_into_net(bf16, {p.name: ms.Parameter(p.value().copy()) for p in fp32.trainable_params()},
-                           strict_load=True)
+    ms.load_param_into_net(
+        bf16, {p.name: ms.Parameter(p.value().copy()) for p in fp32.trainable_params()}, strict_load=True
+    )
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((BATCH, 1, 28, 28)), ms.float32)
     t = ms.Tensor([0, 57, 120, 199], ms.int32)
-    for name, a, b in zip(["output", *names], output_and_grads(bf16, x, t), output_and_grads(fp32, x, t),
-                          strict=True):
+    for name, a, b in zip(["output", *names], output_and_grads(bf16, x, t), output_and_grads(fp32, x, t), strict=True):
         # relative to the tensor's norm: a bf16 network rounds at every conv, errors add over ~20 layers
-        error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+        error = np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12)
         assert error < 5 * BF16_TOL, f"{name}: {error:.4f}"
 
 
-def tiny_config(precision: str) -> Config:
+def tiny_config(precision: Precision) -> Config:
     config = Config()
     return dataclasses.replace(
-        config, model=dataclasses.replace(config.model, dim=8, dim_mults=(1, 2)),
-        train=dataclasses.replace(config.train, precision=precision, batch_size=8, lr=2e-3, lr_schedule="constant",
-                                  warmup_steps=0, ema_decay=0.0),
-        data=dataclasses.replace(config.data, limit=64))
+        config,
+        model=dataclasses.replace(config.model, dim=8, dim_mults=(1, 2)),
+        train=dataclasses.replace(
+            config.train,
+            precision=precision,
+            batch_size=8,
+            lr=2e-3,
+            lr_schedule="constant",
+            warmup_steps=0,
+            ema_decay=0.0,
+        ),
+        data=dataclasses.replace(config.data, limit=64),
+    )
 
 
-def train_losses(precision: str, steps: int) -> list[float]:
+def train_losses(precision: Precision, steps: int) -> list[float]:
     """Losses of `steps` Adam steps on one fixed batch (the same weights, data and noise for any precision)."""
     trainer = Trainer(tiny_config(precision))
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
 """The promotion gate against a real MLflow registry (SQLite store): FID, lower is better."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -6,10 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from ddpm.config import ConfigError
 from mlflow import MlflowClient
 
-from ddpm.config import parse_sets
+from ddpm.config import ConfigError, parse_sets
 from flows.config import RegistryConfig, load_params
 from flows.registry import promote, register_model
 
@@ -22,7 +22,7 @@ REGISTRY = RegistryConfig(model_name="gate-test")
 def client(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield MlflowClient()
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
 
 
 def add_version(client, fid=None, metric="fid") -> str:
@@ -32,7 +32,9 @@ def add_version(client, fid=None, metric="fid") -> str:
     with mlflow.start_run() as run:
         if fid is not None:
             mlflow.log_metric(metric, fid)
-    version = client.create_model_version(REGISTRY.model_name, f"{run.info.artifact_uri}/model", run.info.run_id).version
+    version = client.create_model_version(
+        REGISTRY.model_name, f"{run.info.artifact_uri}/model", run.info.run_id
+    ).version
     client.set_registered_model_alias(REGISTRY.model_name, REGISTRY.candidate_alias, version)
     return version
 
@@ -85,14 +87,17 @@ def test_version_with_a_nan_metric_is_an_error_even_without_a_champion(client):
     assert REGISTRY.champion_alias not in client.get_registered_model(REGISTRY.model_name).aliases
 
 
-@pytest.mark.parametrize("override, named", [
-    ("registry.candidate_alias=champion", "must differ from champion_alias"),
-    ("registry.candidate_alias=Champion", "must differ from champion_alias"),
-    ("registry.champion_alias=candidate", "must differ from champion_alias"),
-    ("registry.candidate_alias=''", "registry.candidate_alias: MLflow aliases are 1-255"),
-    ("registry.champion_alias=latest", "registry.champion_alias: MLflow aliases"),
-    ("registry.greater_is_better=true", "fid is lower-is-better"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("registry.candidate_alias=champion", "must differ from champion_alias"),
+        ("registry.candidate_alias=Champion", "must differ from champion_alias"),
+        ("registry.champion_alias=candidate", "must differ from champion_alias"),
+        ("registry.candidate_alias=''", "registry.candidate_alias: MLflow aliases are 1-255"),
+        ("registry.champion_alias=latest", "registry.champion_alias: MLflow aliases"),
+        ("registry.greater_is_better=true", "fid is lower-is-better"),
+    ],
+)
 def test_params_that_would_bypass_the_gate_are_refused(override, named):
     with pytest.raises(ConfigError, match=named):
         load_params(ROOT / "params.yaml", parse_sets([override]))
@@ -116,8 +121,13 @@ def test_promote_command_refuses_a_bypassing_params_file(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["registry"]["candidate_alias"] = params["registry"]["champion_alias"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "flows.promote", "--params", "params.yaml"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.promote", "--params", "params.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "must differ from champion_alias" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()
 
@@ -131,10 +141,13 @@ def add_evaluated_model(client, fid: float, **measured) -> str:
     with mlflow.start_run() as run:
         model = mlflow.initialize_logged_model(name="model")
         mlflow.log_metrics({"fid": fid, "fid_floor": 5.18}, model_id=model.model_id)
-    client.set_logged_model_tags(model.model_id, {MEASURED_PREFIX + k: str(v) for k, v in
-                                                  {"fid_samples": 2000, "sampler": "ddim-50", **measured}.items()})
-    version = client.create_model_version(REGISTRY.model_name, f"models:/{model.model_id}", run.info.run_id,
-                                          model_id=model.model_id).version
+    client.set_logged_model_tags(
+        model.model_id,
+        {MEASURED_PREFIX + k: str(v) for k, v in {"fid_samples": 2000, "sampler": "ddim-50", **measured}.items()},
+    )
+    version = client.create_model_version(
+        REGISTRY.model_name, f"models:/{model.model_id}", run.info.run_id, model_id=model.model_id
+    ).version
     client.set_registered_model_alias(REGISTRY.model_name, REGISTRY.candidate_alias, version)
     return version
 

@@ -1,4 +1,5 @@
 """Checking sampling requests (ddpm.sampling), the one place `ddpm sample` and the registered model share."""
+
 import re
 
 import numpy as np
@@ -31,33 +32,45 @@ def test_one_error_names_every_bad_value_with_its_range(sampler):
         sampler.request(0, -1, "ddim", 0, 2.0)
     message = str(caught.value)
     assert message.startswith("bad sampling request: ") and "\n" not in message
-    for part in ("num must be an integer >= 1, got 0", "seed must be an integer in [0, 2**63 - 1], got -1",
-                 "steps must be an integer in [1, 20] (T, the model's timesteps), got 0",
-                 "eta must be a number in [0, 1], got 2.0"):
+    for part in (
+        "num must be an integer >= 1, got 0",
+        "seed must be an integer in [0, 2**63 - 1], got -1",
+        "steps must be an integer in [1, 20] (T, the model's timesteps), got 0",
+        "eta must be a number in [0, 1], got 2.0",
+    ):
         assert part in message
 
 
-@pytest.mark.parametrize("kwargs, named", [
-    ({"steps": 21}, "steps must be an integer in [1, 20]"),
-    ({"steps": 2.5}, "steps must be an integer"),
-    ({"eta": float("nan")}, "eta must be a number in [0, 1], got nan"),
-    ({"eta": -0.1}, "eta must be a number in [0, 1]"),
-    ({"seed": 2 ** 63}, "seed must be an integer in [0, 2**63 - 1]"),
-    ({"sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
-    ({"sampler": "ddpm", "steps": 5}, "sampler ddpm walks all T = 20 steps and takes no eta; omit steps (or give 20)"),
-    ({"sampler": "ddpm", "eta": 0.0}, "sampler ddpm walks all T = 20 steps and takes no eta"),
-    ({"num": True}, "num must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"steps": 21}, "steps must be an integer in [1, 20]"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"eta": float("nan")}, "eta must be a number in [0, 1], got nan"),
+        ({"eta": -0.1}, "eta must be a number in [0, 1]"),
+        ({"seed": 2**63}, "seed must be an integer in [0, 2**63 - 1]"),
+        ({"sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
+        (
+            {"sampler": "ddpm", "steps": 5},
+            "sampler ddpm walks all T = 20 steps and takes no eta; omit steps (or give 20)",
+        ),
+        ({"sampler": "ddpm", "eta": 0.0}, "sampler ddpm walks all T = 20 steps and takes no eta"),
+        ({"num": True}, "num must be an integer"),
+    ],
+)
 def test_each_bad_value_is_refused(sampler, kwargs, named):
     with pytest.raises(SampleRequestError, match=re.escape(named)):
         sampler.request(**{"num": 2, **kwargs})
 
 
 def test_a_request_has_a_maximum_only_when_asked(sampler):
-    assert sampler.request(10 ** 6).num == 10 ** 6  # ddpm sample writes arrays of any size, batch by batch
-    with pytest.raises(SampleRequestError, match=f"num must be an integer in \\[1, {MAX_REQUEST_IMAGES:,}\\] per "
-                                                 "request, got 1000000000 \\(draw more with `ddpm sample"):
-        sampler.requests([{"num": 10 ** 9}])
+    assert sampler.request(10**6).num == 10**6  # ddpm sample writes arrays of any size, batch by batch
+    with pytest.raises(
+        SampleRequestError,
+        match=f"num must be an integer in \\[1, {MAX_REQUEST_IMAGES:,}\\] per "
+        "request, got 1000000000 \\(draw more with `ddpm sample",
+    ):
+        sampler.requests([{"num": 10**9}])
 
 
 def test_rows_are_requests_checked_together_before_any_sampling(sampler):
@@ -65,8 +78,10 @@ def test_rows_are_requests_checked_together_before_any_sampling(sampler):
     assert sampler.requests(rows) == [SampleRequest(2, 1, "ddim", 5, 0.5), SampleRequest(3, 0, "ddpm", 20, 0.5)]
     with pytest.raises(SampleRequestError) as caught:
         sampler.requests([{"num": 2}, {"num": 0}, {"num": 2, "eta": 3.0}])
-    assert str(caught.value) == ("bad sampling request: row 1: num must be an integer in [1, 256] per request, got 0; "
-                                 "row 2: eta must be a number in [0, 1], got 3.0")
+    assert str(caught.value) == (
+        "bad sampling request: row 1: num must be an integer in [1, 256] per request, got 0; "
+        "row 2: eta must be a number in [0, 1], got 3.0"
+    )
     with pytest.raises(SampleRequestError, match="the rows ask 300 images together, more than 256 per request"):
         sampler.requests([{"num": 200}, {"num": 100}])
     with pytest.raises(SampleRequestError, match="row 0: unknown setps; a row has num, sampler, steps, seed, eta"):

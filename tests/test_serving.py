@@ -1,5 +1,6 @@
 """Integration: the registered model served by the real `mlflow models serve` on loopback, asked over HTTP
 as the README asks it: good requests answer images, bad ones a 400 naming every bad value."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,9 +40,18 @@ class Served:
 def server(fashion_root, tmp_path_factory):
     """A tiny trained model (T = 20) registered in a SQLite store, aliased @champion and served."""
     tmp = tmp_path_factory.mktemp("serving")
-    sets = [f"data.root={fashion_root}", "data.limit=16", "train.epochs=1", "model.dim=8", "model.dim_mults=[1,2]",
-            "train.device=CPU", "train.checkpoint_dir=ck", f"diffusion.timesteps={TIMESTEPS}", "sample.steps=5",
-            "train.sample_every=0"]
+    sets = [
+        f"data.root={fashion_root}",
+        "data.limit=16",
+        "train.epochs=1",
+        "model.dim=8",
+        "model.dim_mults=[1,2]",
+        "train.device=CPU",
+        "train.checkpoint_dir=ck",
+        f"diffusion.timesteps={TIMESTEPS}",
+        "sample.steps=5",
+        "train.sample_every=0",
+    ]
     trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=tmp)
     assert trained.returncode == 0, trained.stderr
     tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -52,16 +62,20 @@ def server(fashion_root, tmp_path_factory):
         version = register_model(run.info.run_id, model_id, REGISTRY).version
         MlflowClient().set_registered_model_alias(REGISTRY.model_name, REGISTRY.champion_alias, version)
     finally:
-        mlflow.set_tracking_uri(None)
-    process, url = servers.start_model_server(f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}", tmp,
-                                              tracking_uri)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
+    process, url = servers.start_model_server(
+        f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}", tmp, tracking_uri
+    )
     yield Served(url, tracking_uri)
     servers.stop(process)
 
 
 def post(server: Served, records: list[dict]) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{server.url}/invocations", json.dumps({"dataframe_records": records}).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server.url}/invocations",
+        json.dumps({"dataframe_records": records}).encode(),
+        {"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.load(answer)
@@ -77,24 +91,28 @@ def test_good_requests_answer_images(server):
     assert -1.0 <= images.min() < images.max() <= 1.0
     # Several rows are several requests, concatenated in order; the same row gives the same images. (Every
     # row names the same columns: MLflow cannot parse an integer column with a missing value.)
-    status, rows = post(server, [{"num": 3, "steps": 2, "seed": 1, "eta": 1.0}, {"num": 2, "steps": 3, "seed": 2,
-                                                                                "eta": 0.0}])
-    assert status == 200, rows
-    rows = np.asarray(rows["predictions"], np.float32)
+    status, answer = post(
+        server, [{"num": 3, "steps": 2, "seed": 1, "eta": 1.0}, {"num": 2, "steps": 3, "seed": 2, "eta": 0.0}]
+    )
+    assert status == 200, answer
+    rows = np.asarray(answer["predictions"], np.float32)
     assert rows.shape == (5, 1, 28, 28)
     np.testing.assert_array_equal(rows[:3], images)  # row 0 is the first request again
     status, chain = post(server, [{"num": 1, "sampler": "ddpm"}])  # the full chain: no steps, no eta
     assert status == 200 and np.isfinite(chain["predictions"]).all(), chain
 
 
-@pytest.mark.parametrize("record, named", [
-    ({"num": 2, "eta": 2.0}, "eta must be a number in [0, 1], got 2.0"),
-    ({"num": 2, "steps": 0}, f"steps must be an integer in [1, {TIMESTEPS}] (T, the model's timesteps), got 0"),
-    ({"num": 0}, "num must be an integer in [1, 256] per request, got 0"),
-    ({"num": 2, "seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
-    ({"num": 10 ** 9}, "num must be an integer in [1, 256] per request, got 1000000000"),
-    ({"num": 2, "sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
-])
+@pytest.mark.parametrize(
+    "record, named",
+    [
+        ({"num": 2, "eta": 2.0}, "eta must be a number in [0, 1], got 2.0"),
+        ({"num": 2, "steps": 0}, f"steps must be an integer in [1, {TIMESTEPS}] (T, the model's timesteps), got 0"),
+        ({"num": 0}, "num must be an integer in [1, 256] per request, got 0"),
+        ({"num": 2, "seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
+        ({"num": 10**9}, "num must be an integer in [1, 256] per request, got 1000000000"),
+        ({"num": 2, "sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
+    ],
+)
 def test_bad_requests_answer_400_naming_the_value(server, record, named):
     status, answer = post(server, [record])
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
@@ -102,8 +120,9 @@ def test_bad_requests_answer_400_naming_the_value(server, record, named):
 
 
 def test_every_bad_value_of_every_row_in_one_answer(server):
-    status, answer = post(server, [{"num": 2, "eta": 2.0, "steps": 0, "seed": 0},
-                                   {"num": 1, "eta": 0.0, "steps": 2, "seed": -1}])
+    status, answer = post(
+        server, [{"num": 2, "eta": 2.0, "steps": 0, "seed": 0}, {"num": 1, "eta": 0.0, "steps": 2, "seed": -1}]
+    )
     assert status == 400
     assert "row 0: steps must be an integer in [1, 20]" in answer["message"]
     assert "eta must be a number in [0, 1], got 2.0; row 1: seed must be an integer" in answer["message"]
@@ -130,12 +149,35 @@ def test_readme_recipe_turns_the_answer_into_a_png(server, tmp_path):
 def test_readme_batch_path_draws_the_champion_to_an_npz(server, tmp_path):
     """The README's way to draw many images: download the champion's checkpoint, `ddpm sample` it to a file."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.tracking_uri}
-    download = subprocess.run([str(servers.BIN / "mlflow"), "artifacts", "download", "-u",
-                               f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}", "-d", "champion"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    download = subprocess.run(
+        [
+            str(servers.BIN / "mlflow"),
+            "artifacts",
+            "download",
+            "-u",
+            f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}",
+            "-d",
+            "champion",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert download.returncode == 0, download.stderr[-3000:]
-    sampled = ddpm("sample", "--checkpoint", "champion/artifacts/model.ckpt", "--num", "5", "--steps", "2",
-                   "--out", "samples.npz", cwd=tmp_path)
+    sampled = ddpm(
+        "sample",
+        "--checkpoint",
+        "champion/artifacts/model.ckpt",
+        "--num",
+        "5",
+        "--steps",
+        "2",
+        "--out",
+        "samples.npz",
+        cwd=tmp_path,
+    )
     assert sampled.returncode == 0, sampled.stderr
     images = np.load(tmp_path / "samples.npz")["images"]
     assert images.shape == (5, 1, 28, 28) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
@@ -147,7 +189,7 @@ def test_python_predict_checks_the_same_way(server):
     try:
         model = mlflow.pyfunc.load_model(f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}")
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
     images = model.predict(pd.DataFrame({"num": [3], "sampler": ["ddim"], "steps": [2], "seed": [1], "eta": [1.0]}))
     assert images.shape == (3, 1, 28, 28) and images.dtype == np.float32
     with pytest.raises(MlflowException, match=r"eta must be a number in \[0, 1\], got 2.0") as caught:

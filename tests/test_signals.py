@@ -1,6 +1,7 @@
 """Real signals and real write faults against a real `ddpm train` process: SIGTERM mid-epoch, a
 full disk (a small tmpfs, and RLIMIT_FSIZE), a read-only checkpoint directory. docs/reliability.md
 maps each fault to its test here."""
+
 from __future__ import annotations
 
 import errno
@@ -31,8 +32,14 @@ def write_params(config, path: Path) -> Path:
 
 
 def ddpm_train(params: Path, *args: str, cwd: Path, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm", "train", "--params", str(params), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm", "train", "--params", str(params), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **popen,
+    )
 
 
 def log_lines(stderr: str, level: str) -> list[str]:
@@ -47,8 +54,9 @@ def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupt
     params = write_params(config, tmp_path / "params.yaml")
     directory = tmp_path / "ck"
     with open(tmp_path / "stderr.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ddpm", "train", "--params", str(params)], cwd=tmp_path,
-                                   stderr=log, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ddpm", "train", "--params", str(params)], cwd=tmp_path, stderr=log, text=True
+        )
     deadline = time.monotonic() + SIGNAL_DEADLINE
     while not list(directory.glob("epoch_0001_step_*.ckpt")):
         assert process.poll() is None, (tmp_path / "stderr.log").read_text()[-3000:]
@@ -65,6 +73,7 @@ def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupt
     assert stop_line.endswith(f"continue with `ddpm train --params {params} --resume`")
     assert "Traceback" not in stderr and not log_lines(stderr, "ERROR")
     stopped = ckpt.load_checkpoint(directory / name)
+    assert stopped.progress is not None
     assert 0 < stopped.global_step == stopped.progress.step < 100 and name.startswith("epoch_0001_step_")
 
     resumed = ddpm_train(params, "--resume", cwd=tmp_path)
@@ -75,8 +84,7 @@ def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupt
     assert a.global_step == b.global_step == 100
     assert a.metrics["train_loss_epoch"] == pytest.approx(b.metrics["train_loss_epoch"], rel=1e-5)
     for key in a.params:
-        np.testing.assert_allclose(a.params[key].asnumpy(), b.params[key].asnumpy(), rtol=1e-5, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(a.params[key].asnumpy(), b.params[key].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.fixture
@@ -84,8 +92,9 @@ def small_disk(tmp_path):
     """A real file system of DISK_BYTES (a tmpfs: needs root with mount rights)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test covers it")
     yield disk
@@ -113,18 +122,19 @@ def assert_one_error_and_epoch_1_intact(result, directory: Path, reason: str) ->
     assert ckpt.load_checkpoint(directory / "epoch_0001.ckpt").epoch == 1
 
 
-def test_a_full_disk_while_checkpointing_is_one_error_and_the_previous_checkpoint_survives(tiny_config, small_disk,
-                                                                                           tmp_path):
+def test_a_full_disk_while_checkpointing_is_one_error_and_the_previous_checkpoint_survives(
+    tiny_config, small_disk, tmp_path
+):
     config = tiny_config(train={"checkpoint_dir": str(small_disk / "ck")})
     fit(config, progress=False)
     fill(small_disk)
-    result = ddpm_train(write_params(config, tmp_path / "params.yaml"), "--set", "train.epochs=2", "--resume",
-                        cwd=tmp_path)
+    result = ddpm_train(
+        write_params(config, tmp_path / "params.yaml"), "--set", "train.epochs=2", "--resume", cwd=tmp_path
+    )
     assert_one_error_and_epoch_1_intact(result, small_disk / "ck", "ENOSPC: No space left on device")
 
 
-def test_a_file_size_limit_while_checkpointing_is_one_error_and_the_previous_checkpoint_survives(tiny_config,
-                                                                                                tmp_path):
+def test_a_file_size_limit_while_checkpointing_is_one_error_and_the_previous_checkpoint_survives(tiny_config, tmp_path):
     """RLIMIT_FSIZE makes a write fail with EFBIG, as a full disk fails one with ENOSPC (simulated)."""
     config = tiny_config()
     fit(config, progress=False)
@@ -133,8 +143,14 @@ def test_a_file_size_limit_while_checkpointing_is_one_error_and_the_previous_che
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
 
-    result = ddpm_train(write_params(config, tmp_path / "params.yaml"), "--set", "train.epochs=2", "--resume",
-                        cwd=tmp_path, preexec_fn=limit_file_size)
+    result = ddpm_train(
+        write_params(config, tmp_path / "params.yaml"),
+        "--set",
+        "train.epochs=2",
+        "--resume",
+        cwd=tmp_path,
+        preexec_fn=limit_file_size,
+    )
     assert_one_error_and_epoch_1_intact(result, Path(config.train.checkpoint_dir), "EFBIG: File too large")
 
 
@@ -142,13 +158,17 @@ def test_an_unwritable_checkpoint_directory_fails_before_training(tiny_config, t
     config = tiny_config()
     fit(config, progress=False)
     directory = Path(config.train.checkpoint_dir)
-    bound = subprocess.run(["mount", "--bind", "-o", "ro", str(directory), str(directory)], capture_output=True,
-                           text=True)
+    bound = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(directory), str(directory)], capture_output=True, text=True
+    )
     if bound.returncode != 0:
         pytest.skip(f"cannot bind-mount read-only here ({bound.stderr.strip()})")
     try:
-        with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write checkpoints to {directory} "
-                                                            r"\(EROFS: Read-only file system\)"):
+        with pytest.raises(
+            ckpt.CheckpointWriteError,
+            match=f"cannot write checkpoints to {directory} "
+            r"\(EROFS: Read-only file system\)",
+        ):
             fit(tiny_config(train={"epochs": 2}), resume=True, progress=False)
     finally:
         subprocess.run(["umount", str(directory)], check=True)

@@ -1,5 +1,6 @@
 """benchmarks/torch_reference.py: the PyTorch twin of our U-Net. Skipped where torch is not installed
 (it never is in the project's environment: run `uv run --with torch==2.13.0 pytest tests/test_torch_reference.py`)."""
+
 import json
 import math
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters
+from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters  # noqa: E402  (needs torch, checked above)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with params.yaml's model section
@@ -28,7 +29,7 @@ def test_reference_with_our_weights_computes_our_networks_output():
     from ddpm.unet import Unet
 
     ms.set_seed(0)
-    ours = Unet(8, 1, (1, 2), fast=False)  # MindSpore's own cells, the reference of ddpm/unet.py
+    ours = Unet(8, 1, (1, 2), native=False)  # MindSpore's own cells, the reference of ddpm/unet.py
     ours.set_train(False)
     twin = build_unet(UnetConfig(dim=8, dim_mults=(1, 2))).eval()
     pairs = list(zip(ours.trainable_params(), twin.parameters(), strict=True))  # same definition order
@@ -54,11 +55,29 @@ def test_unknown_model_key_is_named(tmp_path):
 @pytest.mark.slow
 def test_script_trains_a_tiny_net_with_a_finite_loss(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("model: {image_size: 8, channels: 1, dim: 8, dim_mults: [1, 2], convnext_mult: 1}\n"
-                      "diffusion: {timesteps: 20}\nsample: {steps: 2, eta: 1.0, clip_x0: true}\n")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--params", str(params),
-                          "--what", "train,ddim", "--batch", "2", "--repeats", "1", "--warmup", "0"],
-                         capture_output=True, text=True, check=True).stdout
+    params.write_text(
+        "model: {image_size: 8, channels: 1, dim: 8, dim_mults: [1, 2], convnext_mult: 1}\n"
+        "diffusion: {timesteps: 20}\nsample: {steps: 2, eta: 1.0, clip_x0: true}\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "torch_reference.py"),
+            "--params",
+            str(params),
+            "--what",
+            "train,ddim",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     train, ddim = (json.loads(line) for line in out.splitlines())
     assert (train["what"], train["batch"], ddim["what"], ddim["ddim_steps"]) == ("train", 2, "ddim", 2)
     assert math.isfinite(train["loss"]) and train["img_s_best"] > 0 and ddim["wall_s_min"] > 0

@@ -1,5 +1,6 @@
 """MLflow run handling against a real MLflow store (SQLite): a resumed run logs every step and epoch
 once, stale runs of this workspace are ended, a dead server fails fast."""
+
 import socket
 import time
 from pathlib import Path
@@ -9,12 +10,21 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from ddpm.config import config_from_dict
 from ddpm.callbacks import EpochEnd
+from ddpm.config import Config, config_from_dict
 from flows import tracking
 from flows.config import params_from_dict
-from flows.tracking import (FAILURE_TAG, RESUMED_TAG, WORKSPACE_TAG, MlflowLogger, TrackingError, connect,
-                            end_stale_runs, start_run, workspace_id)
+from flows.tracking import (
+    FAILURE_TAG,
+    RESUMED_TAG,
+    WORKSPACE_TAG,
+    MlflowLogger,
+    TrackingError,
+    connect,
+    end_stale_runs,
+    start_run,
+    workspace_id,
+)
 
 STEPS_PER_EPOCH = 4
 
@@ -34,8 +44,13 @@ def pipeline(database, request, mlflow_state):
 
 def epoch_end(epoch: int) -> EpochEnd:
     grid = np.zeros((4, 1, 28, 28), np.float32)
-    return EpochEnd(epoch, (epoch + 1) * STEPS_PER_EPOCH, {"train_loss_epoch": 0.5 - epoch / 10}, Path("x.ckpt"),
-                    lambda num, seed: grid[:num])
+    return EpochEnd(
+        epoch,
+        (epoch + 1) * STEPS_PER_EPOCH,
+        {"train_loss_epoch": 0.5 - epoch / 10},
+        Path("x.ckpt"),
+        lambda num, seed: grid[:num],
+    )
 
 
 def steps_of(client, run_id, key):
@@ -43,14 +58,13 @@ def steps_of(client, run_id, key):
 
 
 def image_steps(client, run_id):
-    return sorted(int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images")
-                  if a.path.endswith(".png"))
+    return sorted(int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
 
 
 def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
     with mlflow.start_run() as run:  # the first attempt: epoch 1 done, killed in epoch 2 after step 6
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
         first.on_epoch_end(epoch_end(0))
@@ -58,7 +72,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
         for step in range(5, 9):
             second.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
@@ -73,12 +87,12 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
 def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     with mlflow.start_run() as run:  # killed between epoch 1's checkpoint and its report
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(None, 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(None, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
         second.on_resume(epoch_end(0))
     client = MlflowClient()
     assert steps_of(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]
@@ -92,8 +106,12 @@ def test_stale_runs_of_this_workspace_end_killed_and_resume_reopens_one(pipeline
     run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)  # then SIGKILL
     mlflow.end_run("RUNNING")  # what a dead process leaves behind
     client = MlflowClient()
-    theirs = client.create_run(client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id,
-                               tags={WORKSPACE_TAG: workspace_id(other)}).info.run_id
+    experiment = client.get_experiment_by_name(pipeline.tracking.experiment)
+    assert experiment is not None
+    theirs = client.create_run(
+        experiment.experiment_id,
+        tags={WORKSPACE_TAG: workspace_id(other)},
+    ).info.run_id
     assert end_stale_runs(pipeline, repo) == [run_id]
     stale = client.get_run(run_id)
     assert stale.info.status == "KILLED" and "process died" in stale.data.tags[FAILURE_TAG]
@@ -113,7 +131,9 @@ def test_stale_runs_are_found_beyond_the_first_page_of_search_results(pipeline, 
     run_id = start_run(config, pipeline, {WORKSPACE_TAG: workspace_id(repo)}, resume=False)
     mlflow.end_run("RUNNING")
     client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(pipeline.tracking.experiment).experiment_id
+    experiment = client.get_experiment_by_name(pipeline.tracking.experiment)
+    assert experiment is not None
+    experiment_id = experiment.experiment_id
     for n in range(5):  # newer runs of other checkouts: they fill the first pages
         client.create_run(experiment_id, tags={WORKSPACE_TAG: workspace_id(tmp_path / f"other{n}")})
     monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
@@ -126,7 +146,7 @@ def test_resuming_a_run_the_store_lacks_names_the_run_and_the_fix(pipeline, tmp_
     checkpoints.mkdir()
     (checkpoints / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")
     config = config_from_dict({"train": {"checkpoint_dir": str(checkpoints)}})
-    with pytest.raises(TrackingError, match="0123456789abcdef0123456789abcdef.*MLFLOW_TRACKING_URI"):
+    with pytest.raises(TrackingError, match=r"0123456789abcdef0123456789abcdef.*MLFLOW_TRACKING_URI"):
         start_run(config, pipeline, {}, resume=True)
 
 
@@ -134,9 +154,10 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(mlflow
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()  # the kernel accepts connections; nobody ever answers
-        _, pipeline = params_from_dict({"tracking": {"uri": f"http://127.0.0.1:{server.getsockname()[1]}",
-                                                     "connect_timeout": 1.0}})
+        _, pipeline = params_from_dict(
+            {"tracking": {"uri": f"http://127.0.0.1:{server.getsockname()[1]}", "connect_timeout": 1.0}}
+        )
         started = time.monotonic()
-        with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
+        with pytest.raises(TrackingError, match=r"unreachable.*mlflow server"):
             connect(pipeline)
         assert time.monotonic() - started < 5

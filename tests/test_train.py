@@ -7,10 +7,10 @@ import pytest
 
 from ddpm import checkpoint as ckpt
 from ddpm import train as train_module
-from ddpm.config import ConfigError, TrainConfig, config_from_dict
-from ddpm.interrupt import TrainingInterrupted
 from ddpm.callbacks import Callback
+from ddpm.config import ConfigError, TrainConfig, config_from_dict
 from ddpm.errors import NonFiniteLossError
+from ddpm.interrupt import TrainingInterrupted
 from ddpm.lr_schedules import learning_rates
 from ddpm.train import fit, resume_conflicts
 
@@ -67,8 +67,12 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     first = GridRecorder()
     fit(first_half, [first], progress=False)
     recorder = GridRecorder()
-    resumed = fit(tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "b")}),
-                  [recorder], resume=True, progress=False)
+    resumed = fit(
+        tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "b")}),
+        [recorder],
+        resume=True,
+        progress=False,
+    )
     assert [e.epoch for e in recorder.epochs] == [1]  # only the missing epoch ran
     last = recorder.resumed[0]  # callbacks may catch up on the epoch a crash kept them from reporting
     assert len(recorder.resumed) == 1 and last.epoch == 0 and last.metrics == first.epochs[0].metrics
@@ -78,8 +82,9 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     assert a.global_step == b.global_step == 8
     assert set(a.params) == set(b.params) and any(k.startswith("ema.") for k in a.params)
     for name in a.params:
-        np.testing.assert_allclose(a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 class SignalAt(Recorder):
@@ -103,15 +108,18 @@ def checkpoint_names(directory):
 def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_config, tmp_path):
     """Stopped by SIGTERM inside epoch 1 and again inside epoch 2, resumed each time: the per-step
     losses, epoch metrics and every tensor (net, Adam, EMA) equal an uninterrupted run."""
+
     def config(directory):
         return tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / directory)})
 
     straight = Recorder()
     fit(config("a"), [straight], progress=False)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    pieces = []
-    for stop_after, names in ((2, ["epoch_0001_step_000002.ckpt"]),
-                              (6, ["epoch_0001.ckpt", "epoch_0002_step_000002.ckpt"])):
+    pieces: list[Recorder] = []
+    for stop_after, names in (
+        (2, ["epoch_0001_step_000002.ckpt"]),
+        (6, ["epoch_0001.ckpt", "epoch_0002_step_000002.ckpt"]),
+    ):
         piece = SignalAt(stop_after, signal.SIGTERM)
         with pytest.raises(TrainingInterrupted) as stopped:
             fit(config("b"), [piece], resume=bool(pieces), progress=False)
@@ -129,15 +137,16 @@ def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_
     losses = pieces[0].losses + pieces[1].losses + last.losses  # steps 1-2, 3-6, 7-8
     np.testing.assert_allclose(losses, straight.losses, rtol=1e-5)
     assert [e.epoch for e in pieces[1].epochs + last.epochs] == [0, 1]
-    for a, b in zip(straight.epochs, pieces[1].epochs + last.epochs):
+    for a, b in zip(straight.epochs, pieces[1].epochs + last.epochs, strict=True):
         assert a.global_step == b.global_step
         assert a.metrics["train_loss_epoch"] == pytest.approx(b.metrics["train_loss_epoch"], rel=1e-5)
     a = ckpt.load_checkpoint(tmp_path / "a" / "epoch_0002.ckpt")
     b = ckpt.load_checkpoint(resumed.checkpoint)
     assert a.global_step == b.global_step == 8 and set(a.params) == set(b.params)
     for name in a.params:
-        np.testing.assert_allclose(a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            a.params[name].asnumpy(), b.params[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 def test_a_second_ctrl_c_interrupts_at_once(tiny_config):
@@ -170,7 +179,7 @@ def test_checkpoint_minutes_checkpoint_inside_epochs_and_keep_the_last_complete_
     assert seen[6] == ["epoch_0001.ckpt", "epoch_0002_step_000001.ckpt"]
     assert checkpoint_names(config.train.checkpoint_dir) == ["epoch_0001.ckpt", "epoch_0002.ckpt"]
     assert listing.checkpoints == list(range(1, 9))
-    with pytest.raises(ConfigError, match="train.checkpoint_minutes: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_minutes: must be >= 0"):
         tiny_config(train={"checkpoint_minutes": -1})
 
 
@@ -179,6 +188,7 @@ def test_a_mid_epoch_checkpoint_holds_the_partial_epoch(tiny_config):
     with pytest.raises(TrainingInterrupted) as stopped:
         fit(config, [SignalAt(3, signal.SIGTERM)], progress=False)
     state = ckpt.load_checkpoint(stopped.value.checkpoint)
+    assert state.progress is not None
     assert (state.epoch, state.global_step, state.progress.step, len(state.progress.losses)) == (0, 3, 3, 3)
     assert state.progress.seconds > 0
 
@@ -207,14 +217,20 @@ def test_existing_checkpoints_need_resume(tiny_config):
 
 def test_resume_refuses_a_different_model(tiny_config):
     fit(tiny_config(), progress=False)
-    with pytest.raises(ckpt.CheckpointError, match="model.dim"):
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.dim"):
         fit(tiny_config(model={"dim": 12}, train={"epochs": 2}), resume=True, progress=False)
 
 
 def test_evaluation_settings_do_not_block_a_resume():
     saved = config_from_dict({})
-    looked_at = config_from_dict({"sample": {"steps": 10}, "evaluate": {"fid_samples": 500},
-                                  "classifier": {"epochs": 1}, "train": {"epochs": 20}})
+    looked_at = config_from_dict(
+        {
+            "sample": {"steps": 10},
+            "evaluate": {"fid_samples": 500},
+            "classifier": {"epochs": 1},
+            "train": {"epochs": 20},
+        }
+    )
     assert resume_conflicts(saved, looked_at) == []
     assert resume_conflicts(saved, config_from_dict({"train": {"lr": 1e-3}})) == ["train.lr: 0.0001 -> 0.001"]
 

@@ -1,6 +1,7 @@
 """MindSpore cells over the attention operators of attention.cc: the channel LayerNorm and the cores
 of linear and full attention, each one C++ call per direction where MindSpore's formulations run
 splits, transposes, softmaxes, batched matmuls and their gradients."""
+
 from __future__ import annotations
 
 from pathlib import Path

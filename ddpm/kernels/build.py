@@ -6,6 +6,7 @@ a file lock so concurrent processes build it once. When it cannot be built, `nat
 one warning naming the fix and returns None, and the layers fall back to MindSpore's own
 operators (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -65,8 +66,11 @@ def native_library() -> Path | None:
     try:
         return build(find_toolchain())
     except KernelUnavailable as err:
-        log.warning("native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
-                    "slower training): %s", err)
+        log.warning(
+            "native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
+            "slower training): %s",
+            err,
+        )
         from ddpm.runtime import lower_isa_cap  # here: runtime imports this module
 
         lower_isa_cap()
@@ -83,14 +87,17 @@ def find_toolchain() -> Toolchain:
         files = []
     headers = [f.locate() for f in files if str(f).endswith("oneapi/dnnl/dnnl.hpp")]
     if not headers:
-        raise KernelUnavailable(f"oneDNN headers missing: install the project's dependencies "
-                                f"(uv sync; the {HEADERS_PACKAGE} package)")
+        raise KernelUnavailable(
+            f"oneDNN headers missing: install the project's dependencies (uv sync; the {HEADERS_PACKAGE} package)"
+        )
     libdnnl = libdnnl_path()
     if libdnnl is None:
-        raise KernelUnavailable(f"MindSpore's {LIBDNNL} not found: install the mindspore CPU wheel pinned in "
-                                "pyproject.toml")
-    toolchain = Toolchain(compiler, Path(headers[0]).resolve().parents[2], libdnnl,
-                          importlib.metadata.version("mindspore"))
+        raise KernelUnavailable(
+            f"MindSpore's {LIBDNNL} not found: install the mindspore CPU wheel pinned in pyproject.toml"
+        )
+    toolchain = Toolchain(
+        compiler, Path(headers[0]).resolve().parents[2], libdnnl, importlib.metadata.version("mindspore")
+    )
     check_versions(toolchain)
     return toolchain
 
@@ -98,14 +105,18 @@ def find_toolchain() -> Toolchain:
 def libdnnl_path() -> Path | None:
     """MindSpore's own oneDNN (mindspore/lib/libdnnl.so.3), or None where it is missing."""
     spec = importlib.util.find_spec("mindspore")
-    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL if spec else None
-    return libdnnl if libdnnl is not None and libdnnl.is_file() else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libdnnl = Path(spec.submodule_search_locations[0]) / "lib" / LIBDNNL
+    return libdnnl if libdnnl.is_file() else None
 
 
 def header_version(include_dir: Path) -> tuple[int, int]:
     text = (include_dir / "oneapi/dnnl/dnnl_version.h").read_text()
-    major, minor = (int(re.search(rf"#define DNNL_VERSION_{part} (\d+)", text).group(1)) for part in ("MAJOR", "MINOR"))
-    return major, minor
+    major, minor = (re.search(rf"#define DNNL_VERSION_{part} (\d+)", text) for part in ("MAJOR", "MINOR"))
+    if major is None or minor is None:
+        raise KernelUnavailable(f"unexpected dnnl_version.h in {include_dir}: no DNNL_VERSION_MAJOR/MINOR")
+    return int(major.group(1)), int(minor.group(1))
 
 
 class _DnnlVersion(ctypes.Structure):
@@ -123,8 +134,10 @@ def check_versions(toolchain: Toolchain) -> None:
     """oneDNN keeps its ABI backward compatible within a major version: the library may be newer."""
     headers, library = header_version(toolchain.include_dir), library_version(toolchain.libdnnl)
     if headers[0] != library[0] or headers[1] > library[1]:
-        raise KernelUnavailable(f"oneDNN headers {headers} do not fit MindSpore's libdnnl {library}: pin a "
-                                f"{HEADERS_PACKAGE} release with headers 3.x, x <= {library[1]}")
+        raise KernelUnavailable(
+            f"oneDNN headers {headers} do not fit MindSpore's libdnnl {library}: pin a "
+            f"{HEADERS_PACKAGE} release with headers 3.x, x <= {library[1]}"
+        )
 
 
 def cache_dir() -> Path:
@@ -134,8 +147,15 @@ def cache_dir() -> Path:
 def build(toolchain: Toolchain) -> Path:
     """Compile the source unless the cache already holds this exact build; return the library's path."""
     source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    recipe = "\n".join([toolchain.mindspore_version, str(toolchain.libdnnl), str(header_version(toolchain.include_dir)),
-                        toolchain.compiler, *CXX_FLAGS])
+    recipe = "\n".join(
+        [
+            toolchain.mindspore_version,
+            str(toolchain.libdnnl),
+            str(header_version(toolchain.include_dir)),
+            toolchain.compiler,
+            *CXX_FLAGS,
+        ]
+    )
     digest = hashlib.sha256(source + recipe.encode()).hexdigest()[:16]
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,8 +173,18 @@ def compile_library(toolchain: Toolchain, directory: Path, target: Path) -> None
         write_runtime_config(toolchain.include_dir, config_dir)
         output = Path(scratch) / target.name
         lib_dir = toolchain.libdnnl.parent
-        command = [toolchain.compiler, *CXX_FLAGS, f"-I{config_dir}", f"-I{toolchain.include_dir}", *map(str, SOURCES),
-                   "-o", str(output), f"-L{lib_dir}", f"-l:{LIBDNNL}", f"-Wl,-rpath,{lib_dir}"]
+        command = [
+            toolchain.compiler,
+            *CXX_FLAGS,
+            f"-I{config_dir}",
+            f"-I{toolchain.include_dir}",
+            *map(str, SOURCES),
+            "-o",
+            str(output),
+            f"-L{lib_dir}",
+            f"-l:{LIBDNNL}",
+            f"-Wl,-rpath,{lib_dir}",
+        ]
         log.info("compiling %s (once per source and MindSpore version)", ", ".join(p.name for p in SOURCES))
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -169,8 +199,9 @@ def write_runtime_config(include_dir: Path, config_dir: Path) -> None:
         text, count = re.subn(rf"^#define {macro} \w+$", f"#define {macro} {value}", text, flags=re.MULTILINE)
         if count != 1:
             raise KernelUnavailable(f"unexpected dnnl_config.h in {include_dir}: no single {macro}")
-    text = re.sub(r"^#define DNNL_WITH_SYCL$", "/* DNNL_WITH_SYCL: not with MindSpore's oneDNN */", text,
-                  flags=re.MULTILINE)
+    text = re.sub(
+        r"^#define DNNL_WITH_SYCL$", "/* DNNL_WITH_SYCL: not with MindSpore's oneDNN */", text, flags=re.MULTILINE
+    )
     path = config_dir / "oneapi/dnnl/dnnl_config.h"
     path.parent.mkdir(parents=True)
     path.write_text(text)

@@ -1,4 +1,5 @@
 """The one way the kernel cells declare a C++ operator of the native library."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """MindSpore cells over the GroupNorm and GELU operators of pointwise.cc: the same math in one
 kernel each way where MindSpore's formulations run a dozen element-wise ones."""
+
 from __future__ import annotations
 
 from pathlib import Path

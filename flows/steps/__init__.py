@@ -3,6 +3,7 @@ stages (flows.stages), the Prefect flow (flows.pipeline) and the CLI. Steps exch
 through small files in outputs/, never tensors. This module holds what they share; it loads neither
 MindSpore nor MLflow, so a stage imports only the code it runs (dvc.yaml lists exactly that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.errors import USER_ERRORS as DDPM_USER_ERRORS
-
 from flows.errors import RegistrationError, TrackingError
 from flows.workspace import WorkspaceBusy
 
 OUTPUTS = Path("outputs")
-TRAIN_JSON = OUTPUTS / "train.json"  # the finished training (run, checkpoint, logged model), read by evaluate and register
+# the finished training (run, checkpoint, logged model), read by evaluate and register
+TRAIN_JSON = OUTPUTS / "train.json"
 METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics of the evaluation
 LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
 EVAL_LOSS_CSV = OUTPUTS / "eval_loss_per_t.csv"  # DVC plot: the held-out loss per timestep
@@ -31,6 +32,7 @@ USER_ERRORS = (*DDPM_USER_ERRORS, TrackingError, RegistrationError, WorkspaceBus
 @dataclasses.dataclass(frozen=True)
 class Trained:
     """A finished training: its MLflow run, final checkpoint, last epoch's metrics and the logged model."""
+
     run_id: str
     checkpoint: str
     metrics: dict
@@ -40,7 +42,7 @@ class Trained:
         write_json(path, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "Trained":
+    def load(cls, path: Path) -> Trained:
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run the train step first (`dvc repro train`)")
         return cls(**json.loads(path.read_text()))

@@ -1,11 +1,11 @@
 """The classifier step: the FID feature network, trained once and reused while its settings hold."""
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from ddpm.config import Config
-
 from flows.steps import CLASSIFIER_JSON, write_json
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ def classifier(config: Config, repo: Path, progress: bool = True) -> dict:
 
     network = trained_classifier(config.classifier)
     reused = network is not None
-    if reused:
+    if network is not None:
         log.info("reusing %s (test accuracy %.4f)", config.classifier.checkpoint, network.test_accuracy)
     else:
         network = train_classifier(config, progress)

@@ -1,5 +1,6 @@
 """The evaluate step: held-out denoising loss and sample quality (FID beside its floor, class
 coverage) of a finished training, into its MLflow run and model and the DVC metrics file."""
+
 from __future__ import annotations
 
 import csv
@@ -7,7 +8,6 @@ import logging
 from pathlib import Path
 
 from ddpm.config import Config
-
 from flows.config import PipelineConfig
 from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, write_json
 
@@ -16,8 +16,14 @@ log = logging.getLogger(__name__)
 QUALITY_METRICS = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy")
 
 
-def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trained, progress: bool = True,
-             skip_done: bool = False) -> dict:
+def evaluate(
+    config: Config,
+    pipeline: PipelineConfig,
+    repo: Path,
+    trained: Trained,
+    progress: bool = True,
+    skip_done: bool = False,
+) -> dict:
     """Score the model; with `skip_done`, return the scores its run already holds instead (a rerun
     of the flow after a failure later on)."""
     from flows.tracking import log_evaluation, logged_evaluation
@@ -28,12 +34,15 @@ def evaluate(config: Config, pipeline: PipelineConfig, repo: Path, trained: Trai
     from ddpm.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(trained.checkpoint, config, progress)
-    summary = {**{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
-               "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
-               "images_per_second": trained.metrics.get("images_per_second"), "per_t": {
-                   k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}}
+    per_t = {k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}
+    summary = {
+        **{key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)},
+        "train_loss_epoch": trained.metrics.get("train_loss_epoch"),
+        "images_per_second": trained.metrics.get("images_per_second"),
+        "per_t": per_t,
+    }
     write_json(repo / METRICS_JSON, summary)
-    write_loss_per_t(repo / EVAL_LOSS_CSV, summary["per_t"])
+    write_loss_per_t(repo / EVAL_LOSS_CSV, per_t)
     log_evaluation(trained.run_id, trained.model_id, metrics, measurement(config))  # last: then it is evaluated
     return metrics
 
@@ -50,5 +59,10 @@ def measurement(config: Config) -> dict[str, str]:
     """How the scores were measured: FIDs compare only when these agree (the promotion gate checks)."""
     sample = config.sample
     steps = sample.steps if sample.sampler == "ddim" else config.diffusion.timesteps
-    return {"fid_samples": str(config.evaluate.fid_samples), "seed": str(config.evaluate.seed),
-            "sampler": f"{sample.sampler}-{steps}", "eta": f"{sample.eta:g}", "clip_x0": str(sample.clip_x0)}
+    return {
+        "fid_samples": str(config.evaluate.fid_samples),
+        "seed": str(config.evaluate.seed),
+        "sampler": f"{sample.sampler}-{steps}",
+        "eta": f"{sample.eta:g}",
+        "clip_x0": str(sample.clip_x0),
+    }

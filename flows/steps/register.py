@@ -1,4 +1,5 @@
 """The register step: the evaluated model becomes a version of the registered model, @candidate."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -11,6 +11,7 @@ What the checkpoint directory holds decides what a run does:
   (the previous model stays in MLflow, logged).
 A directory holding any file a training did not write is refused, never cleaned.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,6 @@ from ddpm.callbacks import Callback
 from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
-
 from flows.config import PipelineConfig
 from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
 
@@ -33,8 +33,10 @@ FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record o
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # The names a training writes into its checkpoint directory besides ddpm.checkpoint's own files
 # (flows.tracking's run id, flows.parallel's, the markers): the only files the pipeline deletes there.
-OWNED_FILES = re.compile(r"^(mlflow_run_id|worker_params\.yaml|\.?fit_result\.json(\.partial)?|\.?finished\.json(\.partial)?"
-                         r"|COMPLETE)$")
+OWNED_FILES = re.compile(
+    r"^(mlflow_run_id|worker_params\.yaml|\.?fit_result\.json(\.partial)?|\.?finished\.json(\.partial)?"
+    r"|COMPLETE)$"
+)
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
 
@@ -43,8 +45,11 @@ def foreign_files(directory: Path) -> list[Path]:
     """Files in `directory` that no training wrote."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir()
-                  if not (written_here(p.name) or OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir())))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if not (written_here(p.name) or OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir()))
+    )
 
 
 def refuse_foreign_files(directory: Path) -> None:
@@ -54,7 +59,8 @@ def refuse_foreign_files(directory: Path) -> None:
         raise FileExistsError(
             f"train.checkpoint_dir {directory} holds {len(found)} files no training wrote ({names}); the pipeline "
             f"deletes only its own files, so it will not train there. Set train.checkpoint_dir to a new or empty "
-            f"directory (--set train.checkpoint_dir=checkpoints/NAME), or move those files out.")
+            f"directory (--set train.checkpoint_dir=checkpoints/NAME), or move those files out."
+        )
 
 
 def clear_training(directory: Path) -> None:
@@ -93,17 +99,26 @@ class LossCsv(Callback):
             csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}"])
 
 
-
 def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
     """MLflow logging (per step, per epoch, sample grids) and the DVC loss plot."""
     from flows.tracking import MlflowLogger
 
-    return [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.train.sample_num,
-                         config.train.sample_seed), LossCsv(repo / LOSS_CSV)]
+    return [
+        MlflowLogger(
+            pipeline.tracking.log_every, config.train.sample_every, config.train.sample_num, config.train.sample_seed
+        ),
+        LossCsv(repo / LOSS_CSV),
+    ]
 
 
-def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,
-          progress: bool = True, continue_finished: bool = False) -> Trained:
+def train(
+    config: Config,
+    pipeline: PipelineConfig,
+    repo: Path,
+    flow_run_id: str | None = None,
+    progress: bool = True,
+    continue_finished: bool = False,
+) -> Trained:
     """Train (or resume, or with `continue_finished` take up a finished, unregistered training),
     log the model to the run, and record it in outputs/train.json and the checkpoint directory.
     A failure of the training ends its run FAILED with the reason as a tag; damaged data fails
@@ -115,14 +130,21 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
     refuse_foreign_files(directory)
     finished = finished_training(directory)
     if finished is not None and continue_finished and _unregistered_same_training(finished, config, pipeline):
-        log.info("%s holds a finished training (MLflow run %s) that is not registered yet; continuing with it",
-                 directory, finished.run_id)
+        log.info(
+            "%s holds a finished training (MLflow run %s) that is not registered yet; continuing with it",
+            directory,
+            finished.run_id,
+        )
         finished.save(repo / TRAIN_JSON)
         return finished
     if finished is not None or (directory / LEGACY_MARKER).is_file():
         if finished is not None:
-            log.info("%s holds a finished training (run %s, model %s); starting a new one", directory,
-                     finished.run_id, finished.model_id)
+            log.info(
+                "%s holds a finished training (run %s, model %s); starting a new one",
+                directory,
+                finished.run_id,
+                finished.model_id,
+            )
         clear_training(directory)
     trained = _fit_and_log(config, pipeline, repo, directory, flow_run_id, progress)
     write_json(directory / FINISHED_MARKER, trained.__dict__)
@@ -133,26 +155,30 @@ def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str
 def _unregistered_same_training(finished: Trained, config: Config, pipeline: PipelineConfig) -> bool:
     from ddpm.checkpoint import load_checkpoint
     from ddpm.train import resume_conflicts
-
     from flows.registry import registered_version
 
     if registered_version(pipeline.registry, finished.run_id) is not None:
         return False
     saved = load_checkpoint(finished.checkpoint).config
     if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config):
-        log.info("the finished training in %s (run %s, model %s, not registered) was trained with other settings; "
-                 "it stays in MLflow as a logged model", Path(finished.checkpoint).parent, finished.run_id,
-                 finished.model_id)
+        log.info(
+            "the finished training in %s (run %s, model %s, not registered) was trained with other settings; "
+            "it stays in MLflow as a logged model",
+            Path(finished.checkpoint).parent,
+            finished.run_id,
+            finished.model_id,
+        )
         return False
     return True
 
 
-def _fit_and_log(config: Config, pipeline: PipelineConfig, repo: Path, directory: Path, flow_run_id: str | None,
-                 progress: bool) -> Trained:
+def _fit_and_log(
+    config: Config, pipeline: PipelineConfig, repo: Path, directory: Path, flow_run_id: str | None, progress: bool
+) -> Trained:
     import mlflow
+
     from ddpm.checkpoint import list_checkpoints
     from ddpm.train import fit
-
     from flows.data import dvc_data_hash
     from flows.parallel import fit_on_workers
     from flows.registry import log_sampler_model

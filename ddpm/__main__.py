@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ddpm.data import DEBIAN_DATASET_DIR
+from ddpm.logs import configure_logging
 
 log = logging.getLogger("ddpm")
 
@@ -195,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         with logging_redirect_tqdm():
             args.func(args)

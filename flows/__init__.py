@@ -16,7 +16,3 @@ PREFECT_ENV_DEFAULTS = {
 }
 for _key, _value in PREFECT_ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
-
-# One log line format for every command of the pipeline (stages, workers, data, promote).
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_DATE_FORMAT = "%H:%M:%S"

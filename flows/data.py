@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ddpm.config import ConfigError
 from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
-from flows import LOG_DATE_FORMAT, LOG_FORMAT
+from ddpm.logs import configure_logging
 from flows.config import load_params
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch Fashion-MNIST through DVC")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    configure_logging()
     try:
         config, pipeline = load_params(args.params)
         origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)

@@ -8,6 +8,7 @@ import sys
 
 from mlflow.exceptions import MlflowException
 
+from ddpm.logs import configure_logging
 from flows.config import load_params
 from flows.registry import promote
 from flows.steps import USER_ERRORS
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     try:
         _, pipeline = load_params(args.params)
         connect(pipeline)

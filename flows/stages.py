@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ddpm.interrupt import TrainingInterrupted
-from flows import LOG_DATE_FORMAT, LOG_FORMAT
+from ddpm.logs import configure_logging
 from flows.config import load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained
 from flows.tracking import connect
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    configure_logging()
     repo = Path.cwd()
     try:
         config, pipeline = load_params(args.params, repo=repo)

@@ -6,15 +6,14 @@ python -m flows.worker --params CHECKPOINT_DIR/worker_params.yaml --run-id RUN_I
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import mlflow
 
 from ddpm.distributed import init_world
+from ddpm.logs import configure_logging
 from ddpm.train import fit
-from flows import LOG_DATE_FORMAT, LOG_FORMAT
 from flows.config import load_params
 from flows.parallel import save_fit_result
 from flows.steps.train import training_callbacks
@@ -30,11 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config, pipeline = load_params(args.params)
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this too
-    logging.basicConfig(
-        level=logging.INFO,
-        format=LOG_FORMAT.replace("%(levelname)s", f"rank {world.rank} %(levelname)s"),
-        datefmt=LOG_DATE_FORMAT,
-    )
+    configure_logging(label=f"rank {world.rank}")
     callbacks = []
     if world.is_main:
         connect(pipeline)

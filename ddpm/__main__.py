@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid, or .npy/.npz arrays")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num", type=int, default=64, help="images, >= 1 (.npy/.npz: any number, in batches)")
-    p.add_argument("--sampler", default=None, help="ddpm | ddim (default: the checkpoint's config)")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m (default: the checkpoint's config)")
     p.add_argument(
         "--steps",
         type=int,

@@ -20,8 +20,9 @@ from ddpm.errors import ConfigError
 Device = Literal["auto", "CPU", "GPU", "Ascend"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
+LossWeighting = Literal["none", "min_snr"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Precision = Literal["auto", "fp32", "bf16"]
 MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 
@@ -64,9 +65,13 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     loss: LossType = "huber"
+    loss_weighting: LossWeighting = "none"  # min_snr: each t weighted min(SNR, gamma) / SNR (Hang et al., 2023)
+    min_snr_gamma: float = 5.0
 
     def check(self) -> list[str]:
         errors = _at_least(self, timesteps=2)
+        if not self.min_snr_gamma > 0:
+            errors.append(f"diffusion.min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             errors.append(
                 f"diffusion.beta_start/beta_end: need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}"
@@ -131,8 +136,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     sampler: Sampler = "ddim"
-    steps: int = 50  # DDIM steps; DDPM always walks the full chain
-    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    steps: int = 50  # DDIM and DPM-Solver++(2M) steps; DDPM always walks the full chain
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like (the other samplers take none)
     clip_x0: bool = True  # clip the predicted x0 to [-1, 1] before the posterior step
     num: int = 64  # images per grid
     seed: int = 0

@@ -7,6 +7,7 @@ for the jitted train step. The samplers (the reverse process) live in `ddpm.samp
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 from ddpm.schedule import NoiseSchedule
@@ -33,27 +34,58 @@ def huber_loss(eps, noise):
 LOSSES = {"l1": l1_loss, "l2": l2_loss, "huber": huber_loss}
 
 
+def l1_distance(eps, noise):
+    return ops.abs(eps - noise)
+
+
+def l2_distance(eps, noise):
+    return ops.square(eps - noise)
+
+
+def huber_distance(eps, noise):
+    return ops.huber_loss(eps, noise, reduction="none", delta=1.0)
+
+
+DISTANCES = {"l1": l1_distance, "l2": l2_distance, "huber": huber_distance}  # elementwise, for weighted losses
+
+
+def min_snr_weights(s: NoiseSchedule, gamma: float) -> np.ndarray:
+    """min(SNR_t, gamma) / SNR_t for epsilon prediction (Hang et al., 2023, eq. 4), float64 (T,)."""
+    snr = s.alphas_cumprod / (1.0 - s.alphas_cumprod)
+    return np.minimum(snr, gamma) / snr
+
+
 class GaussianDiffusion:
     """q(x_t | x0) and the simple loss between the true and the predicted noise."""
 
-    def __init__(self, schedule: NoiseSchedule, loss: str = "huber"):
+    def __init__(self, schedule: NoiseSchedule, loss: str = "huber", weights: np.ndarray | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
         self.schedule = schedule
         self.timesteps = schedule.timesteps
         self.loss_fn = LOSSES[loss]
+        self.distance = DISTANCES[loss]
+        # (T,) per-timestep loss weights, or None: the plain mean over every element (DDPM eq. 14)
+        self.weights = None if weights is None else ms.Tensor(weights, ms.float32)
         self.sqrt_alphas_cumprod = ms.Tensor(schedule.sqrt_alphas_cumprod, ms.float32)
         self.sqrt_one_minus_alphas_cumprod = ms.Tensor(schedule.sqrt_one_minus_alphas_cumprod, ms.float32)
 
     @classmethod
     def from_config(cls, diffusion) -> GaussianDiffusion:
-        return cls(NoiseSchedule.from_config(diffusion), diffusion.loss)
+        schedule = NoiseSchedule.from_config(diffusion)
+        weights = min_snr_weights(schedule, diffusion.min_snr_gamma) if diffusion.loss_weighting == "min_snr" else None
+        return cls(schedule, diffusion.loss, weights)
 
     def q_sample(self, x0, t, noise):
         """DDPM eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
         return extract(self.sqrt_alphas_cumprod, t) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
 
     def training_loss(self, model, x0, t, noise):
-        """DDPM eq. 14 (simple loss), with the configured distance between true and predicted noise."""
+        """DDPM eq. 14 (simple loss), with the configured distance between true and predicted noise;
+        with weights, each image's mean distance weighted by its timestep's weight."""
         x_t = self.q_sample(x0, t, noise)
-        return self.loss_fn(model(x_t, t), noise)
+        eps = model(x_t, t)
+        if self.weights is None:
+            return self.loss_fn(eps, noise)
+        per_image = self.distance(eps, noise).mean(axis=(1, 2, 3))  # (B,)
+        return (ops.gather(self.weights, t, 0) * per_image).mean()

@@ -1,4 +1,5 @@
-"""The reverse process: DDPM's ancestral sampler and DDIM, in float64 numpy around a noise predictor.
+"""The reverse process: DDPM's ancestral sampler, DDIM and DPM-Solver++(2M), in float64 numpy
+around a noise predictor.
 
 No MindSpore here: a sampler takes the schedule's arrays and a function that predicts the noise,
 so each step reads like the paper's equations. `ddpm.sampling` checks requests and batches them.
@@ -70,6 +71,27 @@ def ddim_step(
     return np.sqrt(a_prev) * x0 + direction + sigma * noise  # 5. eq. 12
 
 
+def log_snr_half(s: NoiseSchedule, t: int) -> float:
+    """lambda_t = log(alpha_t / sigma_t) = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) (Lu et al., 2022)."""
+    return float(np.log(s.sqrt_alphas_cumprod[t]) - np.log(s.sqrt_one_minus_alphas_cumprod[t]))
+
+
+def dpmpp_2m_step(
+    s: NoiseSchedule, x_t: np.ndarray, t: int, t_prev: int, x0: np.ndarray, previous: tuple[float, np.ndarray] | None
+) -> np.ndarray:
+    """One DPM-Solver++(2M) step x_t -> x_{t_prev} from the predicted x0 (Lu et al., 2022, algorithm 2).
+    `previous` is (h, x0) of the step before, for the second-order correction; t_prev = -1 means x0."""
+    if t_prev < 0:
+        return x0  # sigma = 0: the last step lands on the (first-order) data prediction
+    h = log_snr_half(s, t_prev) - log_snr_half(s, t)  # 1. step size in lambda
+    d = x0
+    if previous is not None:
+        r = previous[0] / h  # 2. ratio of the last two step sizes
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous[1]  # 3. extrapolated data prediction
+    ratio = s.sqrt_one_minus_alphas_cumprod[t_prev] / s.sqrt_one_minus_alphas_cumprod[t]
+    return ratio * x_t - s.sqrt_alphas_cumprod[t_prev] * np.expm1(-h) * d  # 4. eq. 13's exact linear part
+
+
 def sample(
     predict_noise: NoisePredictor,
     s: NoiseSchedule,
@@ -94,6 +116,17 @@ def sample(
             eps = _eps(predict_noise, x, t)
             noise = rng.standard_normal(shape) if eta > 0 else 0.0
             x = ddim_step(s, x, t, t_prev, eps, noise, eta, clip_x0)
+    elif sampler == "dpmpp_2m":
+        ts = ddim_timesteps(s.timesteps, steps)
+        previous = None
+        for t, t_prev in progress(list(zip(ts, [*ts[1:], -1], strict=True))):
+            x0 = predict_x0(s, x, t, _eps(predict_noise, x, t))
+            if clip_x0:
+                x0 = np.clip(x0, -1.0, 1.0)  # the "++": thresholding the data prediction keeps it stable
+            x_next = dpmpp_2m_step(s, x, t, t_prev, x0, previous)
+            if t_prev >= 0:
+                previous = (log_snr_half(s, t_prev) - log_snr_half(s, t), x0)
+            x = x_next
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return x.astype(np.float32)

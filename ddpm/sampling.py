@@ -70,6 +70,8 @@ def request_errors(
         errors.append(f"steps must be an integer in [1, {timesteps}] (T, the model's timesteps), got {steps!r}")
     if eta is not None and not (_is_real(eta) and 0.0 <= eta <= 1.0):
         errors.append(f"eta must be a number in [0, 1], got {eta!r}")
+    if sampler == "dpmpp_2m" and eta is not None:
+        errors.append("sampler dpmpp_2m is deterministic and takes no eta; omit eta, or use sampler ddim")
     if sampler == "ddpm" and ((steps is not None and steps != timesteps) or eta is not None):
         errors.append(
             f"sampler ddpm walks all T = {timesteps} steps and takes no eta; omit steps (or give "

@@ -4,7 +4,7 @@ import pytest
 
 from ddpm import samplers
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion, min_snr_weights
 from ddpm.sampling import make_noise_predictor
 from ddpm.schedule import NoiseSchedule, make_betas
 from ddpm.unet import Unet
@@ -75,7 +75,9 @@ def test_ddim_timesteps():
         samplers.ddim_timesteps(200, 201)
 
 
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0)])
+@pytest.mark.parametrize(
+    "sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0), ("dpmpp_2m", 10, 0.0)]
+)
 def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
     schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=20))
 
@@ -94,3 +96,80 @@ def test_unknown_sampler(tiny_predictor):
         samplers.sample(
             tiny_predictor, NoiseSchedule.from_config(DiffusionConfig(timesteps=5)), (1, 1, 28, 28), 0, "euler"
         )
+
+
+def test_min_snr_weights_are_min_snr_gamma_over_snr(diffusion):
+    s = diffusion.schedule
+    snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+    w = min_snr_weights(s, 5.0)
+    noisy = snr <= 5.0
+    np.testing.assert_array_equal(w[noisy], 1.0)  # SNR below gamma: the plain loss
+    np.testing.assert_allclose(w[~noisy], 5.0 / snr[~noisy], rtol=1e-12)  # clean timesteps weigh less
+    assert noisy.any() and (~noisy).any() and w[0] < 0.01
+
+
+def test_min_snr_weighted_loss_is_the_weighted_mean_of_each_images_loss():
+    config = DiffusionConfig(timesteps=50, loss="l2", loss_weighting="min_snr", min_snr_gamma=2.0)
+    d = GaussianDiffusion.from_config(config)
+    rng = np.random.default_rng(3)
+    x0 = rng.uniform(-1, 1, (4, 1, 3, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 10, 30, 49], np.int32)
+
+    def predicts_no_noise(x_t, t):
+        return x_t * 0.0
+
+    loss = d.training_loss(predicts_no_noise, ms.Tensor(x0), ms.Tensor(t), ms.Tensor(noise))
+    expected = np.mean(min_snr_weights(d.schedule, 2.0)[t] * (noise.astype(np.float64) ** 2).mean(axis=(1, 2, 3)))
+    assert float(loss.asnumpy()) == pytest.approx(expected, rel=1e-5)
+    plain = GaussianDiffusion.from_config(DiffusionConfig(timesteps=50, loss="l2"))
+    unweighted = plain.training_loss(predicts_no_noise, ms.Tensor(x0), ms.Tensor(t), ms.Tensor(noise))
+    assert float(unweighted.asnumpy()) == pytest.approx(float((noise.astype(np.float64) ** 2).mean()), rel=1e-5)
+
+
+def gaussian_data_predictor(s: NoiseSchedule, std: float):
+    """The exact noise prediction when x0 ~ N(0, std^2 I): E[noise | x_t] = sigma_t x_t / Var(x_t)."""
+
+    def predict(x_t, t):
+        abar = s.alphas_cumprod[t[0]]
+        return (np.sqrt(1 - abar) * x_t / (abar * std**2 + 1 - abar)).astype(np.float32)
+
+    return predict
+
+
+def test_dpm_solver_pp_2m_converges_at_second_order_to_the_exact_ode_solution(diffusion):
+    """For Gaussian data the probability-flow ODE is linear: x_0 = x_T * std_0 / std_T, then the last
+    step lands on E[x0 | x_0]. DPM-Solver++(2M) closes in on it at second order, DDIM at first."""
+    s, std, shape = diffusion.schedule, 0.5, (8, 1, 2, 2)
+    x_T = np.random.default_rng(0).standard_normal(shape)  # what `sample` draws first for seed 0
+
+    def marginal_std(t):
+        return np.sqrt(s.alphas_cumprod[t] * std**2 + 1 - s.alphas_cumprod[t])
+
+    a0 = s.alphas_cumprod[0]
+    exact = np.sqrt(a0) * std**2 / (a0 * std**2 + 1 - a0) * x_T * marginal_std(0) / marginal_std(s.timesteps - 1)
+    predict = gaussian_data_predictor(s, std)
+
+    def error(sampler, steps):
+        x = samplers.sample(predict, s, shape, 0, sampler, steps, 0.0, clip_x0=False)
+        return float(np.abs(x - exact).max() / np.abs(exact).max())
+
+    dpm = {steps: error("dpmpp_2m", steps) for steps in (50, 100, 200)}
+    ddim = {steps: error("ddim", steps) for steps in (50, 100, 200)}
+    assert dpm[50] / dpm[100] > 3.5 and dpm[100] / dpm[200] > 3.5  # halving the step: about 4x less error
+    assert 1.5 < ddim[50] / ddim[100] < 2.5  # DDIM: about 2x
+    assert all(dpm[n] < ddim[n] for n in dpm) and dpm[200] < ddim[200] / 5  # measured: 0.0019 against 0.0135
+
+
+def test_dpm_solver_pp_2m_lands_exactly_on_a_point_mass():
+    """Data at one point c: every data prediction is c, so any number of steps returns c."""
+    s = NoiseSchedule.from_config(DiffusionConfig(timesteps=50))
+    c = 0.3
+
+    def predict(x_t, t):
+        abar = s.alphas_cumprod[t[0]]
+        return ((x_t - np.sqrt(abar) * c) / np.sqrt(1 - abar)).astype(np.float32)
+
+    for steps in (1, 2, 7, 50):
+        x = samplers.sample(predict, s, (2, 1, 3, 3), 1, "dpmpp_2m", steps, clip_x0=False)
+        np.testing.assert_allclose(x, c, atol=1e-5)

@@ -49,7 +49,7 @@ def test_one_error_names_every_bad_value_with_its_range(sampler):
         ({"eta": float("nan")}, "eta must be a number in [0, 1], got nan"),
         ({"eta": -0.1}, "eta must be a number in [0, 1]"),
         ({"seed": 2**63}, "seed must be an integer in [0, 2**63 - 1]"),
-        ({"sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
+        ({"sampler": "euler"}, "sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
         (
             {"sampler": "ddpm", "steps": 5},
             "sampler ddpm walks all T = 20 steps and takes no eta; omit steps (or give 20)",
@@ -98,3 +98,11 @@ def test_same_request_same_images_in_range(sampler):
     np.testing.assert_array_equal(images, np.concatenate(list(sampler.batches(request))))
     assert [len(b) for b in sampler.batches(request)] == [3, 3, 1]  # sample.batch_size
     np.testing.assert_array_equal(images, sampler.draw(7, 3, "ddim", 4, 1.0))
+
+
+def test_dpm_solver_takes_steps_but_no_eta(sampler):
+    request = sampler.request(2, 0, "dpmpp_2m", 4)
+    assert (request.sampler, request.steps) == ("dpmpp_2m", 4)
+    assert sampler.sample(request).shape == (2, 1, 28, 28)
+    with pytest.raises(SampleRequestError, match="dpmpp_2m is deterministic and takes no eta"):
+        sampler.request(2, 0, "dpmpp_2m", 4, eta=0.5)

@@ -110,7 +110,7 @@ def test_good_requests_answer_images(server):
         ({"num": 0}, "num must be an integer in [1, 256] per request, got 0"),
         ({"num": 2, "seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
         ({"num": 10**9}, "num must be an integer in [1, 256] per request, got 1000000000"),
-        ({"num": 2, "sampler": "euler"}, "sampler must be one of ddpm, ddim, got 'euler'"),
+        ({"num": 2, "sampler": "euler"}, "sampler must be one of ddpm, ddim, dpmpp_2m, got 'euler'"),
     ],
 )
 def test_bad_requests_answer_400_naming_the_value(server, record, named):

@@ -86,6 +86,9 @@ class TrainConfig:
     lr: float = 1e-4
     lr_schedule: LrSchedule = "tutorial_cosine"
     min_lr: float = 1e-7
+    # Epochs the schedule spans (0: train.epochs). Fixed for a training: more epochs than this continue
+    # at the schedule's last rate, fewer stop part-way, and a resume may extend train.epochs either way.
+    lr_epochs: int = 0
     warmup_steps: int = 0
     ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
     seed: int = 0
@@ -102,11 +105,17 @@ class TrainConfig:
     sample_steps: int = 20
     sample_seed: int = 0
 
+    @property
+    def lr_span(self) -> int:
+        """Epochs the learning-rate schedule spans."""
+        return self.lr_epochs or self.epochs
+
     def check(self) -> list[str]:
         errors = _at_least(
             self,
             epochs=1,
             batch_size=1,
+            lr_epochs=0,
             warmup_steps=0,
             seed=0,
             sample_every=0,

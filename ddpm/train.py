@@ -45,6 +45,7 @@ LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
 # Settings a resumed run may change: how long it runs and how it reports, never what it learns.
 RESUMABLE_CHANGES = {
     "train.epochs",
+    "train.lr_epochs",  # as long as the span of the learning-rate schedule stays (resume_conflicts)
     "train.sample_every",
     "train.sample_num",
     "train.sample_steps",
@@ -121,13 +122,20 @@ class Trainer:
 def resume_conflicts(saved: Config, current: Config) -> list[str]:
     """Settings that differ between a checkpoint and the current config and forbid resuming it."""
     a, b = saved.to_dict(), current.to_dict()
-    return [
+    conflicts = [
         f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
         for section in a
         if section not in UNTRAINED_SECTIONS
         for key in a[section]
         if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES
     ]
+    span = saved.train.lr_span
+    if current.train.lr_schedule != "constant" and current.train.lr_span != span:
+        conflicts.append(
+            f"train.lr_epochs: the learning-rate schedule spans {span} epochs in the checkpoint and "
+            f"{current.train.lr_span} now (set train.lr_epochs={span} to extend this training on its own curve)"
+        )
+    return conflicts
 
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:

@@ -228,7 +228,7 @@ def test_evaluation_settings_do_not_block_a_resume():
             "sample": {"steps": 10},
             "evaluate": {"fid_samples": 500},
             "classifier": {"epochs": 1},
-            "train": {"epochs": 20},
+            "train": {"epochs": 20, "lr_epochs": 10},  # longer, on the same learning-rate curve
         }
     )
     assert resume_conflicts(saved, looked_at) == []
@@ -290,3 +290,32 @@ def test_tutorial_lr_schedule_values():
     assert np.all(lr[:3] == lr[0])  # constant within an epoch
     warm = learning_rates(TrainConfig(epochs=1, lr=1e-3, lr_schedule="cosine", warmup_steps=10), 100)
     assert warm[0] == pytest.approx(1e-4) and warm[9] == pytest.approx(1e-3) and warm[-1] < 1e-5
+
+
+def test_the_lr_schedule_spans_lr_epochs_so_a_training_extends_on_its_own_curve():
+    planned = learning_rates(TrainConfig(epochs=4, lr=1e-3, min_lr=1e-5, lr_schedule="cosine", warmup_steps=5), 10)
+    first = learning_rates(
+        TrainConfig(epochs=2, lr_epochs=4, lr=1e-3, min_lr=1e-5, lr_schedule="cosine", warmup_steps=5), 10
+    )
+    longer = learning_rates(
+        TrainConfig(epochs=6, lr_epochs=4, lr=1e-3, min_lr=1e-5, lr_schedule="cosine", warmup_steps=5), 10
+    )
+    np.testing.assert_array_equal(first, planned[:20])  # stopped part-way along the same curve
+    np.testing.assert_array_equal(longer[:40], planned)
+    np.testing.assert_array_equal(longer[40:], planned[-1])  # then at the curve's last rate
+
+
+def test_a_resume_may_extend_epochs_only_along_the_same_lr_curve():
+    saved = config_from_dict({"train": {"epochs": 4, "lr_schedule": "cosine"}})
+    message = "train.lr_epochs: the learning-rate schedule spans 4 epochs in the checkpoint and 8 now"
+    assert [
+        c
+        for c in resume_conflicts(saved, config_from_dict({"train": {"epochs": 8, "lr_schedule": "cosine"}}))
+        if c.startswith(message)
+    ]
+    assert (
+        resume_conflicts(saved, config_from_dict({"train": {"epochs": 8, "lr_epochs": 4, "lr_schedule": "cosine"}}))
+        == []
+    )
+    constant = config_from_dict({"train": {"epochs": 4, "lr_schedule": "constant"}})
+    assert resume_conflicts(constant, config_from_dict({"train": {"epochs": 8, "lr_schedule": "constant"}})) == []

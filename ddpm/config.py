@@ -246,30 +246,21 @@ PIPELINE_SECTIONS = ("fetch", "tracking", "registry", "workspace")
 Overrides = typing.Mapping[str, Any]
 
 
-def parse_set(item: str) -> tuple[str, Any]:
-    """One `--set section.key=value` (the value read as YAML, as `dvc exp run -S` does) -> (key, value)."""
-    key, sep, text = item.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not (sep and section and dot and name):
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
+NO_VALUE = object()  # an override given without "=value": an error when it is applied, with the others
 
 
 def parse_sets(items: typing.Sequence[str]) -> dict[str, Any]:
-    """The entry points' `--set` options -> Overrides; one error names every malformed one."""
-    overrides, errors = {}, []
+    """The entry points' `--set section.key=value` options -> Overrides, each value read as YAML (as
+    `dvc exp run -S` does). Malformed ones are kept, so that validation names them with every other
+    bad value in one error."""
+    overrides = {}
     for item in items:
+        key, sep, text = item.partition("=")
         try:
-            key, value = parse_set(item)
-            overrides[key] = value
-        except ConfigError as e:
-            errors.append(str(e))
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+            value = yaml.safe_load(text) if sep else NO_VALUE
+        except yaml.YAMLError:
+            value = text
+        overrides[key.strip()] = value
     return overrides
 
 
@@ -331,8 +322,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> list[str]:
     errors = []
     for key, value in overrides.items():
         section, dot, name = key.partition(".")
-        if not (section and dot and name):
-            errors.append(f"override {key!r}: expected section.key")
+        if not (section and dot and name) or value is NO_VALUE:
+            errors.append(f"override {key!r}: expected section.key=value")
             continue
         raw.setdefault(section, {})
         if isinstance(raw[section], dict):

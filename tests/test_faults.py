@@ -239,7 +239,7 @@ def test_invalid_params_are_one_error_before_anything_starts(project, monkeypatc
         "train.bogus: unknown key",
         "model.dim: must be even",
         "workspace.lock_timeout: must be >= 0",
-        "--set 'epochs': expected section.key=value",
+        "override 'epochs': expected section.key=value",
     ):
         assert fragment in error, fragment
     assert "Beginning flow run" not in caplog.text  # Prefect never started

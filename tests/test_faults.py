@@ -3,6 +3,7 @@ second pipeline, each injected into the real pipeline (real dvc, real MLflow sto
 a temporary project. docs/reliability.md maps each fault to its test here."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -72,11 +73,6 @@ def runs_of(client: MlflowClient) -> list:
 
 
 FIRST_EPOCH_DONE = "checkpoints/.epoch_0002"  # epoch 2's checkpoint being written: epoch 1's is on disk
-
-
-@pytest.fixture(scope="session")
-def freezer(tmp_path_factory) -> Freezer:
-    return Freezer(tmp_path_factory.mktemp("freezer"))
 
 
 def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -164,6 +160,55 @@ def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "left RUNNING by a process that died" in rerun.stderr and "resuming from" in rerun.stderr
     assert_resumed_exactly(project, tmp_path, client)
+
+
+STOP_STEP = 6  # SIGTERM lands in this step: 2 of the 4 steps of epoch 2, so the stop checkpoints mid-epoch
+LOSS_CSV_OPENS = 1 + STOP_STEP  # loss.csv is opened once at the start, then once per step to append its row
+
+
+def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_and_a_rerun_resumes(
+        project, tmp_path, freezer):
+    """SIGTERM reaches `python -m flows.stages train` while it is stopped in step 6 (at its append to
+    loss.csv), so it cannot finish the epoch first; continued, it ends that step, checkpoints there,
+    ends its MLflow run KILLED, frees the workspace and exits 143; the same command resumes at step 6."""
+    set_params(project, train={"epochs": EPOCHS, "checkpoint_minutes": 0})  # no timed checkpoint: the stop's own
+    stage = [sys.executable, "-m", "flows.stages", "train"]
+    freezer.arm("outputs/loss.csv", LOSS_CSV_OPENS)
+    log = tmp_path / "stopped.log"
+    process = start(stage, project, freezer.env, log)
+    try:
+        pid = freezer.wait_frozen(alive=lambda: process.poll() is None)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
+    finally:
+        freezer.disarm()
+    assert pid == process.pid
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    output = log.read_text()
+    assert f"training stopped by SIGTERM after step {STOP_STEP} (2 of 4 steps into epoch 2)" in output
+    assert "`dvc repro` continues from there" in output and "Traceback" not in output
+
+    checkpoints = [p.name for p in ckpt.list_checkpoints(project / "checkpoints")]
+    assert checkpoints == ["epoch_0001.ckpt", "epoch_0002_step_000002.ckpt"]
+    stopped = ckpt.load_checkpoint(project / "checkpoints" / checkpoints[-1])
+    assert stopped.global_step == STOP_STEP and stopped.progress.step == 2
+    client = store(project)
+    [killed] = runs_of(client)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["failure"].startswith(f"TrainingInterrupted: training stopped by SIGTERM after step {STOP_STEP}")
+    assert sorted(m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")) == list(
+        range(1, STOP_STEP + 1))
+    assert (project / LOCK_FILE).read_text() == ""  # a clean exit: no holder record left behind
+    with open(project / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises BlockingIOError if still held
+
+    rerun = run(stage, project, {})
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "epoch_0002_step_000002.ckpt: 1 epochs done, 2 steps into the next" in rerun.stderr
+    assert "died" not in rerun.stderr  # it ended its own run and lock: nothing to clean up after it
+    assert assert_resumed_exactly(project, tmp_path, client) == killed.info.run_id
 
 
 def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, monkeypatch, mlflow_state, caplog):

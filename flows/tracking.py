@@ -197,6 +197,12 @@ def logged_evaluation(run_id: str, keys: tuple[str, ...]) -> dict[str, float] | 
     return metrics if all(key in metrics for key in keys) else None
 
 
+def logged_measurement(model_id: str) -> dict[str, str]:
+    """How a logged model's evaluation was measured (the tags `log_evaluation` set), {} if it has none."""
+    tags = MlflowClient().get_logged_model(model_id).tags
+    return {key.removeprefix(MEASURED_PREFIX): value for key, value in tags.items() if key.startswith(MEASURED_PREFIX)}
+
+
 def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.ActiveRun:
     """Continue an interrupted training's run: it no longer failed, it resumed."""
     client = MlflowClient()

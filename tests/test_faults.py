@@ -326,6 +326,37 @@ def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_register
     assert version.run_id == trained.info.run_id and len(runs_of(client)) == 1
 
 
+def test_a_rerun_reuses_an_evaluation_only_if_it_was_measured_the_same_way(project, monkeypatch, mlflow_state,
+                                                                            caplog):
+    """The flow's evaluate (skip_done) after a failure later on: the run's scores are reused when they
+    were measured with the current sample/evaluate settings, else the model is scored again."""
+    from flows.steps import TRAIN_JSON, Trained
+    from flows.steps.evaluate import evaluate
+    from flows.tracking import connect
+
+    caplog.set_level(logging.INFO, logger="flows")
+    monkeypatch.chdir(project)
+    for stage in ("classifier", "train", "evaluate"):
+        assert stages.main([stage]) == 0, caplog.text
+    trained = Trained.load(project / TRAIN_JSON)
+    client = store(project)
+
+    def scorings() -> int:
+        return len(client.get_metric_history(trained.run_id, "fid"))
+
+    config, pipeline_config = load_params(project / "params.yaml", repo=project)
+    connect(pipeline_config)
+    same = evaluate(config, pipeline_config, project, trained, progress=False, skip_done=True)
+    assert scorings() == 1 and same["fid"] == client.get_run(trained.run_id).data.metrics["fid"]
+    assert "is evaluated already" in caplog.text
+
+    config, pipeline_config = load_params(project / "params.yaml", ["sample.steps=3"], repo=project)
+    evaluate(config, pipeline_config, project, trained, progress=False, skip_done=True)
+    assert scorings() == 2
+    assert "was evaluated with other settings (sampler ddim-5 vs ddim-3); scoring it again" in caplog.text
+    assert client.get_logged_model(trained.model_id).tags["measured.sampler"] == "ddim-3"
+
+
 def test_a_damaged_mlflow_db_is_one_error_naming_it_and_left_as_it_was(project, monkeypatch, mlflow_state, caplog):
     db = project / "mlflow.db"
     db.write_bytes(b"not a database " * 100)

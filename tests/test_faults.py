@@ -291,6 +291,7 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     assert (project / "runs" / "ours" / "finished.json").is_file()  # the finished training is still there
 
 
+
 @pytest.mark.parametrize("directory", [".", ""])
 def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(project, monkeypatch, mlflow_state,
                                                                                caplog, directory):
@@ -456,6 +457,50 @@ def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_trainin
     [version] = client.search_model_versions()
     assert version.run_id == trained.info.run_id
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
+
+
+PUBLISH_FAILS = """
+import sys
+import flows.pipeline
+
+def publish_fails(*args, **kwargs):
+    raise ConnectionError("simulated: the Prefect API refused the summary artifact")
+
+flows.pipeline.publish_summary = publish_fails
+sys.exit(flows.pipeline.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_after_register_then_rerun_publishes_the_same_training_without_retraining(project, tmp_path):
+    """The flow fails after it registered the model (in publish_summary: simulated): its rerun takes up
+    the registered training (no step trained again, not scored again, still one version) and
+    publishes; the run after that one, which went to its end, trains anew."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
+    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
+    client = store(project)
+    [trained] = runs_of(client)
+    [version] = client.search_model_versions()
+    assert trained.info.status == "FINISHED" and version.run_id == trained.info.run_id
+    run_id = trained.info.run_id
+    steps_before = len(client.get_metric_history(run_id, "train_loss"))
+
+    rerun = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "no run of the flow took to its end; continuing with it" in rerun.stderr
+    assert [r.info.run_id for r in runs_of(client)] == [run_id]
+    assert len(client.get_metric_history(run_id, "train_loss")) == steps_before  # not trained again
+    assert len(client.get_metric_history(run_id, "fid")) == 1  # not scored again
+    [again] = client.search_model_versions()
+    assert again.version == version.version
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id and result["version"] == str(version.version)
+    assert not (project / "checkpoints" / "flow_unfinished").exists()
+
+    fresh = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
+    assert "starting a new one" in fresh.stderr and len(runs_of(client)) == 2
 
 
 QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experiment

@@ -290,6 +290,13 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     assert inside.read_text() == "mine too" and len(runs_of(store(project))) == 2
     assert (project / "runs" / "ours" / "finished.json").is_file()  # the finished training is still there
 
+    # runs/ itself as the checkpoint dir: it holds another training's folder and a user's file
+    before = sorted(str(p.relative_to(project)) for p in (project / "runs").rglob("*"))
+    set_params(project, train={"checkpoint_dir": "runs"})
+    assert stages.main(["train"]) == 2
+    assert "train.checkpoint_dir" in caplog.text and "holds 2 files no training wrote (notes.txt, ours)" in caplog.text
+    assert sorted(str(p.relative_to(project)) for p in (project / "runs").rglob("*")) == before  # nothing deleted
+    assert beside.read_text() == "mine" and len(runs_of(store(project))) == 2
 
 
 @pytest.mark.parametrize("directory", [".", ""])

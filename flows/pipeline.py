@@ -28,7 +28,7 @@ from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, load_params
 from flows.data import fetch_data
-from flows.steps import USER_ERRORS, Trained
+from flows.steps import USER_ERRORS, Trained, flow_finished
 from flows.tracking import connect, run_url
 from flows.workspace import hold_workspace
 
@@ -101,6 +101,7 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
         metrics = evaluate(config, pipeline, repo, trained)
         registration = register(pipeline, repo, trained)
         publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
+        flow_finished(Path(repo) / config.train.checkpoint_dir)  # last: until here, a rerun takes this training up
     return {
         "run_id": trained.run_id,
         "model_id": trained.model_id,

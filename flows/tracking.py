@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import socket
 import subprocess
 import urllib.error
@@ -65,7 +66,10 @@ def connect(pipeline: PipelineConfig) -> str:
 def use_experiment(uri: str, name: str) -> None:
     """Make `name` the active experiment, creating it with its artifacts beside a local SQLite store
     (MLflow would put them under the working directory, which for a DVC --temp or queued experiment
-    is a copy deleted after the run). A damaged SQLite file is an error naming it, left untouched."""
+    is a copy deleted after the run). A SQLite store that cannot be written, is locked or is damaged
+    is an error naming the file and the fix for that case, and is left untouched."""
+    if uri.startswith(SQLITE_PREFIX):
+        check_sqlite_store(Path(uri.removeprefix(SQLITE_PREFIX)))
     try:
         client = MlflowClient(uri)
         if uri.startswith(SQLITE_PREFIX) and client.get_experiment_by_name(name) is None:
@@ -76,13 +80,52 @@ def use_experiment(uri: str, name: str) -> None:
         status = e.get_http_status_code()
         if status in (http.HTTPStatus.UNAUTHORIZED, http.HTTPStatus.FORBIDDEN):
             raise TrackingError(refused_message(uri, name, status)) from None
+        if isinstance(e.__cause__, sqlalchemy.exc.DatabaseError):  # MLflow wraps the store's errors after startup
+            raise store_error(uri, e.__cause__) from None
         raise
     except sqlalchemy.exc.DatabaseError as e:
+        raise store_error(uri, e) from None
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Refuse at once a SQLite store that cannot be written (MLflow retries opening it for minutes).
+    SQLite writes the file and, beside it, its journal: both need a writable directory."""
+    fix = "or point MLFLOW_TRACKING_URI at a store in a writable directory (e.g. sqlite:////tmp/mlflow.db)"
+    ancestors = [db.parent, *db.parent.parents]
+    if blocker := next((p for p in ancestors if p.exists() and not p.is_dir()), None):
         raise TrackingError(
-            f"{uri.removeprefix(SQLITE_PREFIX)} is not a readable MLflow database ({e.orig}). It was left as it is: "
-            f"restore it from a backup, or move it aside to start a new store there (its runs and models are then "
-            f"not shown), or point MLFLOW_TRACKING_URI at another store."
-        ) from None
+            f"the MLflow store {db} cannot be created: {blocker} is a file, not a directory. Move that file, {fix}."
+        )
+    existing = next(p for p in ancestors if p.exists())
+    unwritable = [p for p in (existing, db) if p.exists() and not os.access(p, os.W_OK)]
+    if unwritable:
+        raise TrackingError(
+            f"the MLflow store {db} cannot be written: {unwritable[0]} is not writable (read-only "
+            f"file system or permissions). Make it writable, {fix}. The store was left as it is."
+        )
+
+
+def store_error(uri: str, error: sqlalchemy.exc.DatabaseError) -> TrackingError:
+    """What is wrong with the store, and its fix: locked or unopenable (OperationalError) is not damaged."""
+    path = uri.removeprefix(SQLITE_PREFIX)
+    if isinstance(error, sqlalchemy.exc.OperationalError):
+        if "locked" in str(error.orig):
+            return TrackingError(
+                f"{path} is locked by another process ({error.orig}): a program writing to it (another pipeline, "
+                f"`mlflow ui`, a script) held its lock past SQLite's timeout. Let it finish or stop it (`fuser {path}` "
+                f"names it), then rerun; for several writers at once, use a tracking server (`mlflow server`). The "
+                f"file was left as it is."
+            )
+        return TrackingError(
+            f"{path} cannot be opened ({error.orig}): check that it and its directory exist, are readable and "
+            f"writable, and that the disk is not full, or point MLFLOW_TRACKING_URI at another store. The file was "
+            f"left as it is."
+        )
+    return TrackingError(
+        f"{path} is not a readable MLflow database ({error.orig}). It was left as it is: restore it from a backup, "
+        f"or move it aside to start a new store there (its runs and models are then not shown), or point "
+        f"MLFLOW_TRACKING_URI at another store."
+    )
 
 
 def refused_message(uri: str, experiment: str, status: int) -> str:
@@ -206,6 +249,12 @@ def logged_evaluation(run_id: str, keys: tuple[str, ...]) -> dict[str, float] | 
     """The evaluation metrics a run holds, or None if it was not evaluated."""
     metrics = MlflowClient().get_run(run_id).data.metrics
     return metrics if all(key in metrics for key in keys) else None
+
+
+def logged_measurement(model_id: str) -> dict[str, str]:
+    """How a logged model's evaluation was measured (the tags `log_evaluation` set), {} if it has none."""
+    tags = MlflowClient().get_logged_model(model_id).tags
+    return {key.removeprefix(MEASURED_PREFIX): value for key, value in tags.items() if key.startswith(MEASURED_PREFIX)}
 
 
 def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.ActiveRun:

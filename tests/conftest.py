@@ -9,6 +9,7 @@ import pytest
 import ddpm  # noqa: F401  (sets MindSpore's environment before anything imports it)
 from ddpm.config import config_from_dict
 from ddpm.data import DEBIAN_DATASET_DIR
+from tests.freeze import Freezer
 
 DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
 TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
@@ -64,6 +65,12 @@ def tiny_config(fashion_root, tmp_path):
         return config_from_dict(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def freezer(tmp_path_factory) -> Freezer:
+    """Stops a test's subprocess at a file open (tests/freeze.py), compiled once per session."""
+    return Freezer(tmp_path_factory.mktemp("freezer"))
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 
 tests/freeze_at_open.c is compiled once per test session and preloaded into the processes a test
 starts (`Freezer.env`). `arm(pattern)` makes the next process that opens a path containing
-`pattern` stop itself before the open; `wait_frozen()` returns its pid once it is stopped, so the
-test can SIGKILL it there: after the step before, never racing a tiny training that is faster
-than a poll."""
+`pattern` stop itself before the open (`arm(pattern, nth)`: before its nth such open);
+`wait_frozen()` returns its pid once it is stopped, so the test can SIGKILL it there, or send it a
+signal that it handles when continued: after the step before, never racing a tiny training that is
+faster than a poll."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ class Freezer:
     def env(self) -> dict[str, str]:
         return {"LD_PRELOAD": str(self.library), "FREEZE_CONTROL": str(self.control)}
 
-    def arm(self, pattern: str) -> None:
+    def arm(self, pattern: str, nth: int = 1) -> None:
         self.pidfile.unlink(missing_ok=True)
-        self.control.write_text(pattern + "\n")
+        self.control.write_text(f"{pattern}\n{nth}\n")
 
     def disarm(self) -> None:
         self.control.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 /* Test helper, preloaded (LD_PRELOAD) into the pipeline's processes by tests/freeze.py: the first
- * process that opens a path containing the pattern in $FREEZE_CONTROL writes its pid beside that
- * file and stops itself (SIGSTOP) before the open, so a test can kill it at exactly that point:
- * fault injection at a file event, with no hook in the code under test. */
+ * process that opens a path containing the pattern in $FREEZE_CONTROL (line 1) for the Nth time (line 2,
+ * default 1) writes its pid beside that file and stops itself (SIGSTOP) before the open, so a test can
+ * kill or signal it at exactly that point: fault injection at a file event, with no hook in the code
+ * under test. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -14,6 +15,7 @@
 
 static char pattern[4096];
 static int armed = -1; /* -1: control file not read yet in this process */
+static long opens_left = 1; /* matching opens until the one that freezes, this one included */
 
 static void read_control(void) {
     armed = 0;
@@ -25,6 +27,8 @@ static void read_control(void) {
     if (fgets(pattern, sizeof pattern, f)) {
         pattern[strcspn(pattern, "\n")] = 0;
         armed = pattern[0] != 0;
+        char count[64];
+        if (fgets(count, sizeof count, f) && atol(count) > 0) opens_left = atol(count);
     }
     fclose(f);
 }
@@ -32,6 +36,7 @@ static void read_control(void) {
 static void maybe_freeze(const char *path) {
     if (armed < 0) read_control();
     if (!armed || !path || !strstr(path, pattern)) return;
+    if (--opens_left > 0) return;
     armed = 0;
     char pidfile[4200];
     snprintf(pidfile, sizeof pidfile, "%s.pid", getenv("FREEZE_CONTROL"));

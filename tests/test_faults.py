@@ -4,6 +4,7 @@ a temporary project. docs/reliability.md maps each fault to its test here."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -73,11 +74,6 @@ def runs_of(client: MlflowClient) -> list:
 
 
 FIRST_EPOCH_DONE = "checkpoints/.epoch_0002"  # epoch 2's checkpoint being written: epoch 1's is on disk
-
-
-@pytest.fixture(scope="session")
-def freezer(tmp_path_factory) -> Freezer:
-    return Freezer(tmp_path_factory.mktemp("freezer"))
 
 
 def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -177,6 +173,60 @@ def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "left RUNNING by a process that died" in rerun.stderr and "resuming from" in rerun.stderr
     assert_resumed_exactly(project, tmp_path, client)
+
+
+STOP_STEP = 6  # SIGTERM lands in this step: 2 of the 4 steps of epoch 2, so the stop checkpoints mid-epoch
+LOSS_CSV_OPENS = 1 + STOP_STEP  # loss.csv is opened once at the start, then once per step to append its row
+
+
+def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_and_a_rerun_resumes(
+    project, tmp_path, freezer
+):
+    """SIGTERM reaches `python -m flows.stages train` while it is stopped in step 6 (at its append to
+    loss.csv), so it cannot finish the epoch first; continued, it ends that step, checkpoints there,
+    ends its MLflow run KILLED, frees the workspace and exits 143; the same command resumes at step 6."""
+    set_params(project, train={"epochs": EPOCHS, "checkpoint_minutes": 0})  # no timed checkpoint: the stop's own
+    stage = [sys.executable, "-m", "flows.stages", "train"]
+    freezer.arm("outputs/loss.csv", LOSS_CSV_OPENS)
+    log = tmp_path / "stopped.log"
+    process = start(stage, project, freezer.env, log)
+    try:
+        pid = freezer.wait_frozen(alive=lambda: process.poll() is None)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
+    finally:
+        freezer.disarm()
+    assert pid == process.pid
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    output = log.read_text()
+    assert f"training stopped by SIGTERM after step {STOP_STEP} (2 of 4 steps into epoch 2)" in output
+    assert "`dvc repro` continues from there" in output and "Traceback" not in output
+
+    checkpoints = [p.name for p in ckpt.list_checkpoints(project / "checkpoints")]
+    assert checkpoints == ["epoch_0001.ckpt", "epoch_0002_step_000002.ckpt"]
+    stopped = ckpt.load_checkpoint(project / "checkpoints" / checkpoints[-1])
+    assert stopped.progress is not None
+    assert stopped.global_step == STOP_STEP and stopped.progress.step == 2
+    client = store(project)
+    [killed] = runs_of(client)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["failure"].startswith(
+        f"TrainingInterrupted: training stopped by SIGTERM after step {STOP_STEP}"
+    )
+    assert sorted(m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")) == list(
+        range(1, STOP_STEP + 1)
+    )
+    assert (project / LOCK_FILE).read_text() == ""  # a clean exit: no holder record left behind
+    with open(project / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises BlockingIOError if still held
+
+    rerun = run(stage, project, {})
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "epoch_0002_step_000002.ckpt: 1 epochs done, 2 steps into the next" in rerun.stderr
+    assert "died" not in rerun.stderr  # it ended its own run and lock: nothing to clean up after it
+    assert assert_resumed_exactly(project, tmp_path, client) == killed.info.run_id
 
 
 def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, monkeypatch, mlflow_state, caplog):
@@ -279,6 +329,14 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     assert inside.read_text() == "mine too" and len(runs_of(store(project))) == 2
     assert (project / "runs" / "ours" / "finished.json").is_file()  # the finished training is still there
 
+    # runs/ itself as the checkpoint dir: it holds another training's folder and a user's file
+    before = sorted(str(p.relative_to(project)) for p in (project / "runs").rglob("*"))
+    set_params(project, train={"checkpoint_dir": "runs"})
+    assert stages.main(["train"]) == 2
+    assert "train.checkpoint_dir" in caplog.text and "holds 2 files no training wrote (notes.txt, ours)" in caplog.text
+    assert sorted(str(p.relative_to(project)) for p in (project / "runs").rglob("*")) == before  # nothing deleted
+    assert beside.read_text() == "mine" and len(runs_of(store(project))) == 2
+
 
 @pytest.mark.parametrize("directory", [".", ""])
 def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(
@@ -315,6 +373,36 @@ def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_register
     assert stages.main(["register"]) == 0 and stages.main(["register"]) == 0  # twice: still one version
     [version] = client.search_model_versions()
     assert version.run_id == trained.info.run_id and len(runs_of(client)) == 1
+
+
+def test_a_rerun_reuses_an_evaluation_only_if_it_was_measured_the_same_way(project, monkeypatch, mlflow_state, caplog):
+    """The flow's evaluate (skip_done) after a failure later on: the run's scores are reused when they
+    were measured with the current sample/evaluate settings, else the model is scored again."""
+    from flows.steps import TRAIN_JSON, Trained
+    from flows.steps.evaluate import evaluate
+    from flows.tracking import connect
+
+    caplog.set_level(logging.INFO, logger="flows")
+    monkeypatch.chdir(project)
+    for stage in ("classifier", "train", "evaluate"):
+        assert stages.main([stage]) == 0, caplog.text
+    trained = Trained.load(project / TRAIN_JSON)
+    client = store(project)
+
+    def scorings() -> int:
+        return len(client.get_metric_history(trained.run_id, "fid"))
+
+    config, pipeline_config = load_params(project / "params.yaml", repo=project)
+    connect(pipeline_config)
+    same = evaluate(config, pipeline_config, project, trained, progress=False, skip_done=True)
+    assert scorings() == 1 and same["fid"] == client.get_run(trained.run_id).data.metrics["fid"]
+    assert "is evaluated already" in caplog.text
+
+    config, pipeline_config = load_params(project / "params.yaml", {"sample.steps": 3}, repo=project)
+    evaluate(config, pipeline_config, project, trained, progress=False, skip_done=True)
+    assert scorings() == 2
+    assert "was evaluated with other settings (sampler ddim-5 vs ddim-3); scoring it again" in caplog.text
+    assert client.get_logged_model(trained.model_id).tags["measured.sampler"] == "ddim-3"
 
 
 def test_a_damaged_mlflow_db_is_one_error_naming_it_and_left_as_it_was(project, monkeypatch, mlflow_state, caplog):
@@ -417,6 +505,50 @@ def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_trainin
     [version] = client.search_model_versions()
     assert version.run_id == trained.info.run_id
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
+
+
+PUBLISH_FAILS = """
+import sys
+import flows.pipeline
+
+def publish_fails(*args, **kwargs):
+    raise ConnectionError("simulated: the Prefect API refused the summary artifact")
+
+flows.pipeline.publish_summary = publish_fails
+sys.exit(flows.pipeline.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_after_register_then_rerun_publishes_the_same_training_without_retraining(project, tmp_path):
+    """The flow fails after it registered the model (in publish_summary: simulated): its rerun takes up
+    the registered training (no step trained again, not scored again, still one version) and
+    publishes; the run after that one, which went to its end, trains anew."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
+    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
+    client = store(project)
+    [trained] = runs_of(client)
+    [version] = client.search_model_versions()
+    assert trained.info.status == "FINISHED" and version.run_id == trained.info.run_id
+    run_id = trained.info.run_id
+    steps_before = len(client.get_metric_history(run_id, "train_loss"))
+
+    rerun = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "no run of the flow took to its end; continuing with it" in rerun.stderr
+    assert [r.info.run_id for r in runs_of(client)] == [run_id]
+    assert len(client.get_metric_history(run_id, "train_loss")) == steps_before  # not trained again
+    assert len(client.get_metric_history(run_id, "fid")) == 1  # not scored again
+    [again] = client.search_model_versions()
+    assert again.version == version.version
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id and result["version"] == str(version.version)
+    assert not (project / "checkpoints" / "flow_unfinished").exists()
+
+    fresh = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
+    assert "starting a new one" in fresh.stderr and len(runs_of(client)) == 2
 
 
 QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experiment

@@ -10,7 +10,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from ddpm import checkpoint as ckpt
 from ddpm.train import fit
 
 SIGNAL_DEADLINE = 300  # seconds to wait for the first mid-epoch checkpoint of a run
-POLL = 0.01  # seconds between looks for it
 DISK_BYTES = 4 * 2**20  # the tmpfs: room for about three tiny checkpoints (1.1 MB each)
 FILE_SIZE_LIMIT = 2**19  # RLIMIT_FSIZE: half a tiny checkpoint
 
@@ -47,24 +45,30 @@ def log_lines(stderr: str, level: str) -> list[str]:
     return [line for line in stderr.splitlines() if f" {level} " in line]
 
 
-def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
-    """SIGTERM lands while the process is stopped (SIGSTOP) at its first mid-epoch checkpoint, so
-    there is no race: after SIGCONT it finishes the step it is in, checkpoints, exits 143."""
+def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, freezer):
+    """SIGTERM lands while the process is stopped (tests/freeze.py) as it opens its first mid-epoch
+    checkpoint, so there is no race: after SIGCONT it writes that checkpoint, stops there, exits 143."""
     config = tiny_config(data={"limit": 1600}, train={"checkpoint_minutes": 0.001, "checkpoint_dir": "ck"})
     params = write_params(config, tmp_path / "params.yaml")
     directory = tmp_path / "ck"
+    freezer.arm("ck/.epoch_0001_step_")  # 100 steps, one or a few done: it cannot finish the epoch first
     with open(tmp_path / "stderr.log", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ddpm", "train", "--params", str(params)], cwd=tmp_path, stderr=log, text=True
+            [sys.executable, "-m", "ddpm", "train", "--params", str(params)],
+            cwd=tmp_path,
+            stderr=log,
+            text=True,
+            env={**os.environ, **freezer.env},
         )
-    deadline = time.monotonic() + SIGNAL_DEADLINE
-    while not list(directory.glob("epoch_0001_step_*.ckpt")):
-        assert process.poll() is None, (tmp_path / "stderr.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no mid-epoch checkpoint in time"
-        time.sleep(POLL)
-    os.kill(process.pid, signal.SIGSTOP)  # 100 steps, a few done: it cannot finish the epoch first
-    os.kill(process.pid, signal.SIGTERM)
-    os.kill(process.pid, signal.SIGCONT)
+    try:
+        pid = freezer.wait_frozen(alive=lambda: process.poll() is None, timeout=SIGNAL_DEADLINE)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{(tmp_path / 'stderr.log').read_text()[-3000:]}") from None
+    finally:
+        freezer.disarm()
+    assert pid == process.pid
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
     assert process.wait(timeout=SIGNAL_DEADLINE) == 128 + signal.SIGTERM
     stderr = (tmp_path / "stderr.log").read_text()
     [stop_line] = [line for line in log_lines(stderr, "WARNING") if "training stopped by SIGTERM after step" in line]

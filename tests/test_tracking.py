@@ -2,6 +2,8 @@
 once, stale runs of this workspace are ended, a dead server fails fast."""
 
 import socket
+import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -161,3 +163,45 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(mlflow
         with pytest.raises(TrackingError, match=r"unreachable.*mlflow server"):
             connect(pipeline)
         assert time.monotonic() - started < 5
+
+
+def test_a_locked_store_is_named_locked_not_damaged(tmp_path, mlflow_state):
+    """`database is locked` is a sqlalchemy OperationalError, a DatabaseError too: not a damaged file."""
+    db = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the lock past SQLite's timeout
+    try:
+        with pytest.raises(TrackingError) as caught:
+            tracking.use_experiment(f"sqlite:///{db}", "locked")
+    finally:
+        holder.rollback()
+        holder.close()
+    message = str(caught.value)
+    assert f"{db} is locked by another process (database is locked)" in message and "fuser" in message
+    assert "backup" not in message and "not a readable" not in message
+
+
+def test_a_store_behind_a_file_is_one_error_at_once(tmp_path, mlflow_state):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=f"cannot be created: {blocker} is a file, not a directory"):
+        tracking.use_experiment(f"sqlite:///{blocker / 'mlflow.db'}", "blocked")
+    assert time.monotonic() - started < 5 and blocker.read_text() == "mine"
+
+
+def test_a_store_in_a_read_only_directory_is_one_error_at_once(tmp_path, mlflow_state):
+    directory = tmp_path / "store"
+    directory.mkdir()
+    bound = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(directory), str(directory)], capture_output=True, text=True
+    )
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here ({bound.stderr.strip()})")
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrackingError, match=f"cannot be written: {directory} is not writable"):
+            tracking.use_experiment(f"sqlite:///{directory / 'mlflow.db'}", "read-only")
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+    assert time.monotonic() - started < 5 and not list(directory.iterdir())

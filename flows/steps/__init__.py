@@ -25,6 +25,9 @@ MEASURED_PREFIX = "measured."  # logged model tags: how its evaluation was measu
 PER_T_PREFIX = "eval_loss_t"  # ddpm.evaluate's per-timestep losses, eval_loss_tNNNN
 REGISTERED_JSON = OUTPUTS / "registered.json"
 CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
+# In the checkpoint dir, beside a finished training: the Prefect flow took it and has not reached its
+# end yet, so a rerun of the flow takes it up again, registered or not (a failure after register).
+FLOW_UNFINISHED = "flow_unfinished"
 # What the entry points (flow, DVC stages) report as one clear line, exit 2, rather than a traceback.
 USER_ERRORS = (*DDPM_USER_ERRORS, TrackingError, RegistrationError, WorkspaceBusy)
 
@@ -46,6 +49,11 @@ class Trained:
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run the train step first (`dvc repro train`)")
         return cls(**json.loads(path.read_text()))
+
+
+def flow_finished(checkpoint_dir: Path) -> None:
+    """The Prefect flow reached its end with the training in `checkpoint_dir`: its next run trains anew."""
+    (checkpoint_dir / FLOW_UNFINISHED).unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -25,12 +25,20 @@ def evaluate(
     skip_done: bool = False,
 ) -> dict:
     """Score the model; with `skip_done`, return the scores its run already holds instead (a rerun
-    of the flow after a failure later on)."""
-    from flows.tracking import log_evaluation, logged_evaluation
+    of the flow after a failure later on), if they were measured as `config` measures them."""
+    from flows.tracking import log_evaluation, logged_evaluation, logged_measurement
 
     if skip_done and (done := logged_evaluation(trained.run_id, QUALITY_METRICS)) is not None:
-        log.info("run %s is evaluated already (fid %.4g); not scoring it again", trained.run_id, done["fid"])
-        return done
+        wanted, measured = measurement(config), logged_measurement(trained.model_id)
+        if measured == wanted:
+            log.info("run %s is evaluated already (fid %.4g); not scoring it again", trained.run_id, done["fid"])
+            return done
+        differ = [
+            f"{key} {measured.get(key, 'unknown')} vs {value}"
+            for key, value in wanted.items()
+            if measured.get(key) != value
+        ]
+        log.info("run %s was evaluated with other settings (%s); scoring it again", trained.run_id, "; ".join(differ))
     from ddpm.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(trained.checkpoint, config, progress)

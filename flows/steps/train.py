@@ -6,9 +6,10 @@ What the checkpoint directory holds decides what a run does:
 - checkpoints of an unfinished training (killed, stopped, failed): resume it in the same MLflow run;
 - a finished training (its marker names run and model) already registered: a new training, after
   deleting only the files a training writes there;
-- a finished training not registered yet: the Prefect flow continues with it (evaluate, register,
-  no retraining); a DVC train stage, which runs only when one of its inputs changed, trains anew
-  (the previous model stays in MLflow, logged).
+- a finished training not registered yet, or one a flow run took and did not take to its end (a
+  failure after register: FLOW_UNFINISHED): the Prefect flow continues with it if the settings are
+  the same (evaluate and register unless done, no retraining); a DVC train stage, which runs only
+  when one of its inputs changed, trains anew (the previous model stays in MLflow, logged).
 A directory holding any file a training did not write is refused, never cleaned.
 """
 
@@ -25,7 +26,7 @@ from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
 from flows.config import PipelineConfig
-from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
+from flows.steps import FLOW_UNFINISHED, LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # (flows.tracking's run id, flows.parallel's, the markers): the only files the pipeline deletes there.
 OWNED_FILES = re.compile(
     r"^(mlflow_run_id|worker_params\.yaml|\.?fit_result\.json(\.partial)?|\.?finished\.json(\.partial)?"
-    r"|COMPLETE)$"
+    r"|COMPLETE|flow_unfinished)$"
 )
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
@@ -119,22 +120,24 @@ def train(
     progress: bool = True,
     continue_finished: bool = False,
 ) -> Trained:
-    """Train (or resume, or with `continue_finished` take up a finished, unregistered training),
-    log the model to the run, and record it in outputs/train.json and the checkpoint directory.
-    A failure of the training ends its run FAILED with the reason as a tag; damaged data fails
-    before any run exists."""
+    """Train (or resume), log the model to the run, and record it in outputs/train.json and the
+    checkpoint directory; with `continue_finished` (the flow), take up a finished training with the
+    same settings instead, unless it is registered and the flow that took it reached its end. A
+    failure of the training ends its run FAILED with the reason as a tag; damaged data fails before
+    any run exists."""
     from ddpm.data import verify_dataset
 
     verify_dataset(repo / config.data.root)
     directory = repo / config.train.checkpoint_dir
     refuse_foreign_files(directory)
     finished = finished_training(directory)
-    if finished is not None and continue_finished and _unregistered_same_training(finished, config, pipeline):
+    if finished is not None and continue_finished and _unfinished_same_training(finished, directory, config, pipeline):
         log.info(
-            "%s holds a finished training (MLflow run %s) that is not registered yet; continuing with it",
+            "%s holds a finished training (MLflow run %s) that no run of the flow took to its end; continuing with it",
             directory,
             finished.run_id,
         )
+        (directory / FLOW_UNFINISHED).touch()
         finished.save(repo / TRAIN_JSON)
         return finished
     if finished is not None or (directory / LEGACY_MARKER).is_file():
@@ -146,25 +149,31 @@ def train(
                 finished.model_id,
             )
         clear_training(directory)
+    if continue_finished:  # until the flow reaches its end, its rerun takes this training up
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FLOW_UNFINISHED).touch()
     trained = _fit_and_log(config, pipeline, repo, directory, flow_run_id, progress)
     write_json(directory / FINISHED_MARKER, trained.__dict__)
     trained.save(repo / TRAIN_JSON)
     return trained
 
 
-def _unregistered_same_training(finished: Trained, config: Config, pipeline: PipelineConfig) -> bool:
+def _unfinished_same_training(finished: Trained, directory: Path, config: Config, pipeline: PipelineConfig) -> bool:
     from ddpm.checkpoint import load_checkpoint
     from ddpm.train import resume_conflicts
     from flows.registry import registered_version
 
-    if registered_version(pipeline.registry, finished.run_id) is not None:
+    if (
+        registered_version(pipeline.registry, finished.run_id) is not None
+        and not (directory / FLOW_UNFINISHED).is_file()
+    ):
         return False
     saved = load_checkpoint(finished.checkpoint).config
     if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config):
         log.info(
-            "the finished training in %s (run %s, model %s, not registered) was trained with other settings; "
-            "it stays in MLflow as a logged model",
-            Path(finished.checkpoint).parent,
+            "the finished training in %s (run %s, model %s) was trained with other settings; it stays in "
+            "MLflow as a logged model",
+            directory,
             finished.run_id,
             finished.model_id,
         )

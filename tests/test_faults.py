@@ -162,6 +162,7 @@ def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
     return run_id
 
 
+@pytest.mark.slow
 def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp_path, freezer):
     set_params(project, train={"epochs": EPOCHS})
     repro = [sys.executable, "-m", "dvc", "repro", "train"]
@@ -179,6 +180,7 @@ STOP_STEP = 6  # SIGTERM lands in this step: 2 of the 4 steps of epoch 2, so the
 LOSS_CSV_OPENS = 1 + STOP_STEP  # loss.csv is opened once at the start, then once per step to append its row
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_and_a_rerun_resumes(
     project, tmp_path, freezer
 ):
@@ -375,6 +377,7 @@ def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_register
     assert version.run_id == trained.info.run_id and len(runs_of(client)) == 1
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_an_evaluation_only_if_it_was_measured_the_same_way(project, monkeypatch, mlflow_state, caplog):
     """The flow's evaluate (skip_done) after a failure later on: the run's scores are reused when they
     were measured with the current sample/evaluate settings, else the model is scored again."""

@@ -194,6 +194,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(workspace):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_prefect_deployment_runs_to_completed(workspace, first_run):
     tmp, repo, uri = workspace
     server, env = servers.start_prefect(tmp)

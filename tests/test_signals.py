@@ -45,6 +45,7 @@ def log_lines(stderr: str, level: str) -> list[str]:
     return [line for line in stderr.splitlines() if f" {level} " in line]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_ddpm_train_mid_epoch_and_the_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, freezer):
     """SIGTERM lands while the process is stopped (tests/freeze.py) as it opens its first mid-epoch
     checkpoint, so there is no race: after SIGCONT it writes that checkpoint, stops there, exits 143."""

@@ -20,6 +20,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX
+from flows.tracking import IMAGES_SEEN
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
             version = str(mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", registry.model_name).version)
         else:
             log.info("run %s is registered already as %s v%s", run_id, registry.model_name, version)
+        client.update_model_version(registry.model_name, version, description=model_card(client, registry.model_name,
+                                                                                          version))
         client.set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
     except MlflowException as e:
         raise RegistrationError(
@@ -95,6 +98,29 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
             f"register it.") from None
     log.info("registered %s version %s as @%s", registry.model_name, version, registry.candidate_alias)
     return Registration(registry.model_name, version, run_id)
+
+
+def model_card(client: MlflowClient, name: str, version: str) -> str:
+    """The version's description (markdown, shown on its page in the MLflow UI): its score and how it
+    was measured, the training behind it and the commit that trained it."""
+    scores = scores_of(client, name, version)
+    run = client.get_run(client.get_model_version(name, version).run_id)
+    metrics, how = scores.metrics, scores.measured
+    if "fid" not in metrics:
+        lines = ["**not evaluated**: its logged model has no fid", ""]
+    else:
+        floor = f"floor {metrics['fid_floor']:.4g}, ratio {metrics['fid_ratio']:.3g}" if "fid_ratio" in metrics else "no floor"
+        lines = [f"**FID {metrics['fid']:.4g}** ({floor}) on N = {how.get('fid_samples', 'unknown')} samples", ""]
+    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"
+        sampler, _, steps = how["sampler"].partition("-")
+        settings = [f"{key} {how[key]}" for key in ("eta", "clip_x0", "seed") if key in how and (key != "eta" or sampler == "ddim")]
+        lines.append(f"- sampler: {', '.join([f'{sampler.upper()}, {steps} steps', *settings])}")
+    if IMAGES_SEEN in run.data.metrics:
+        lines.append(f"- images seen: {run.data.metrics[IMAGES_SEEN]:,.0f}")
+    if "classifier_accuracy" in metrics:
+        lines.append(f"- classifier accuracy: {metrics['classifier_accuracy']:.2%} (the FID feature network)")
+    lines += [f"- commit: {run.data.tags.get('git_commit', 'unknown')}", f"- run: {run.info.run_id}"]
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 PER_T_METRIC = "eval_loss_per_t"  # logged as one metric, step = t
+IMAGES_SEEN = "images_seen"  # training images the model was fitted on (steps x global batch), logged when training ends
 DATASET_NAME = "fashion-mnist"
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>

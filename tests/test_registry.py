@@ -147,3 +147,32 @@ def test_the_gate_reads_the_logged_models_scores_and_refuses_fids_measured_diffe
     assert "scored differently (fid_samples 200 vs 2000)" in decision.reason and "do not compare" in decision.reason
     v3 = add_evaluated_model(client, 30.0)  # measured the same way, and better
     assert promote(REGISTRY).promoted and champion(client) == v3
+
+
+def test_a_registered_version_carries_its_card_as_description(client):
+    """The version page shows what the version is: score, how it was measured, what trained it."""
+    from ddpm.config import config_from_dict
+
+    from flows.steps import MEASURED_PREFIX
+    from flows.steps.evaluate import measurement
+
+    with mlflow.start_run(tags={"git_commit": "0123abc"}) as run:  # what the train step logs
+        mlflow.log_metric("images_seen", 480_000, step=30_000)
+        model = mlflow.initialize_logged_model(name="model")
+    mlflow.log_metrics({"fid": 72.91, "fid_floor": 5.18, "fid_ratio": 14.075, "classifier_accuracy": 0.9205},
+                       run_id=run.info.run_id, model_id=model.model_id)  # what the evaluate step logs
+    how = measurement(config_from_dict({"evaluate": {"fid_samples": 2000, "seed": 0},
+                                        "sample": {"sampler": "ddim", "steps": 50, "eta": 1.0}}))
+    client.set_logged_model_tags(model.model_id, {MEASURED_PREFIX + k: v for k, v in how.items()})
+
+    registration = register_model(run.info.run_id, model.model_id, REGISTRY)
+    card = client.get_model_version(REGISTRY.model_name, registration.version).description
+    assert card == ("**FID 72.91** (floor 5.18, ratio 14.1) on N = 2000 samples\n\n"
+                    "- sampler: DDIM, 50 steps, eta 1, clip_x0 True, seed 0\n"
+                    "- images seen: 480,000\n"
+                    "- classifier accuracy: 92.05% (the FID feature network)\n"
+                    "- commit: 0123abc\n"
+                    f"- run: {run.info.run_id}")
+    again = register_model(run.info.run_id, model.model_id, REGISTRY)  # a rerun finds the version it made
+    assert again.version == registration.version
+    assert client.get_model_version(REGISTRY.model_name, again.version).description == card

@@ -156,7 +156,8 @@ def _fit_and_log(config: Config, pipeline: PipelineConfig, repo: Path, directory
     from flows.data import dvc_data_hash
     from flows.parallel import fit_on_workers
     from flows.registry import log_sampler_model
-    from flows.tracking import WORKSPACE_TAG, end_run_with_failure, git_commit, log_dataset, start_run, workspace_id
+    from flows.tracking import (IMAGES_SEEN, WORKSPACE_TAG, end_run_with_failure, git_commit, log_dataset, start_run,
+                                workspace_id)
 
     resume = bool(list_checkpoints(directory))
     if resume:
@@ -176,6 +177,7 @@ def _fit_and_log(config: Config, pipeline: PipelineConfig, repo: Path, directory
         end_run_with_failure(run_id, e)
         raise
     try:
+        mlflow.log_metric(IMAGES_SEEN, result.global_step * config.train.batch_size, step=result.global_step)
         model_id = log_sampler_model(str(result.checkpoint))
     finally:
         mlflow.end_run()  # FINISHED: the training succeeded, whatever happened to the model's upload

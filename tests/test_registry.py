@@ -149,6 +149,19 @@ def test_the_gate_reads_the_logged_models_scores_and_refuses_fids_measured_diffe
     assert promote(REGISTRY).promoted and champion(client) == v3
 
 
+def test_the_sampler_and_its_steps_are_part_of_how_a_fid_was_measured(client):
+    v1 = add_evaluated_model(client, 40.0)  # DDIM-50
+    assert promote(REGISTRY).promoted and champion(client) == v1
+    add_evaluated_model(client, 10.0, sampler="ddim-20")  # better on paper, with fewer steps
+    fewer_steps = promote(REGISTRY)
+    assert not fewer_steps.promoted and champion(client) == v1
+    assert "scored differently (sampler ddim-20 vs ddim-50)" in fewer_steps.reason
+    add_evaluated_model(client, 10.0, sampler="ddpm-200")  # the full chain
+    other_sampler = promote(REGISTRY)
+    assert not other_sampler.promoted and champion(client) == v1
+    assert "scored differently (sampler ddpm-200 vs ddim-50)" in other_sampler.reason
+
+
 def test_a_registered_version_carries_its_card_as_description(client):
     """The version page shows what the version is: score, how it was measured, what trained it."""
     from ddpm.config import config_from_dict

@@ -25,7 +25,7 @@ from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
 
 from flows.config import PipelineConfig
-from flows.steps import LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
+from flows.steps import LOSS_CSV, SAMPLES_DIR, TRAIN_JSON, Trained, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ class LossCsv(Callback):
 
 
 def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
-    """MLflow logging (per step, per epoch, sample grids) and the DVC loss plot."""
+    """MLflow logging (per step, per epoch, sample grids) and the DVC plots (loss, sample grids)."""
     from flows.tracking import MlflowLogger
 
     return [MlflowLogger(pipeline.tracking.log_every, config.train.sample_every, config.train.sample_num,
-                         config.train.sample_seed), LossCsv(repo / LOSS_CSV)]
+                         config.train.sample_seed, repo / SAMPLES_DIR), LossCsv(repo / LOSS_CSV)]
 
 
 def train(config: Config, pipeline: PipelineConfig, repo: Path, flow_run_id: str | None = None,

@@ -109,12 +109,14 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
     if "fid" not in metrics:
         lines = ["**not evaluated**: its logged model has no fid", ""]
     else:
-        floor = f"floor {metrics['fid_floor']:.4g}, ratio {metrics['fid_ratio']:.3g}" if "fid_ratio" in metrics else "no floor"
+        floor = (f"floor {metrics['fid_floor']:.4g}, ratio {metrics['fid_ratio']:.3g}" if "fid_ratio" in metrics
+                 else "no floor")
         lines = [f"**FID {metrics['fid']:.4g}** ({floor}) on N = {how.get('fid_samples', 'unknown')} samples", ""]
     if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"
         sampler, _, steps = how["sampler"].partition("-")
-        settings = [f"{key} {how[key]}" for key in ("eta", "clip_x0", "seed") if key in how and (key != "eta" or sampler == "ddim")]
-        lines.append(f"- sampler: {', '.join([f'{sampler.upper()}, {steps} steps', *settings])}")
+        keys = ("eta", "clip_x0", "seed") if sampler == "ddim" else ("clip_x0", "seed")  # eta is DDIM's
+        settings = [f"{sampler.upper()}, {steps} steps", *(f"{key} {how[key]}" for key in keys if key in how)]
+        lines.append(f"- sampler: {', '.join(settings)}")
     if IMAGES_SEEN in run.data.metrics:
         lines.append(f"- images seen: {run.data.metrics[IMAGES_SEEN]:,.0f}")
     if "classifier_accuracy" in metrics:

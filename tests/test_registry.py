@@ -189,3 +189,9 @@ def test_a_registered_version_carries_its_card_as_description(client):
     again = register_model(run.info.run_id, model.model_id, REGISTRY)  # a rerun finds the version it made
     assert again.version == registration.version
     assert client.get_model_version(REGISTRY.model_name, again.version).description == card
+
+    with mlflow.start_run() as bare:  # registered before any evaluation, from outside the pipeline
+        unscored = mlflow.initialize_logged_model(name="model")
+    card = client.get_model_version(REGISTRY.model_name, register_model(bare.info.run_id, unscored.model_id,
+                                                                        REGISTRY).version).description
+    assert card == f"**not evaluated**: its logged model has no fid\n\n- commit: unknown\n- run: {bare.info.run_id}"

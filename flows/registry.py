@@ -184,6 +184,14 @@ def measured_differently(a: Scores, b: Scores) -> list[str]:
             if a.measured[key] != b.measured[key]]
 
 
+def champion_version(registry: RegistryConfig) -> str | None:
+    """The version the champion alias points at, or None before the first promotion."""
+    try:
+        return MlflowClient().get_model_version_by_alias(registry.model_name, registry.champion_alias).version
+    except MlflowException:
+        return None
+
+
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
     """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
     require_gate(registry)
@@ -192,10 +200,7 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
     version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version
     scores = scores_of(client, name, version)
     value = metric_of(scores, name, version, metric)
-    try:
-        champion = client.get_model_version_by_alias(name, registry.champion_alias).version
-    except MlflowException:
-        champion = None
+    champion = champion_version(registry)
     if champion == version:
         return GateDecision(False, f"v{version} is already @{registry.champion_alias}", version, champion)
     if champion is not None:

@@ -204,6 +204,21 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
                                              order_by=["attributes.start_time DESC"], max_results=1)
         assert runs[0].data.params["train.epochs"] == "1" and runs[0].info.status == "FINISHED"
         assert json.loads((repo / "outputs" / "classifier.json").read_text())["reused"]  # trained once, by dvc
+        # The run summary, read through Prefect's client (`prefect artifact inspect` prints through Rich,
+        # whose markup parsing eats the markdown's [link texts]).
+        code = "import json; from prefect.artifacts import Artifact; print(json.dumps(Artifact.get('ddpm-summary').data))"
+        shown = run([sys.executable, "-c", code], repo, env)
+        assert shown.returncode == 0, shown.stderr
+        summary = json.loads(shown.stdout.strip().splitlines()[-1])
+        assert f"| MLflow run | [{runs[0].info.run_id}](" in summary
+        registered = MlflowClient(uri).get_registered_model("ddpm-fashion-mnist")
+        version, champion = registered.aliases["candidate"], registered.aliases.get("champion")
+        assert f'This version, v{version}:\n\n```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist/{version}" ' \
+               "\\\n  --env-manager local -p 5001\n```" in summary
+        assert "The champion, `@champion` (" + (f"now v{champion})" if champion else "none yet") in summary
+        assert ('```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n  --env-manager local -p 5001'
+                "\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations") in summary
+        assert "![samples](data:image/png;base64," in summary  # rendered by both Prefect UIs (checked in Chromium)
     finally:
         if worker is not None:
             servers.stop(worker)

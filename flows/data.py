@@ -78,12 +78,13 @@ def _obtain(repo: Path, root: Path, sources: tuple[str, ...], remote: str) -> st
         if not damage and _matches(repo):
             return "dvc-remote"
         if damage:
-            problems = [*damage.values(), *damaged_cache_files(repo)]
+            problems = [*damage.values(), *damaged_cache_files(repo, remote)]
             raise DataError(
                 "DVC gave back damaged data:\n  "
                 + "\n  ".join(problems)
                 + "\nDelete the damaged DVC cache file(s) and rerun to pull a good copy from the DVC "
-                "remote; if that copy is damaged too, `dvc push` a good one from a machine that has it."
+                "remote. Where the remote's copy is damaged too, delete the files named there as well: "
+                "the rerun then bootstraps from upstream and pushes a good copy."
             )
     log.info("not on the DVC remote (%s); bootstrapping from upstream", pulled.stderr.strip().splitlines()[-1:])
     errors = []
@@ -113,19 +114,45 @@ def _matches(repo: Path) -> bool:
     return recorded == actual
 
 
-def damaged_cache_files(repo: Path) -> list[str]:
-    """DVC cache files of data.dvc whose content does not hash to their name (DVC trusts its cache)."""
+def damaged_cache_files(repo: Path, remote: str = "") -> list[str]:
+    """DVC cache files of data.dvc whose content does not hash to their name (DVC trusts its cache),
+    each with the remote's copy it was pulled from (checked too when the remote is a local directory)."""
+    from dvc.config import RemoteConfigError
     from dvc.repo import Repo
 
     damaged = []
     with contextlib.chdir(repo), Repo(str(repo)) as dvc_repo:
         out = dvc_repo.stage.load_one(DATA_DVC).outs[0]
+        try:
+            odb = dvc_repo.cloud.get_remote_odb(remote or None)
+        except RemoteConfigError:  # no remote: DVC pulled from its cache alone
+            odb = None
         for key, _, hash_info in out.get_obj() or ():
             path = Path(out.cache.oid_to_path(hash_info.value))
             actual = file_hash(path, "md5") if path.is_file() else "missing"
             if actual != hash_info.value:
-                damaged.append(f"DVC cache file {path} ({'/'.join(key)}): md5 {actual}, expected {hash_info.value}")
+                damaged.append(
+                    f"DVC cache file {path} ({'/'.join(key)}): md5 {actual}, expected {hash_info.value}; "
+                    f"{remote_copy(odb, hash_info.value, out.hash_info.value)}"
+                )
     return damaged
+
+
+def remote_copy(odb, oid: str, listing: str) -> str:
+    """Where the remote holds object `oid` of directory `listing` (its .dir object), whether that copy is
+    damaged when we can read it here, and how to replace it: while the remote holds a directory's
+    listing, `dvc push` takes all of its files for present and uploads none."""
+    if odb is None:
+        return "no DVC remote is configured"
+    path, listing = odb.oid_to_path(oid), odb.oid_to_path(listing)
+    replace = f"delete it and the directory's listing {listing} there"
+    if odb.fs.protocol != "local":
+        where = odb.fs.unstrip_protocol(path)
+        return f"the remote's copy {where}: if the same error follows, it is damaged too: {replace}"
+    if not Path(path).is_file():
+        return f"the remote's copy {path}: missing"
+    actual = file_hash(Path(path), "md5")
+    return f"the remote's copy {path}: " + ("good" if actual == oid else f"damaged too (md5 {actual}): {replace}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
 from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
-from flows.config import PipelineConfig, load_params
+from flows.config import PipelineConfig, RegistryConfig, load_params
 from flows.data import fetch_data
 from flows.steps import USER_ERRORS, Trained, flow_finished
 from flows.tracking import connect, run_url
@@ -36,6 +36,7 @@ IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training 
 IO_RETRY_DELAY = 5  # seconds between those retries
 SUMMARY_SAMPLES, SUMMARY_SEED = 16, 0  # the run summary's sample grid (4 x 4)
 SUMMARY_PIXELS = 256  # the grid is upscaled to this width so the Prefect UI shows it legibly
+SERVE_PORT = 5001  # the README's `mlflow models serve -p`, beside the MLflow UI's 5000
 
 log = logging.getLogger("flows.pipeline")
 
@@ -100,7 +101,13 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
         trained = train(config, pipeline, repo)
         metrics = evaluate(config, pipeline, repo, trained)
         registration = register(pipeline, repo, trained)
-        publish_summary(trained, metrics, registration, run_url(pipeline, trained.run_id))  # reads the checkpoint
+        publish_summary(
+            trained,
+            metrics,
+            registration,
+            run_url(pipeline, trained.run_id),  # reads the checkpoint
+            pipeline.registry,
+        )
         flow_finished(Path(repo) / config.train.checkpoint_dir)  # last: until here, a rerun takes this training up
     return {
         "run_id": trained.run_id,
@@ -118,24 +125,14 @@ def show_project_logs() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str) -> None:
-    """A markdown artifact with the final sample grid and a link to the MLflow run."""
-    from PIL import Image
+def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str, registry: RegistryConfig) -> None:
+    """A markdown artifact with the final sample grid, a link to the MLflow run, and how to serve
+    this version and the champion."""
+    from flows.registry import champion_version
 
-    from ddpm.images import make_grid
-    from ddpm.sampling import load_sampler
-
-    sampler = load_sampler(trained.checkpoint)
-    images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
-    sample, train = sampler.config.sample, sampler.config.train
-    how = f"DDIM-{sample.steps}" if sample.sampler == "ddim" else f"DDPM-{sampler.schedule.timesteps}"
-    weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
-    buffer = io.BytesIO()
-    grid_image = Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.Resampling.NEAREST)
-    grid_image.save(buffer, format="PNG")
-    grid = base64.b64encode(buffer.getvalue()).decode()
-    model_uri = f"models:/{registration['name']}/{registration['version']}"
-    serve = f'`mlflow models serve -m "{model_uri}" --env-manager local -p 5001`'
+    grid, drawn = summary_grid(trained.checkpoint)
+    name, version, champion = registration["name"], registration["version"], champion_version(registry)
+    now = f"now v{champion}" if champion else "none yet: `python -m flows.promote` makes one"
     create_markdown_artifact(
         key="ddpm-summary",
         description="DDPM pipeline summary",
@@ -145,8 +142,7 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 | | |
 |---|---|
 | MLflow run | [{trained.run_id}]({url}) |
-| registered | `{registration["name"]}` v{registration["version"]} as @candidate (model `{trained.model_id}`) |
-| serve it | {serve}, then POST to http://127.0.0.1:5001/invocations (README, "Serve the champion") |
+| registered | `{name}` v{version} as @{registry.candidate_alias} (model `{trained.model_id}`) |
 | FID (classifier features) | {metrics["fid"]:.4f}, {metrics["fid_ratio"]:.2f}x the floor {metrics["fid_floor"]:.4f} |
 | class coverage: KL(classes \\|\\| uniform) | {metrics["class_kl"]:.4f} (0 balanced, 2.30 one class) |
 | eval_loss (held-out denoising MSE) | {metrics["eval_loss"]:.5f} |
@@ -154,11 +150,50 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 | throughput | {trained.metrics.get("images_per_second", float("nan")):.1f} img/s |
 | checkpoint | `{trained.checkpoint}` |
 
-Final samples ({how}, {weights}, seed {SUMMARY_SEED}):
+Final samples ({drawn}):
 
 ![samples](data:image/png;base64,{grid})
+
+## Serve it
+
+This version, v{version}:
+
+```bash
+mlflow models serve -m "models:/{name}/{version}" \\
+  --env-manager local -p {SERVE_PORT}
+```
+
+The champion, `@{registry.champion_alias}` ({now}):
+
+```bash
+mlflow models serve -m "models:/{name}@{registry.champion_alias}" \\
+  --env-manager local -p {SERVE_PORT}
+```
+
+Either answers POST requests at http://127.0.0.1:{SERVE_PORT}/invocations (README, "Serve the champion over HTTP").
 """,
     )
+
+
+def summary_grid(checkpoint: str) -> tuple[str, str]:
+    """The final samples as a base64 PNG grid, upscaled for the UI, and how they were drawn."""
+    from PIL import Image
+
+    from ddpm.images import make_grid
+    from ddpm.sampling import load_sampler
+
+    sampler = load_sampler(checkpoint)
+    images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
+    sample, train = sampler.config.sample, sampler.config.train
+    how = {"ddim": f"DDIM-{sample.steps}", "dpmpp_2m": f"DPM-Solver++(2M)-{sample.steps}"}.get(
+        sample.sampler, f"DDPM-{sampler.schedule.timesteps}"
+    )
+    weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
+    buffer = io.BytesIO()
+    Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.Resampling.NEAREST).save(
+        buffer, format="PNG"
+    )
+    return base64.b64encode(buffer.getvalue()).decode(), f"{how}, {weights}, seed {SUMMARY_SEED}"
 
 
 def main(argv: list[str] | None = None) -> int:

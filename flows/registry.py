@@ -21,6 +21,7 @@ from ddpm.config import ConfigError
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX
+from flows.tracking import IMAGES_SEEN
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
             version = str(mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", registry.model_name).version)
         else:
             log.info("run %s is registered already as %s v%s", run_id, registry.model_name, version)
+        client.update_model_version(
+            registry.model_name, version, description=model_card(client, registry.model_name, version)
+        )
         client.set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
     except MlflowException as e:
         raise RegistrationError(
@@ -113,6 +117,36 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
         ) from None
     log.info("registered %s version %s as @%s", registry.model_name, version, registry.candidate_alias)
     return Registration(registry.model_name, version, run_id)
+
+
+def model_card(client: MlflowClient, name: str, version: str) -> str:
+    """The version's description (markdown, shown on its page in the MLflow UI): its score and how it
+    was measured, the training behind it and the commit that trained it."""
+    scores = scores_of(client, name, version)
+    run_id = client.get_model_version(name, version).run_id
+    assert run_id is not None  # versions are registered from a training's run
+    run = client.get_run(run_id)
+    metrics, how = scores.metrics, scores.measured
+    if "fid" not in metrics:
+        lines = ["**not evaluated**: its logged model has no fid", ""]
+    else:
+        floor = (
+            f"floor {metrics['fid_floor']:.4g}, ratio {metrics['fid_ratio']:.3g}"
+            if "fid_ratio" in metrics
+            else "no floor"
+        )
+        lines = [f"**FID {metrics['fid']:.4g}** ({floor}) on N = {how.get('fid_samples', 'unknown')} samples", ""]
+    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"
+        sampler, _, steps = how["sampler"].partition("-")
+        keys = ("eta", "clip_x0", "seed") if sampler == "ddim" else ("clip_x0", "seed")  # eta is DDIM's
+        settings = [f"{sampler.upper()}, {steps} steps", *(f"{key} {how[key]}" for key in keys if key in how)]
+        lines.append(f"- sampler: {', '.join(settings)}")
+    if IMAGES_SEEN in run.data.metrics:
+        lines.append(f"- images seen: {run.data.metrics[IMAGES_SEEN]:,.0f}")
+    if "classifier_accuracy" in metrics:
+        lines.append(f"- classifier accuracy: {metrics['classifier_accuracy']:.2%} (the FID feature network)")
+    lines += [f"- commit: {run.data.tags.get('git_commit', 'unknown')}", f"- run: {run.info.run_id}"]
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +214,14 @@ def measured_differently(a: Scores, b: Scores) -> list[str]:
     ]
 
 
+def champion_version(registry: RegistryConfig) -> str | None:
+    """The version the champion alias points at, or None before the first promotion."""
+    try:
+        return MlflowClient().get_model_version_by_alias(registry.model_name, registry.champion_alias).version
+    except MlflowException:
+        return None
+
+
 def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
     """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
     require_gate(registry)
@@ -188,10 +230,7 @@ def promote(registry: RegistryConfig, version: str | None = None) -> GateDecisio
     version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version
     scores = scores_of(client, name, version)
     value = metric_of(scores, name, version, metric)
-    try:
-        champion = client.get_model_version_by_alias(name, registry.champion_alias).version
-    except MlflowException:
-        champion = None
+    champion = champion_version(registry)
     if champion == version:
         return GateDecision(False, f"v{version} is already @{registry.champion_alias}", version, champion)
     if champion is not None:

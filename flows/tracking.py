@@ -1,4 +1,5 @@
-"""MLflow run handling and the per-epoch callback that logs metrics and sample grids.
+"""MLflow run handling and the per-epoch callback that logs metrics and sample grids (to MLflow,
+and as PNG files for DVC's image plots).
 
 A training survives a crash in one MLflow run: the run id is kept beside the checkpoints, a
 resumed training reopens that run, and the logger skips whatever the run already holds, so every
@@ -10,6 +11,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import socket
 import subprocess
 import urllib.error
@@ -17,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import sqlalchemy.exc
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -38,10 +41,13 @@ SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 PER_T_METRIC = "eval_loss_per_t"  # logged as one metric, step = t
+IMAGES_SEEN = "images_seen"  # training images the model was fitted on (steps x global batch), logged when training ends
 DATASET_NAME = "fashion-mnist"
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
+GRID_FILE = re.compile(r"epoch_(\d+)\.png")  # a preview grid's file, named by its epoch (1-based)
+PARTIAL_GRID = re.compile(r"\.epoch_\d+\.png\.partial")  # one a killed training left half written
 
 
 def connect(pipeline: PipelineConfig) -> str:
@@ -298,15 +304,31 @@ def logged_image_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
     }
 
 
+def grid_path(directory: Path, epoch: int) -> Path:
+    return directory / f"epoch_{epoch:04d}.png"
+
+
+def write_grid(grid: np.ndarray, path: Path) -> None:
+    """A PNG, written atomically: a reader (DVC) sees the previous file or the whole new one."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
 class MlflowLogger(Callback):
     """Logs train_loss and lr per step, epoch metrics, and a sample grid per epoch (the UI's image
-    slider), each once: on a resumed run it skips the steps and epochs the run already holds."""
+    slider), each once: on a resumed run it skips the steps and epochs the run already holds. With
+    `grid_dir` it also writes each grid there as epoch_NNNN.png (DVC's image plots): a new training
+    starts with no grids there, a resumed one keeps those of the epochs it does not rerun."""
 
-    def __init__(self, log_every: int, sample_every: int, num_samples: int, seed: int):
+    def __init__(self, log_every: int, sample_every: int, num_samples: int, seed: int, grid_dir: Path | None = None):
         self.log_every = log_every
         self.sample_every = sample_every
         self.num_samples = num_samples
         self.seed = seed
+        self.grid_dir = grid_dir
         self.steps_per_epoch = 0
         self.done_steps: set[int] = set()
         self.done_epochs: set[int] = set()
@@ -335,6 +357,12 @@ class MlflowLogger(Callback):
                 len(self.done_steps),
                 len(self.done_epochs),
             )
+        if self.grid_dir is not None:
+            self.grid_dir.mkdir(parents=True, exist_ok=True)
+            for path in self.grid_dir.iterdir():  # another training's grids, or half of one
+                grid = GRID_FILE.fullmatch(path.name)
+                if (grid and int(grid[1]) > start_epoch) or PARTIAL_GRID.fullmatch(path.name):
+                    path.unlink()
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
         if global_step % self.log_every == 0 and global_step not in self.done_steps:
@@ -349,10 +377,20 @@ class MlflowLogger(Callback):
         step = end.epoch + 1
         if step not in self.done_epochs:
             self.pending.append(mlflow.log_metrics({"epoch": step, **end.metrics}, step=step, synchronous=False))
-        if self.sample_every and step % self.sample_every == 0 and step not in self.done_grids:
-            grid = make_grid(end.draw_samples(self.num_samples, self.seed))
-            mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
+        if self.sample_every and step % self.sample_every == 0:
+            self.preview(end, step)
         self.flush()
+
+    def preview(self, end: EpochEnd, step: int) -> None:
+        """Draw the epoch's grid once, for MLflow and the PNG, whichever lacks it."""
+        png = grid_path(self.grid_dir, step) if self.grid_dir is not None else None
+        if step in self.done_grids and (png is None or png.is_file()):
+            return
+        grid = make_grid(end.draw_samples(self.num_samples, self.seed))
+        if step not in self.done_grids:
+            mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
+        if png is not None:
+            write_grid(grid, png)
 
     def on_resume(self, last: EpochEnd) -> None:
         self.on_epoch_end(last)

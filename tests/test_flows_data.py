@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ddpm.data import DEBIAN_DATASET_DIR, FILES, DataError, sha256_of
 from flows.data import fetch_data
@@ -71,6 +72,31 @@ def test_bit_rot_in_the_dvc_cache_is_an_error_naming_both_files_and_hashes(repo)
     assert "Delete the damaged DVC cache file" in text
     cached.unlink()  # the fix the error names
     assert fetch_data(repo, ROOT_DIR, ("/nonexistent",)) == "dvc-remote"
+
+
+def test_a_damaged_copy_on_the_dvc_remote_is_an_error_naming_it_and_the_fix_repairs_the_remote(repo, tmp_path):
+    """DVC trusts the remote (verify = false, .dvc/config): the pull succeeds, our own checks find the
+    damage and name the remote's copy, never a quiet bootstrap that would leave the remote damaged."""
+    fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))  # bootstrapped and pushed
+    md5 = hashlib.md5((repo / ROOT_DIR / "train-labels-idx1-ubyte").read_bytes()).hexdigest()
+    on_remote = tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]
+    rot(on_remote)
+    shutil.rmtree(repo / ROOT_DIR)
+    shutil.rmtree(repo / ".dvc" / "cache")  # as on a fresh clone
+    with pytest.raises(DataError) as info:
+        fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,))  # upstream would work: it must not hide the damage
+    listing = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    on_remote_listing = tmp_path / "remote" / "files" / "md5" / listing[:2] / listing[2:]
+    damaged_md5 = hashlib.md5(on_remote.read_bytes()).hexdigest()
+    assert (
+        f"the remote's copy {on_remote}: damaged too (md5 {damaged_md5}): delete it and the directory's listing "
+        f"{on_remote_listing} there"
+    ) in str(info.value)
+    (repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).unlink()  # the fix the error names
+    on_remote.unlink()
+    on_remote_listing.unlink()  # else `dvc push` would take every file of the directory for present
+    assert fetch_data(repo, ROOT_DIR, (DEBIAN_DATASET_DIR,)) == "upstream"
+    assert hashlib.md5(on_remote.read_bytes()).hexdigest() == md5  # the remote holds a good copy again
 
 
 def rot(path):

@@ -3,6 +3,7 @@ worker, and real `dvc` in a temporary git repository with a local remote, on rea
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -98,6 +99,7 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     client = MlflowClient()
     run_ = client.get_run(first_run["run_id"])
     assert run_.info.status == "FINISHED"
+    assert run_.info.run_name == "dim8x1-2 scaled_linear lr0.002 0.128k img"  # what sets it apart in the runs table
     assert client.get_experiment(run_.info.experiment_id).name == "ddpm-fashion-mnist"
     assert run_.data.params["train.lr"] == "0.002" and run_.data.params["model.dim_mults"] == "[1, 2]"
     steps = [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")]
@@ -109,8 +111,14 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     assert any("samples+step+1+" in p for p in images) and any("samples+step+2+" in p for p in images)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run_.data.tags["git_commit"] == head
-    assert run_.data.tags["dvc_data_hash"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    data_hash = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert run_.data.tags["dvc_data_hash"] == data_hash
+    assert run_.inputs is not None
+    [data] = run_.inputs.dataset_inputs  # the run page's Datasets panel: Fashion-MNIST at its DVC version
+    assert (data.dataset.name, data.dataset.digest) == ("fashion-mnist", data_hash)
+    assert {tag.key: tag.value for tag in data.tags}["mlflow.data.context"] == "training"
     assert len(run_.data.tags["prefect_flow_run_id"]) == 36
+    assert run_.data.metrics["images_seen"] == 8 * 16
     assert "eval_loss" in run_.data.metrics and all(key in run_.data.metrics for key in QUALITY)
     assert run_.data.metrics["fid_ratio"] == pytest.approx(run_.data.metrics["fid"] / run_.data.metrics["fid_floor"])
     version = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
@@ -119,6 +127,32 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     for key in ("eval_loss", *QUALITY):
         assert metrics[key] == pytest.approx(run_.data.metrics[key]), key
     assert first_run["fid"] == pytest.approx(metrics["fid"])
+    # The evaluation belongs to the logged model too (the Models tab; searchable by fid), and the
+    # held-out loss per timestep is one metric whose steps are the t of the DVC plot.
+    models = client.search_logged_models([run_.info.experiment_id], filter_string="metrics.fid > 0")
+    [model] = [m for m in models if m.model_id == first_run["model_id"]]
+    assert model.metrics is not None
+    assert {m.key: m.value for m in model.metrics}["fid"] == pytest.approx(metrics["fid"])
+    assert model.source_run_id == run_.info.run_id
+    with open(repo / "outputs" / "eval_loss_per_t.csv") as f:
+        per_t = {int(row["t"]): float(row["eval_loss"]) for row in csv.DictReader(f)}
+    history = client.get_metric_history(run_.info.run_id, "eval_loss_per_t")
+    assert len(per_t) == 5 and [m.step for m in history] == sorted(per_t)
+    assert [m.value for m in history] == pytest.approx([per_t[t] for t in sorted(per_t)], abs=1e-6)
+    # The version's description is its card.
+    card = version.description
+    assert card is not None
+    assert (
+        card.startswith(f"**FID {metrics['fid']:.4g}** (floor {metrics['fid_floor']:.4g}, ")
+        and "N = 64 samples" in card
+    )
+    for line in (
+        "- sampler: DDIM, 5 steps, eta 1, clip_x0 True, seed 0",
+        "- images seen: 128",
+        f"- classifier accuracy: {metrics['classifier_accuracy']:.2%}",
+        f"- commit: {head}",
+    ):
+        assert line in card, (line, card)
     classifier = json.loads((repo / "outputs" / "classifier.json").read_text())
     assert classifier["test_accuracy"] > 0.3 and not classifier["reused"]
     assert (repo / classifier["checkpoint"]).is_file()
@@ -153,6 +187,12 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     assert all(f'"{key}"' in shown.stdout for key in ("eval_loss", "fid", "fid_floor", "fid_ratio", "class_kl"))
     metrics = json.loads((repo / "outputs" / "metrics.json").read_text())
     assert metrics["fid"] > first_run["fid"]  # the barely trained model samples worse
+    plots = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, env)
+    assert plots.returncode == 0, plots.stderr
+    images = {path: entries for path, entries in json.loads(plots.stdout)["data"].items() if path.endswith(".png")}
+    assert list(images) == ["outputs/samples/epoch_0001.png"]  # its one epoch; the flow's 2-epoch grids are gone
+    assert images["outputs/samples/epoch_0001.png"][0]["type"] == "image"
+    assert Path(images["outputs/samples/epoch_0001.png"][0]["url"]).is_file()  # dvc_plots/index.html shows it
     assert metrics["fid_floor"] == pytest.approx(first_run["fid_floor"])  # DVC's classifier equals the flow's
     client = MlflowClient(uri)
     candidate = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
@@ -238,6 +278,27 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         )
         assert runs[0].data.params["train.epochs"] == "1" and runs[0].info.status == "FINISHED"
         assert json.loads((repo / "outputs" / "classifier.json").read_text())["reused"]  # trained once, by dvc
+        # The run summary, read through Prefect's client (`prefect artifact inspect` prints through Rich,
+        # whose markup parsing eats the markdown's [link texts]).
+        code = (
+            "import json; from prefect.artifacts import Artifact; print(json.dumps(Artifact.get('ddpm-summary').data))"
+        )
+        shown = run([sys.executable, "-c", code], repo, env)
+        assert shown.returncode == 0, shown.stderr
+        summary = json.loads(shown.stdout.strip().splitlines()[-1])
+        assert f"| MLflow run | [{runs[0].info.run_id}](" in summary
+        registered = MlflowClient(uri).get_registered_model("ddpm-fashion-mnist")
+        version, champion = registered.aliases["candidate"], registered.aliases.get("champion")
+        assert (
+            f'This version, v{version}:\n\n```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist/{version}" '
+            "\\\n  --env-manager local -p 5001\n```" in summary
+        )
+        assert "The champion, `@champion` (" + (f"now v{champion})" if champion else "none yet") in summary
+        assert (
+            '```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n  --env-manager local -p 5001'
+            "\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations"
+        ) in summary
+        assert "![samples](data:image/png;base64," in summary  # rendered by both Prefect UIs (checked in Chromium)
     finally:
         if worker is not None:
             servers.stop(worker)

@@ -161,3 +161,59 @@ def test_the_gate_reads_the_logged_models_scores_and_refuses_fids_measured_diffe
     assert "scored differently (fid_samples 200 vs 2000)" in decision.reason and "do not compare" in decision.reason
     v3 = add_evaluated_model(client, 30.0)  # measured the same way, and better
     assert promote(REGISTRY).promoted and champion(client) == v3
+
+
+def test_the_sampler_and_its_steps_are_part_of_how_a_fid_was_measured(client):
+    v1 = add_evaluated_model(client, 40.0)  # DDIM-50
+    assert promote(REGISTRY).promoted and champion(client) == v1
+    add_evaluated_model(client, 10.0, sampler="ddim-20")  # better on paper, with fewer steps
+    fewer_steps = promote(REGISTRY)
+    assert not fewer_steps.promoted and champion(client) == v1
+    assert "scored differently (sampler ddim-20 vs ddim-50)" in fewer_steps.reason
+    add_evaluated_model(client, 10.0, sampler="ddpm-200")  # the full chain
+    other_sampler = promote(REGISTRY)
+    assert not other_sampler.promoted and champion(client) == v1
+    assert "scored differently (sampler ddpm-200 vs ddim-50)" in other_sampler.reason
+
+
+def test_a_registered_version_carries_its_card_as_description(client):
+    """The version page shows what the version is: score, how it was measured, what trained it."""
+    from ddpm.config import config_from_dict
+    from flows.steps import MEASURED_PREFIX
+    from flows.steps.evaluate import measurement
+
+    with mlflow.start_run(tags={"git_commit": "0123abc"}) as run:  # what the train step logs
+        mlflow.log_metric("images_seen", 480_000, step=30_000)
+        model = mlflow.initialize_logged_model(name="model")
+    mlflow.log_metrics(
+        {"fid": 72.91, "fid_floor": 5.18, "fid_ratio": 14.075, "classifier_accuracy": 0.9205},
+        run_id=run.info.run_id,
+        model_id=model.model_id,
+    )  # what the evaluate step logs
+    how = measurement(
+        config_from_dict(
+            {"evaluate": {"fid_samples": 2000, "seed": 0}, "sample": {"sampler": "ddim", "steps": 50, "eta": 1.0}}
+        )
+    )
+    client.set_logged_model_tags(model.model_id, {MEASURED_PREFIX + k: v for k, v in how.items()})
+
+    registration = register_model(run.info.run_id, model.model_id, REGISTRY)
+    card = client.get_model_version(REGISTRY.model_name, registration.version).description
+    assert card == (
+        "**FID 72.91** (floor 5.18, ratio 14.1) on N = 2000 samples\n\n"
+        "- sampler: DDIM, 50 steps, eta 1, clip_x0 True, seed 0\n"
+        "- images seen: 480,000\n"
+        "- classifier accuracy: 92.05% (the FID feature network)\n"
+        "- commit: 0123abc\n"
+        f"- run: {run.info.run_id}"
+    )
+    again = register_model(run.info.run_id, model.model_id, REGISTRY)  # a rerun finds the version it made
+    assert again.version == registration.version
+    assert client.get_model_version(REGISTRY.model_name, again.version).description == card
+
+    with mlflow.start_run() as bare:  # registered before any evaluation, from outside the pipeline
+        unscored = mlflow.initialize_logged_model(name="model")
+    card = client.get_model_version(
+        REGISTRY.model_name, register_model(bare.info.run_id, unscored.model_id, REGISTRY).version
+    ).description
+    assert card == f"**not evaluated**: its logged model has no fid\n\n- commit: unknown\n- run: {bare.info.run_id}"

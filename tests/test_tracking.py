@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from ddpm.callbacks import EpochEnd
 from ddpm.config import Config, config_from_dict
@@ -100,6 +101,60 @@ def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     assert steps_of(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]
     assert steps_of(client, run.info.run_id, "train_loss_epoch") == [1]
     assert image_steps(client, run.info.run_id) == [1]
+
+
+def grid_epoch_end(epoch: int, draws: list) -> EpochEnd:
+    """An epoch end whose samples differ per epoch, counting how often they are drawn."""
+
+    def draw(num, seed):
+        draws.append(epoch)
+        return np.full((num, 1, 28, 28), epoch / 10 - 0.5, np.float32)
+
+    return EpochEnd(epoch, (epoch + 1) * STEPS_PER_EPOCH, {"train_loss_epoch": 0.5}, Path("x.ckpt"), draw)
+
+
+def test_the_grids_for_dvc_plots_come_from_the_same_draw_and_survive_a_resume(pipeline, tmp_path):
+    grids = tmp_path / "outputs" / "samples"
+    draws: list[int] = []
+    grids.mkdir(parents=True)
+    (grids / "epoch_0007.png").write_bytes(b"an earlier training's grid")
+    (grids / "notes.txt").write_text("not ours")
+    with mlflow.start_run() as run:  # epochs 1 and 2, then killed in epoch 3 (a half-written grid left behind)
+        first = MlflowLogger(1, 1, 4, 0, grids)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0)
+        assert sorted(p.name for p in grids.iterdir()) == ["notes.txt"]  # a new training starts without grids
+        first.on_epoch_end(grid_epoch_end(0, draws))
+        first.on_epoch_end(grid_epoch_end(1, draws))
+        (grids / ".epoch_0003.png.partial").write_bytes(b"half")
+    assert draws == [0, 1]  # one draw per epoch serves MLflow and the PNG
+    epoch_1 = (grids / "epoch_0001.png").read_bytes()
+    with mlflow.start_run(run_id=run.info.run_id):  # resumed after epoch 2's checkpoint
+        second = MlflowLogger(1, 1, 4, 0, grids)
+        second.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
+        second.on_resume(grid_epoch_end(1, draws))
+        second.on_epoch_end(grid_epoch_end(2, draws))
+    assert draws == [0, 1, 2]  # epoch 2 is neither drawn nor logged again
+    assert sorted(p.name for p in grids.iterdir()) == [
+        "epoch_0001.png",
+        "epoch_0002.png",
+        "epoch_0003.png",
+        "notes.txt",
+    ]
+    assert (grids / "epoch_0001.png").read_bytes() == epoch_1
+    images = {name: np.asarray(Image.open(grids / name)) for name in ("epoch_0001.png", "epoch_0003.png")}
+    assert images["epoch_0001.png"].shape == (62, 62)  # 2 x 2 tiles of 28 + padding, grey
+    assert (
+        images["epoch_0001.png"][2, 2] == 64 and images["epoch_0003.png"][2, 2] == 89
+    )  # -0.5 and -0.3: each epoch's own
+    assert image_steps(MlflowClient(), run.info.run_id) == [1, 2, 3]
+
+    (grids / "epoch_0002.png").unlink()  # e.g. a checkout without it: the resume writes the missing grid
+    with mlflow.start_run(run_id=run.info.run_id):
+        third = MlflowLogger(1, 1, 4, 0, grids)
+        third.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
+        third.on_resume(grid_epoch_end(1, draws))
+    assert (grids / "epoch_0002.png").is_file() and not (grids / "epoch_0003.png").exists()
+    assert image_steps(MlflowClient(), run.info.run_id) == [1, 2, 3]  # MLflow's copy is not logged twice
 
 
 def test_stale_runs_of_this_workspace_end_killed_and_resume_reopens_one(pipeline, tmp_path):

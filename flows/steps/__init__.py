@@ -21,6 +21,7 @@ TRAIN_JSON = OUTPUTS / "train.json"
 METRICS_JSON = OUTPUTS / "metrics.json"  # DVC metrics of the evaluation
 LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
 EVAL_LOSS_CSV = OUTPUTS / "eval_loss_per_t.csv"  # DVC plot: the held-out loss per timestep
+SAMPLES_DIR = OUTPUTS / "samples"  # DVC image plots: each epoch's preview grid, epoch_NNNN.png
 MEASURED_PREFIX = "measured."  # logged model tags: how its evaluation was measured (N, sampler, steps, eta)
 PER_T_PREFIX = "eval_loss_t"  # ddpm.evaluate's per-timestep losses, eval_loss_tNNNN
 REGISTERED_JSON = OUTPUTS / "registered.json"

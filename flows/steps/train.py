@@ -26,7 +26,7 @@ from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
 from flows.config import PipelineConfig
-from flows.steps import FLOW_UNFINISHED, LOSS_CSV, TRAIN_JSON, Trained, read_json, write_json
+from flows.steps import FLOW_UNFINISHED, LOSS_CSV, SAMPLES_DIR, TRAIN_JSON, Trained, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,16 @@ class LossCsv(Callback):
 
 
 def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
-    """MLflow logging (per step, per epoch, sample grids) and the DVC loss plot."""
+    """MLflow logging (per step, per epoch, sample grids) and the DVC plots (loss, sample grids)."""
     from flows.tracking import MlflowLogger
 
     return [
         MlflowLogger(
-            pipeline.tracking.log_every, config.train.sample_every, config.train.sample_num, config.train.sample_seed
+            pipeline.tracking.log_every,
+            config.train.sample_every,
+            config.train.sample_num,
+            config.train.sample_seed,
+            repo / SAMPLES_DIR,
         ),
         LossCsv(repo / LOSS_CSV),
     ]
@@ -191,7 +195,15 @@ def _fit_and_log(
     from flows.data import dvc_data_hash
     from flows.parallel import fit_on_workers
     from flows.registry import log_sampler_model
-    from flows.tracking import WORKSPACE_TAG, end_run_with_failure, git_commit, log_dataset, start_run, workspace_id
+    from flows.tracking import (
+        IMAGES_SEEN,
+        WORKSPACE_TAG,
+        end_run_with_failure,
+        git_commit,
+        log_dataset,
+        start_run,
+        workspace_id,
+    )
 
     resume = bool(list_checkpoints(directory))
     if resume:
@@ -211,6 +223,7 @@ def _fit_and_log(
         end_run_with_failure(run_id, e)
         raise
     try:
+        mlflow.log_metric(IMAGES_SEEN, result.global_step * config.train.batch_size, step=result.global_step)
         model_id = log_sampler_model(str(result.checkpoint))
     finally:
         mlflow.end_run()  # FINISHED: the training succeeded, whatever happened to the model's upload

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from ddpm.config import ConfigError
+from ddpm.config import ConfigError, ModelConfig
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX
@@ -31,22 +31,27 @@ MEASURED_METRICS = ("fid_floor", "classifier_accuracy")  # the floor (N and refe
 LOGGED_MODEL_SOURCE = re.compile(r"models:/(m-[0-9a-f]+)")
 MODEL_NAME = "model"  # the logged model's name in its training run: runs:/<run_id>/model
 MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow", "pandas"]
-# One row per request: how many images, which sampler, how many DDIM steps, which seed, DDIM's eta (0
-# deterministic, 1 stochastic); the answer concatenates the rows' images, (sum of num, 1, 28, 28). Omitted:
+# One row per request: how many images, which sampler, how many steps, which seed, DDIM's eta (0
+# deterministic, 1 stochastic); the answer concatenates the rows' images, (sum of num, C, H, W). Omitted:
 # sampler ddim, seed 0, steps and eta from the model's config. Columns, not inference params, so each row
 # is a whole request; ddpm.sampling states and checks the ranges.
-SIGNATURE = ModelSignature(
-    inputs=Schema(
-        [
-            ColSpec("long", "num"),
-            ColSpec("string", "sampler", required=False),
-            ColSpec("long", "steps", required=False),
-            ColSpec("long", "seed", required=False),
-            ColSpec("double", "eta", required=False),
-        ]
-    ),
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+REQUEST_SCHEMA = Schema(
+    [
+        ColSpec("long", "num"),
+        ColSpec("string", "sampler", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("double", "eta", required=False),
+    ]
 )
+
+
+def signature(model: ModelConfig) -> ModelSignature:
+    """The registered model's columns in, images of the trained network's shape out."""
+    images = TensorSpec(np.dtype(np.float32), (-1, model.channels, model.image_size, model.image_size))
+    return ModelSignature(inputs=REQUEST_SCHEMA, outputs=Schema([images]))
+
+
 # MLflow loads the logged model and predicts this before registering: a broken model never registers.
 INPUT_EXAMPLE = pd.DataFrame({"num": [2], "sampler": ["ddim"], "steps": [2], "seed": [0]})
 
@@ -58,7 +63,7 @@ class Registration:
     run_id: str
 
 
-def log_sampler_model(checkpoint: str) -> str:
+def log_sampler_model(checkpoint: str, model: ModelConfig) -> str:
     """Log the slim sampling checkpoint as a pyfunc model (an MLflow LoggedModel) in the active run,
     the training's; returns its model id. MLflow loads it and predicts the input example first, so
     a model that cannot sample is never logged."""
@@ -76,7 +81,7 @@ def log_sampler_model(checkpoint: str) -> str:
                 artifacts={"checkpoint": str(slim)},
                 code_paths=[str(DDPM_PACKAGE)],
                 pip_requirements=MODEL_REQUIREMENTS,
-                signature=SIGNATURE,
+                signature=signature(model),
                 input_example=INPUT_EXAMPLE,
             )
     except (MlflowException, OSError) as e:

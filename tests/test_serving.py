@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from ddpm.config import ModelConfig
 from flows.config import RegistryConfig
 from flows.registry import log_sampler_model, register_model
 from tests import servers
@@ -58,7 +59,7 @@ def server(fashion_root, tmp_path_factory):
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run() as run:  # as the train step logs it when training ends
-            model_id = log_sampler_model(str(tmp / "ck" / "epoch_0001.ckpt"))
+            model_id = log_sampler_model(str(tmp / "ck" / "epoch_0001.ckpt"), ModelConfig(dim=8, dim_mults=(1, 2)))
         version = register_model(run.info.run_id, model_id, REGISTRY).version
         MlflowClient().set_registered_model_alias(REGISTRY.model_name, REGISTRY.champion_alias, version)
     finally:

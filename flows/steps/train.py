@@ -224,7 +224,7 @@ def _fit_and_log(
         raise
     try:
         mlflow.log_metric(IMAGES_SEEN, result.global_step * config.train.batch_size, step=result.global_step)
-        model_id = log_sampler_model(str(result.checkpoint))
+        model_id = log_sampler_model(str(result.checkpoint), config.model)
     finally:
         mlflow.end_run()  # FINISHED: the training succeeded, whatever happened to the model's upload
     return Trained(run_id, str(result.checkpoint), result.metrics, model_id)

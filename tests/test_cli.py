@@ -39,7 +39,8 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
     again = ddpm("train", "--params", str(ROOT / "params.yaml"), *sets, cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
 
-    # one more epoch on one kernel thread: the thread count may change on resume
+    # one more epoch on one kernel thread: the thread count may change on resume; params.yaml's cosine
+    # spans the first run's one epoch, so the second continues at its last rate (train.lr_epochs)
     further = ddpm(
         "train",
         "--params",
@@ -47,6 +48,8 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
         *sets,
         "--set",
         "train.epochs=2",
+        "--set",
+        "train.lr_epochs=1",
         "--set",
         "train.threads=1",
         "--resume",

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ddpm.errors import USER_ERRORS
+    from ddpm.errors import USER_ERRORS, describe
 
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             args.func(args)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", describe(e))
         return 2
     return 0
 

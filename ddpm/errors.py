@@ -46,4 +46,20 @@ USER_ERRORS = (
     FloatingPointError,
     FileExistsError,
     FileNotFoundError,
+    PermissionError,  # an unwritable or unreadable path (as root: a read-only mount)
+    NotADirectoryError,  # a file where a directory should be
+    IsADirectoryError,
 )
+
+
+def describe(e: BaseException) -> str:
+    """The one line an entry point reports for a user error: an OS error on a path names the path and
+    what to do about it; our own errors already say both."""
+    if isinstance(e, OSError) and e.filename is not None:
+        fix = (
+            "check the path"
+            if isinstance(e, FileNotFoundError)
+            else "make it writable here, or clear what is in its way"
+        )
+        return f"{e.filename}: {e.strerror}; {fix}, then rerun"
+    return str(e)

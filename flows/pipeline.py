@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
+from ddpm.errors import describe
 from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, RegistryConfig, load_params
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(pipeline)
         result = ddpm_pipeline(overrides, args.params)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", describe(e))
         return 2
     except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
         log.warning("%s; the same command continues from there", e)

@@ -8,6 +8,7 @@ import sys
 
 from mlflow.exceptions import MlflowException
 
+from ddpm.errors import describe
 from ddpm.logs import configure_logging
 from flows.config import load_params
 from flows.registry import promote
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(pipeline)
         decision = promote(pipeline.registry, args.version)
     except (*USER_ERRORS, MlflowException) as e:  # a version without the metric is MLflow's error
-        log.error("%s", e)
+        log.error("%s", describe(e))
         return 2
     log.info("%s", decision.reason)
     return 0 if decision.promoted else 1

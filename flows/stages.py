@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ddpm.errors import describe
 from ddpm.interrupt import TrainingInterrupted
 from ddpm.logs import configure_logging
 from flows.config import load_params
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 step.register(pipeline, repo, Trained.load(repo / TRAIN_JSON))
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", describe(e))
         return 2
     except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
         log.warning("%s; `dvc repro` continues from there", e)

@@ -340,6 +340,17 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     assert beside.read_text() == "mine" and len(runs_of(store(project))) == 2
 
 
+def test_an_output_the_stage_cannot_write_is_one_line_naming_it_and_exit_2(project, monkeypatch, mlflow_state, caplog):
+    """As root no permission bit stops a write, so a directory stands where the loss CSV goes."""
+    monkeypatch.chdir(project)
+    (project / "outputs" / "loss.csv").mkdir(parents=True)
+    assert stages.main(["train"]) == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    blocked = project / "outputs" / "loss.csv"
+    assert error.startswith(f"{blocked}: Is a directory; make it writable here, or clear what is in its way")
+    assert "Traceback" not in caplog.text
+
+
 @pytest.mark.parametrize("directory", [".", ""])
 def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(
     project, monkeypatch, mlflow_state, caplog, directory

@@ -102,7 +102,8 @@ class CheckpointSampler:
         if errors:
             raise SampleRequestError("bad sampling request: " + "; ".join(errors))
         steps = timesteps if sampler == "ddpm" else int(s.steps if steps is None else steps)
-        return SampleRequest(int(num), int(seed), sampler, steps, float(s.eta if eta is None else eta))
+        eta = 0.0 if sampler == "dpmpp_2m" else float(s.eta if eta is None else eta)  # deterministic: says so
+        return SampleRequest(int(num), int(seed), sampler, steps, eta)
 
     def requests(self, rows: Sequence[Mapping[str, Any]], max_num: int = MAX_REQUEST_IMAGES) -> list[SampleRequest]:
         """Check several rows, each its own request (omitted or None keys take the defaults, seed 0);

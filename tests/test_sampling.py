@@ -102,7 +102,7 @@ def test_same_request_same_images_in_range(sampler):
 
 def test_dpm_solver_takes_steps_but_no_eta(sampler):
     request = sampler.request(2, 0, "dpmpp_2m", 4)
-    assert (request.sampler, request.steps) == ("dpmpp_2m", 4)
+    assert (request.sampler, request.steps, request.eta) == ("dpmpp_2m", 4, 0.0)  # not the config's 0.5
     assert sampler.sample(request).shape == (2, 1, 28, 28)
     with pytest.raises(SampleRequestError, match="dpmpp_2m is deterministic and takes no eta"):
         sampler.request(2, 0, "dpmpp_2m", 4, eta=0.5)

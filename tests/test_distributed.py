@@ -36,6 +36,7 @@ def params(tiny_config, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_process_on_the_same_global_batch(params, tmp_path):
     single = train(params, f"train.checkpoint_dir={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr[-3000:]

@@ -310,6 +310,7 @@ def test_unreachable_tracking_server_fails_in_seconds_before_prefect_or_training
     assert "Beginning flow run" not in caplog.text and not (project / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_state, caplog):
     """Two complete trainings in runs/ours: the second deletes the first's checkpoints and markers,
     never a file beside them; a directory holding a file no training wrote is refused, not cleaned."""
@@ -340,6 +341,7 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     assert beside.read_text() == "mine" and len(runs_of(store(project))) == 2
 
 
+@pytest.mark.slow
 def test_an_output_the_stage_cannot_write_is_one_line_naming_it_and_exit_2(project, monkeypatch, mlflow_state, caplog):
     """As root no permission bit stops a write, so a directory stands where the loss CSV goes."""
     monkeypatch.chdir(project)
@@ -361,6 +363,7 @@ def test_a_checkpoint_dir_that_is_the_checkout_is_refused_before_anything_runs(
     assert not (project / "mlflow.db").exists() and (project / "params.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_a_failed_registration_leaves_the_training_finished_and_a_rerun_registers_it(
     project, monkeypatch, mlflow_state, caplog
 ):

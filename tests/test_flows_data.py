@@ -147,6 +147,7 @@ print("ATTEMPTS", len(attempts), state.type.value)
 """
 
 
+@pytest.mark.slow
 def test_pipeline_fetch_retries_io_errors_but_not_missing_or_damaged_data(repo, tmp_path):
     """The Prefect task's retry condition: a transient OSError is retried, a DataError (nothing
     to fetch, or damaged) fails at once with its message, since a retry would fail the same way."""

@@ -11,10 +11,35 @@ from ddpm.config import config_from_dict
 from ddpm.data import DEBIAN_DATASET_DIR
 from tests.freeze import Freezer
 
+pytest_plugins = ("tests.faults",)  # the fault tests' project fixtures
+
 DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
 TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
 # ~3 s on 2 cores, about 50% test accuracy: enough to tell images apart, not to judge them finely
 TINY_CLASSIFIER = {"channels": [8, 16], "features": 32, "epochs": 1, "batch_size": 16, "limit": 512}
+
+
+# The modules that take longest (measured: their module fixtures run a whole pipeline, or they run
+# several), started first so that pytest-xdist's two workers (`--dist loadscope`: one module per
+# worker at a time) finish together instead of one of them starting a 7-minute module last.
+LONGEST_FIRST = (
+    "test_pipeline",
+    "test_faults_prefect",
+    "test_faults",
+    "test_faults_deployment",
+    "test_classifier",
+    "test_train",
+    "test_cli",
+    "test_boundary",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.path.stem
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order (some tests build on the one before)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,161 +5,36 @@ a temporary project. docs/reliability.md maps each fault to its test here."""
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from mlflow import MlflowClient
 
 from ddpm import checkpoint as ckpt
-from ddpm.callbacks import Callback
-from ddpm.data import DEBIAN_DATASET_DIR, FILES
-from ddpm.train import fit
+from ddpm.data import FILES
 from flows import pipeline, stages
 from flows.config import load_params
-from flows.data import fetch_data
 from flows.workspace import LOCK_FILE
 from tests import servers
-from tests.freeze import Freezer
-from tests.test_pipeline import make_project, run
+from tests.faults import (
+    EPOCHS,
+    assert_resumed_exactly,
+    kill_after_first_epoch,
+    runs_of,
+    set_params,
+    start,
+    store,
+)
+from tests.test_pipeline import run
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 3  # killed after the first, so the rerun has epochs left to resume
-QUEUED_SECONDS = 30  # a queued deployment run must stay queued this long while the first one runs
-STEPS = EPOCHS * 4  # TINY trains 64 images in batches of 16
-EXPERIMENT = "ddpm-fashion-mnist"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    """A project with its data fetched through DVC once; tests work on copies."""
-    tmp = tmp_path_factory.mktemp("faults")
-    repo = make_project(tmp)
-    fetch_data(repo, "data/fashion-mnist", (DEBIAN_DATASET_DIR,))
-    return repo
-
-
-@pytest.fixture
-def project(template, tmp_path) -> Path:
-    repo = tmp_path / "project"
-    shutil.copytree(template, repo, symlinks=True)
-    return repo
-
-
-def set_params(repo: Path, **sections) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def store(repo: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def runs_of(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id]) if experiment else []
-
-
-FIRST_EPOCH_DONE = "checkpoints/.epoch_0002"  # epoch 2's checkpoint being written: epoch 1's is on disk
-
-
-def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        **env,
-    }
-    return subprocess.Popen(
-        args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
-    """Start `args` in its own process group and SIGKILL the whole group when one of its processes
-    opens a file matching `pattern` (it stops there first: no race with a fast training)."""
-    freezer.arm(pattern)
-    process = start(args, repo, {**env, **freezer.env}, log)
-    try:
-        freezer.wait_frozen(alive=lambda: process.poll() is None)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
-    finally:
-        freezer.disarm()
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def kill_after_first_epoch(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer) -> None:
-    kill_at(args, repo, env, log, freezer, FIRST_EPOCH_DONE)
-    left = ckpt.list_checkpoints(repo / "checkpoints")
-    assert [p.name for p in left] == ["epoch_0001.ckpt"], left
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_step_end(self, global_step, metrics):
-        self.losses.append(metrics["train_loss"])
-
-
-def uninterrupted(repo: Path, tmp: Path) -> tuple[list[float], ckpt.Checkpoint]:
-    """The same training, same seed, in one go: per-step losses and the final checkpoint."""
-    config, _ = load_params(
-        repo / "params.yaml",
-        {"data.root": str(repo / "data" / "fashion-mnist"), "train.checkpoint_dir": str(tmp / "uninterrupted")},
-    )
-    losses = Losses()
-    result = fit(config, [losses], progress=False)
-    return losses.losses, ckpt.load_checkpoint(result.checkpoint)
-
-
-def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
-    """One FINISHED run holding each step and epoch once, with the losses and final weights of an
-    uninterrupted training; returns its id."""
-    runs = runs_of(client)
-    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
-    run_ = runs[0]
-    run_id = run_.info.run_id
-    assert run_.info.status == "FINISHED" and "failure" not in run_.data.tags and run_.data.tags["resumed"] == "1"
-    history = client.get_metric_history(run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
-    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(1, STEPS + 1))
-    for key in ("train_loss_epoch", "epoch_seconds", "images_per_second"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, EPOCHS + 1)), key
-    grids = sorted(
-        int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")
-    )
-    assert grids == list(range(1, EPOCHS + 1))
-    rows = (repo / "outputs" / "loss.csv").read_text().splitlines()[1:]
-    assert [int(row.split(",")[0]) for row in rows] == list(range(1, STEPS + 1))
-
-    losses, reference = uninterrupted(repo, tmp)
-    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
-    np.testing.assert_allclose(logged, losses, rtol=1e-4, atol=1e-6)
-    latest = ckpt.latest_checkpoint(repo / "checkpoints")
-    assert latest is not None
-    final = ckpt.load_checkpoint(latest)
-    assert final.epoch == EPOCHS and final.global_step == reference.global_step == STEPS
-    for name in reference.params:
-        np.testing.assert_allclose(
-            final.params[name].asnumpy(), reference.params[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name
-        )
-    return run_id
+QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experiment
 
 
 @pytest.mark.slow
@@ -437,140 +312,6 @@ def test_a_damaged_mlflow_db_is_one_error_naming_it_and_left_as_it_was(project, 
 # ---- slow: the Prefect paths (ephemeral API, then a real server, worker and deployment) ----
 
 
-def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
-    return run([str(servers.BIN / "prefect"), *args], repo, env)
-
-
-def flow_run_state(flow_run_id: str, repo: Path, env: dict) -> str:
-    shown = prefect("flow-run", "inspect", flow_run_id, "-o", "json", repo=repo, env=env)
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    return json.loads(shown.stdout)["state"]["type"]
-
-
-def dead_holder(repo: Path) -> dict:
-    """The record a killed pipeline leaves in the workspace lock file."""
-    return json.loads((repo / LOCK_FILE).read_text())
-
-
-@pytest.mark.slow
-def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(project, tmp_path, freezer):
-    set_params(project, train={"epochs": EPOCHS})
-    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}  # the ephemeral API's database survives the kill
-    job = [sys.executable, "-m", "flows.pipeline"]
-    kill_after_first_epoch(job, project, env, tmp_path / "killed.log", freezer)
-    killed_flow_run = dead_holder(project)["flow_run_id"]
-    assert flow_run_state(killed_flow_run, project, env) == "RUNNING"  # what kill -9 leaves behind
-
-    rerun = run(job, project, env)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    assert f"marked Prefect flow run {killed_flow_run} Crashed" in rerun.stderr
-    assert flow_run_state(killed_flow_run, project, env) == "CRASHED"
-    run_id = assert_resumed_exactly(project, tmp_path, store(project))
-    result = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert result["run_id"] == run_id
-    [version] = store(project).search_model_versions()
-    assert version.run_id == run_id and str(version.version) == result["version"]
-
-
-NAN_PIPELINE = """
-import sys
-import ddpm.train
-
-build = ddpm.train.build_unet
-
-def poisoned(*args, **kwargs):
-    net = build(*args, **kwargs)
-    weight = net.trainable_params()[0]
-    weight.set_data(weight.value() * float("nan"))
-    return net
-
-ddpm.train.build_unet = poisoned
-from flows.pipeline import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-def test_nan_loss_through_the_prefect_flow_fails_it_and_registers_nothing(project, tmp_path):
-    result = run([sys.executable, "-c", NAN_PIPELINE], project, {"PREFECT_HOME": str(tmp_path / "prefect-home")})
-    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "loss is nan at epoch 1, step 1" in result.stderr and "Finished in state Failed" in result.stderr
-    client = store(project)
-    [failed] = runs_of(client)
-    assert failed.info.status == "FAILED" and "loss is nan" in failed.data.tags["failure"]
-    assert client.search_model_versions() == [] and not (project / "outputs" / "registered.json").exists()
-
-
-@pytest.mark.slow
-def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_training(project, tmp_path, freezer):
-    """A failure after training costs the evaluation, not the training: the rerun of the main job
-    takes up the finished training (one MLflow run, no new epoch) and registers it once."""
-    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    job = [sys.executable, "-m", "flows.pipeline"]
-    kill_at(job, project, env, tmp_path / "killed.log", freezer, "outputs/.metrics.json")  # scored, not recorded
-    client = store(project)
-    [trained] = runs_of(client)
-    assert trained.info.status == "FINISHED" and client.search_model_versions() == []
-    steps_before = len(client.get_metric_history(trained.info.run_id, "train_loss"))
-
-    rerun = run(job, project, env)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    assert "finished training" in rerun.stderr and "continuing with it" in rerun.stderr
-    [again] = runs_of(client)
-    assert again.info.run_id == trained.info.run_id and "fid" in again.data.metrics
-    assert len(client.get_metric_history(trained.info.run_id, "train_loss")) == steps_before  # not retrained
-    [version] = client.search_model_versions()
-    assert version.run_id == trained.info.run_id
-    assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
-
-
-PUBLISH_FAILS = """
-import sys
-import flows.pipeline
-
-def publish_fails(*args, **kwargs):
-    raise ConnectionError("simulated: the Prefect API refused the summary artifact")
-
-flows.pipeline.publish_summary = publish_fails
-sys.exit(flows.pipeline.main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-def test_a_failure_after_register_then_rerun_publishes_the_same_training_without_retraining(project, tmp_path):
-    """The flow fails after it registered the model (in publish_summary: simulated): its rerun takes up
-    the registered training (no step trained again, not scored again, still one version) and
-    publishes; the run after that one, which went to its end, trains anew."""
-    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
-    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
-    client = store(project)
-    [trained] = runs_of(client)
-    [version] = client.search_model_versions()
-    assert trained.info.status == "FINISHED" and version.run_id == trained.info.run_id
-    run_id = trained.info.run_id
-    steps_before = len(client.get_metric_history(run_id, "train_loss"))
-
-    rerun = run([sys.executable, "-m", "flows.pipeline"], project, env)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    assert "no run of the flow took to its end; continuing with it" in rerun.stderr
-    assert [r.info.run_id for r in runs_of(client)] == [run_id]
-    assert len(client.get_metric_history(run_id, "train_loss")) == steps_before  # not trained again
-    assert len(client.get_metric_history(run_id, "fid")) == 1  # not scored again
-    [again] = client.search_model_versions()
-    assert again.version == version.version
-    result = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert result["run_id"] == run_id and result["version"] == str(version.version)
-    assert not (project / "checkpoints" / "flow_unfinished").exists()
-
-    fresh = run([sys.executable, "-m", "flows.pipeline"], project, env)
-    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
-    assert "starting a new one" in fresh.stderr and len(runs_of(client)) == 2
-
-
-QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experiment
-
-
 @pytest.mark.slow
 def test_a_queued_dvc_experiment_records_into_the_checkouts_store(project, tmp_path):
     """DVC runs queued experiments in a temporary copy of the checkout, deleted afterwards: the run,
@@ -610,133 +351,3 @@ def test_a_queued_dvc_experiment_records_into_the_checkouts_store(project, tmp_p
     artifacts = Path(trained.info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(project / "mlruns") and any(artifacts.iterdir())
     assert not any((project / ".dvc" / "tmp" / "exps").glob("*/mlflow.db"))
-
-
-@pytest.fixture(scope="module")
-def deployment(template, tmp_path_factory, freezer):
-    """The project deployed on a real Prefect server with a process worker, tracking to a real MLflow server."""
-    tmp = tmp_path_factory.mktemp("deployment")
-    repo = tmp / "project"
-    shutil.copytree(template, repo, symlinks=True)
-    set_params(repo, train={"epochs": EPOCHS})
-    mlflow_server, uri = servers.start_mlflow(tmp)
-    prefect_server, env = servers.start_prefect(tmp)
-    env = {**env, "MLFLOW_TRACKING_URI": uri}
-    with open(tmp / "worker.log", "w") as worker_log:
-        worker = None
-        try:
-            for args in (
-                ["work-pool", "create", "ddpm-process", "--type", "process"],
-                ["--no-prompt", "deploy", "--all"],
-            ):
-                result = prefect(*args, repo=repo, env=env)
-                assert result.returncode == 0, result.stdout + result.stderr
-            worker = subprocess.Popen(
-                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-                cwd=repo,
-                env={
-                    **os.environ,
-                    **env,
-                    **freezer.env,  # its flow runs inherit the freezer
-                    "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-                },
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            yield repo, env, MlflowClient(uri), tmp, freezer
-        finally:
-            if worker is not None:
-                servers.stop(worker)
-            servers.stop(prefect_server)
-            servers.stop(mlflow_server)
-
-
-def trigger(repo: Path, env: dict, overrides: dict | None = None) -> str:
-    """Start a run of the deployment; returns its flow run id."""
-    args = ["deployment", "run", "ddpm-pipeline/default"]
-    if overrides:
-        args += ["--param", f"overrides={json.dumps(overrides)}"]
-    result = prefect(*args, repo=repo, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return next(line.split()[-1] for line in result.stdout.splitlines() if "UUID:" in line)
-
-
-def wait_for_log(flow_run_id: str, text: str, repo: Path, env: dict, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in prefect("flow-run", "logs", flow_run_id, repo=repo, env=env).stdout:
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} never logged {text!r} in {timeout} s"
-        time.sleep(2)
-
-
-def wait_final(flow_run_id: str, repo: Path, env: dict, timeout: float = 900) -> str:
-    deadline = time.monotonic() + timeout
-    while (state := flow_run_state(flow_run_id, repo, env)) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {state} after {timeout} s"
-        time.sleep(2)
-    return state
-
-
-def wait_for_holder(repo: Path, flow_run_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            holder = dead_holder(repo)
-            if holder["flow_run_id"] == flow_run_id:
-                return holder
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass  # nobody holds it yet
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} never took the workspace"
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(deployment):
-    repo, env, client, tmp, freezer = deployment
-    freezer.arm(FIRST_EPOCH_DONE)
-    try:
-        killed = trigger(repo, env)
-        pid = freezer.wait_frozen()  # the worker's flow-run process, stopped after epoch 1
-    finally:
-        freezer.disarm()
-    os.kill(pid, signal.SIGKILL)
-    assert wait_final(killed, repo, env, timeout=120) == "CRASHED"
-    assert [p.name for p in ckpt.list_checkpoints(repo / "checkpoints")] == ["epoch_0001.ckpt"]
-
-    rerun = trigger(repo, env)
-    assert wait_final(rerun, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
-    run_id = assert_resumed_exactly(repo, tmp, client)
-    assert client.get_run(run_id).data.tags["prefect_flow_run_id"] == rerun
-    [version] = client.search_model_versions("name='ddpm-fashion-mnist'")
-    assert version.run_id == run_id
-
-
-@pytest.mark.slow
-def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deployment):
-    """prefect.yaml's concurrency limit: the server queues the second run (no worker, no process, no
-    lock wait that could time out) and starts it when the first ends."""
-    repo, env, client, tmp, _ = deployment
-    first = trigger(repo, env, {"train.epochs": 2})
-    holder = wait_for_holder(repo, first)
-    os.kill(holder["pid"], signal.SIGSTOP)  # the first holds its slot as long as it likes
-    try:
-        second = trigger(repo, env, {"train.epochs": 1, "workspace.lock_timeout": 1})
-        time.sleep(QUEUED_SECONDS)  # long enough for a worker to have started it, were it not queued
-        shown = json.loads(prefect("flow-run", "inspect", second, "-o", "json", repo=repo, env=env).stdout)
-        assert (shown["state"]["type"], shown["state"]["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
-    finally:
-        os.kill(holder["pid"], signal.SIGCONT)
-    assert wait_final(first, repo, env) == "COMPLETED"
-    assert wait_final(second, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
-    runs = {
-        r.data.tags.get("prefect_flow_run_id"): r
-        for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    }
-    a, b = runs[first], runs[second]
-    assert a.data.params["train.epochs"] == "2" and b.data.params["train.epochs"] == "1"
-    assert a.info.status == b.info.status == "FINISHED" and b.info.start_time > a.info.end_time  # one at a time
-    versions = {v.run_id: v.version for v in client.search_model_versions("name='ddpm-fashion-mnist'")}
-    candidate = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
-    assert a.info.run_id in versions and candidate.run_id == b.info.run_id  # each registered its own model
-    registered = json.loads((repo / "outputs" / "registered.json").read_text())
-    assert registered["run_id"] == b.info.run_id and registered["version"] == versions[b.info.run_id]

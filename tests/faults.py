@@ -1,0 +1,169 @@
+"""What the fault tests share: a project with its data fetched through DVC once (the `template`
+fixture; each test works on a copy, `project`), kill helpers and the check that a resumed training
+equals an uninterrupted one. Registered as a plugin in tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from ddpm import checkpoint as ckpt
+from ddpm.callbacks import Callback
+from ddpm.data import DEBIAN_DATASET_DIR
+from ddpm.train import fit
+from flows.config import load_params
+from flows.data import fetch_data
+from flows.workspace import LOCK_FILE
+from tests import servers
+from tests.freeze import Freezer
+from tests.test_pipeline import make_project, run
+
+EPOCHS = 3  # killed after the first, so the rerun has epochs left to resume
+STEPS = EPOCHS * 4  # TINY trains 64 images in batches of 16
+EXPERIMENT = "ddpm-fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A project with its data fetched through DVC once; tests work on copies."""
+    tmp = tmp_path_factory.mktemp("faults")
+    repo = make_project(tmp)
+    fetch_data(repo, "data/fashion-mnist", (DEBIAN_DATASET_DIR,))
+    return repo
+
+
+@pytest.fixture
+def project(template, tmp_path) -> Path:
+    repo = tmp_path / "project"
+    shutil.copytree(template, repo, symlinks=True)
+    return repo
+
+
+def set_params(repo: Path, **sections) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def store(repo: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+FIRST_EPOCH_DONE = "checkpoints/.epoch_0002"  # epoch 2's checkpoint being written: epoch 1's is on disk
+
+
+def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **env,
+    }
+    return subprocess.Popen(
+        args, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
+    """Start `args` in its own process group and SIGKILL the whole group when one of its processes
+    opens a file matching `pattern` (it stops there first: no race with a fast training)."""
+    freezer.arm(pattern)
+    process = start(args, repo, {**env, **freezer.env}, log)
+    try:
+        freezer.wait_frozen(alive=lambda: process.poll() is None)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
+    finally:
+        freezer.disarm()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def kill_after_first_epoch(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer) -> None:
+    kill_at(args, repo, env, log, freezer, FIRST_EPOCH_DONE)
+    left = ckpt.list_checkpoints(repo / "checkpoints")
+    assert [p.name for p in left] == ["epoch_0001.ckpt"], left
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, global_step, metrics):
+        self.losses.append(metrics["train_loss"])
+
+
+def uninterrupted(repo: Path, tmp: Path) -> tuple[list[float], ckpt.Checkpoint]:
+    """The same training, same seed, in one go: per-step losses and the final checkpoint."""
+    config, _ = load_params(
+        repo / "params.yaml",
+        {"data.root": str(repo / "data" / "fashion-mnist"), "train.checkpoint_dir": str(tmp / "uninterrupted")},
+    )
+    losses = Losses()
+    result = fit(config, [losses], progress=False)
+    return losses.losses, ckpt.load_checkpoint(result.checkpoint)
+
+
+def assert_resumed_exactly(repo: Path, tmp: Path, client: MlflowClient) -> str:
+    """One FINISHED run holding each step and epoch once, with the losses and final weights of an
+    uninterrupted training; returns its id."""
+    runs = runs_of(client)
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
+    run_ = runs[0]
+    run_id = run_.info.run_id
+    assert run_.info.status == "FINISHED" and "failure" not in run_.data.tags and run_.data.tags["resumed"] == "1"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(1, STEPS + 1))
+    for key in ("train_loss_epoch", "epoch_seconds", "images_per_second"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, EPOCHS + 1)), key
+    grids = sorted(
+        int(a.path.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")
+    )
+    assert grids == list(range(1, EPOCHS + 1))
+    rows = (repo / "outputs" / "loss.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == list(range(1, STEPS + 1))
+
+    losses, reference = uninterrupted(repo, tmp)
+    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
+    np.testing.assert_allclose(logged, losses, rtol=1e-4, atol=1e-6)
+    latest = ckpt.latest_checkpoint(repo / "checkpoints")
+    assert latest is not None
+    final = ckpt.load_checkpoint(latest)
+    assert final.epoch == EPOCHS and final.global_step == reference.global_step == STEPS
+    for name in reference.params:
+        np.testing.assert_allclose(
+            final.params[name].asnumpy(), reference.params[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name
+        )
+    return run_id
+
+
+def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
+    return run([str(servers.BIN / "prefect"), *args], repo, env)
+
+
+def flow_run_state(flow_run_id: str, repo: Path, env: dict) -> str:
+    shown = prefect("flow-run", "inspect", flow_run_id, "-o", "json", repo=repo, env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    return json.loads(shown.stdout)["state"]["type"]
+
+
+def dead_holder(repo: Path) -> dict:
+    """The record a killed pipeline leaves in the workspace lock file."""
+    return json.loads((repo / LOCK_FILE).read_text())

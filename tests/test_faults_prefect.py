@@ -1,0 +1,140 @@
+"""Faults in the Prefect flow run as the main job (ephemeral API): kill -9, NaN loss, a kill during
+evaluation and a failure after registration, each in a temporary project (tests/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.faults import (
+    EPOCHS,
+    assert_resumed_exactly,
+    dead_holder,
+    flow_run_state,
+    kill_after_first_epoch,
+    kill_at,
+    runs_of,
+    set_params,
+    store,
+)
+from tests.test_pipeline import run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(project, tmp_path, freezer):
+    set_params(project, train={"epochs": EPOCHS})
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}  # the ephemeral API's database survives the kill
+    job = [sys.executable, "-m", "flows.pipeline"]
+    kill_after_first_epoch(job, project, env, tmp_path / "killed.log", freezer)
+    killed_flow_run = dead_holder(project)["flow_run_id"]
+    assert flow_run_state(killed_flow_run, project, env) == "RUNNING"  # what kill -9 leaves behind
+
+    rerun = run(job, project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert f"marked Prefect flow run {killed_flow_run} Crashed" in rerun.stderr
+    assert flow_run_state(killed_flow_run, project, env) == "CRASHED"
+    run_id = assert_resumed_exactly(project, tmp_path, store(project))
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id
+    [version] = store(project).search_model_versions()
+    assert version.run_id == run_id and str(version.version) == result["version"]
+
+
+NAN_PIPELINE = """
+import sys
+import ddpm.train
+
+build = ddpm.train.build_unet
+
+def poisoned(*args, **kwargs):
+    net = build(*args, **kwargs)
+    weight = net.trainable_params()[0]
+    weight.set_data(weight.value() * float("nan"))
+    return net
+
+ddpm.train.build_unet = poisoned
+from flows.pipeline import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_nan_loss_through_the_prefect_flow_fails_it_and_registers_nothing(project, tmp_path):
+    result = run([sys.executable, "-c", NAN_PIPELINE], project, {"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "loss is nan at epoch 1, step 1" in result.stderr and "Finished in state Failed" in result.stderr
+    client = store(project)
+    [failed] = runs_of(client)
+    assert failed.info.status == "FAILED" and "loss is nan" in failed.data.tags["failure"]
+    assert client.search_model_versions() == [] and not (project / "outputs" / "registered.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_training(project, tmp_path, freezer):
+    """A failure after training costs the evaluation, not the training: the rerun of the main job
+    takes up the finished training (one MLflow run, no new epoch) and registers it once."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    job = [sys.executable, "-m", "flows.pipeline"]
+    kill_at(job, project, env, tmp_path / "killed.log", freezer, "outputs/.metrics.json")  # scored, not recorded
+    client = store(project)
+    [trained] = runs_of(client)
+    assert trained.info.status == "FINISHED" and client.search_model_versions() == []
+    steps_before = len(client.get_metric_history(trained.info.run_id, "train_loss"))
+
+    rerun = run(job, project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "finished training" in rerun.stderr and "continuing with it" in rerun.stderr
+    [again] = runs_of(client)
+    assert again.info.run_id == trained.info.run_id and "fid" in again.data.metrics
+    assert len(client.get_metric_history(trained.info.run_id, "train_loss")) == steps_before  # not retrained
+    [version] = client.search_model_versions()
+    assert version.run_id == trained.info.run_id
+    assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
+
+
+PUBLISH_FAILS = """
+import sys
+import flows.pipeline
+
+def publish_fails(*args, **kwargs):
+    raise ConnectionError("simulated: the Prefect API refused the summary artifact")
+
+flows.pipeline.publish_summary = publish_fails
+sys.exit(flows.pipeline.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_after_register_then_rerun_publishes_the_same_training_without_retraining(project, tmp_path):
+    """The flow fails after it registered the model (in publish_summary: simulated): its rerun takes up
+    the registered training (no step trained again, not scored again, still one version) and
+    publishes; the run after that one, which went to its end, trains anew."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
+    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
+    client = store(project)
+    [trained] = runs_of(client)
+    [version] = client.search_model_versions()
+    assert trained.info.status == "FINISHED" and version.run_id == trained.info.run_id
+    run_id = trained.info.run_id
+    steps_before = len(client.get_metric_history(run_id, "train_loss"))
+
+    rerun = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "no run of the flow took to its end; continuing with it" in rerun.stderr
+    assert [r.info.run_id for r in runs_of(client)] == [run_id]
+    assert len(client.get_metric_history(run_id, "train_loss")) == steps_before  # not trained again
+    assert len(client.get_metric_history(run_id, "fid")) == 1  # not scored again
+    [again] = client.search_model_versions()
+    assert again.version == version.version
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id and result["version"] == str(version.version)
+    assert not (project / "checkpoints" / "flow_unfinished").exists()
+
+    fresh = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
+    assert "starting a new one" in fresh.stderr and len(runs_of(client)) == 2

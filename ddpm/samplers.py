@@ -78,18 +78,20 @@ def log_snr_half(s: NoiseSchedule, t: int) -> float:
 
 def dpmpp_2m_step(
     s: NoiseSchedule, x_t: np.ndarray, t: int, t_prev: int, x0: np.ndarray, previous: tuple[float, np.ndarray] | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, tuple[float, np.ndarray] | None]:
     """One DPM-Solver++(2M) step x_t -> x_{t_prev} from the predicted x0 (Lu et al., 2022, algorithm 2).
-    `previous` is (h, x0) of the step before, for the second-order correction; t_prev = -1 means x0."""
+    `previous` is (h, x0) of the step before, for the second-order correction; t_prev = -1 means x0.
+    Returns x_{t_prev} and this step's (h, x0), the next step's `previous`."""
     if t_prev < 0:
-        return x0  # sigma = 0: the last step lands on the (first-order) data prediction
+        return x0, None  # sigma = 0: the last step lands on the (first-order) data prediction
     h = log_snr_half(s, t_prev) - log_snr_half(s, t)  # 1. step size in lambda
     d = x0
     if previous is not None:
         r = previous[0] / h  # 2. ratio of the last two step sizes
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous[1]  # 3. extrapolated data prediction
     ratio = s.sqrt_one_minus_alphas_cumprod[t_prev] / s.sqrt_one_minus_alphas_cumprod[t]
-    return ratio * x_t - s.sqrt_alphas_cumprod[t_prev] * np.expm1(-h) * d  # 4. eq. 13's exact linear part
+    x_prev = ratio * x_t - s.sqrt_alphas_cumprod[t_prev] * np.expm1(-h) * d  # 4. eq. 13's exact linear part
+    return x_prev, (h, x0)
 
 
 def sample(
@@ -123,10 +125,7 @@ def sample(
             x0 = predict_x0(s, x, t, _eps(predict_noise, x, t))
             if clip_x0:
                 x0 = np.clip(x0, -1.0, 1.0)  # the "++": thresholding the data prediction keeps it stable
-            x_next = dpmpp_2m_step(s, x, t, t_prev, x0, previous)
-            if t_prev >= 0:
-                previous = (log_snr_half(s, t_prev) - log_snr_half(s, t), x0)
-            x = x_next
+            x, previous = dpmpp_2m_step(s, x, t, t_prev, x0, previous)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return x.astype(np.float32)

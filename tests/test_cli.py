@@ -14,6 +14,25 @@ def ddpm(*args, cwd):
     return subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def train_tiny(fashion_root: Path, cwd: Path, timesteps: int) -> Path:
+    """`ddpm train` of a tiny model (dim 8, 16 images, one epoch) into cwd/ck; returns its checkpoint."""
+    sets = [
+        f"data.root={fashion_root}",
+        "data.limit=16",
+        "train.epochs=1",
+        "model.dim=8",
+        "model.dim_mults=[1,2]",
+        "train.device=CPU",
+        "train.checkpoint_dir=ck",
+        f"diffusion.timesteps={timesteps}",
+        "sample.steps=5",
+        "train.sample_every=0",
+    ]
+    trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=cwd)
+    assert trained.returncode == 0, trained.stderr
+    return cwd / "ck" / "epoch_0001.ckpt"
+
+
 def test_train_then_sample_a_grid(fashion_root, tmp_path):
     sets = [
         "--set",
@@ -69,22 +88,7 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(fashion_root, tmp_path_factory) -> Path:
     """A tiny trained checkpoint (T = 20) for the sample command."""
-    tmp = tmp_path_factory.mktemp("sample")
-    sets = [
-        f"data.root={fashion_root}",
-        "data.limit=16",
-        "train.epochs=1",
-        "model.dim=8",
-        "model.dim_mults=[1,2]",
-        "train.device=CPU",
-        "train.checkpoint_dir=ck",
-        "diffusion.timesteps=20",
-        "sample.steps=5",
-        "train.sample_every=0",
-    ]
-    trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=tmp)
-    assert trained.returncode == 0, trained.stderr
-    return tmp / "ck" / "epoch_0001.ckpt"
+    return train_tiny(fashion_root, tmp_path_factory.mktemp("sample"), timesteps=20)
 
 
 @pytest.mark.parametrize(

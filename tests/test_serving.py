@@ -23,7 +23,7 @@ from ddpm.config import ModelConfig
 from flows.config import RegistryConfig
 from flows.registry import log_sampler_model, register_model
 from tests import servers
-from tests.test_cli import ROOT, ddpm
+from tests.test_cli import ROOT, ddpm, train_tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 1-2 min: a training, a registration, a server start
 
@@ -41,25 +41,12 @@ class Served:
 def server(fashion_root, tmp_path_factory):
     """A tiny trained model (T = 20) registered in a SQLite store, aliased @champion and served."""
     tmp = tmp_path_factory.mktemp("serving")
-    sets = [
-        f"data.root={fashion_root}",
-        "data.limit=16",
-        "train.epochs=1",
-        "model.dim=8",
-        "model.dim_mults=[1,2]",
-        "train.device=CPU",
-        "train.checkpoint_dir=ck",
-        f"diffusion.timesteps={TIMESTEPS}",
-        "sample.steps=5",
-        "train.sample_every=0",
-    ]
-    trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=tmp)
-    assert trained.returncode == 0, trained.stderr
+    checkpoint = train_tiny(fashion_root, tmp, TIMESTEPS)
     tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run() as run:  # as the train step logs it when training ends
-            model_id = log_sampler_model(str(tmp / "ck" / "epoch_0001.ckpt"), ModelConfig(dim=8, dim_mults=(1, 2)))
+            model_id = log_sampler_model(str(checkpoint), ModelConfig(dim=8, dim_mults=(1, 2)))
         version = register_model(run.info.run_id, model_id, REGISTRY).version
         MlflowClient().set_registered_model_alias(REGISTRY.model_name, REGISTRY.champion_alias, version)
     finally:

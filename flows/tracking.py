@@ -1,9 +1,9 @@
-"""MLflow run handling and the per-epoch callback that logs metrics and sample grids (to MLflow,
-and as PNG files for DVC's image plots).
+"""MLflow run handling: the store's connection and its errors, starting, reopening and ending a
+training's run, its dataset and evaluation.
 
-A training survives a crash in one MLflow run: the run id is kept beside the checkpoints, a
-resumed training reopens that run, and the logger skips whatever the run already holds, so every
-step and every epoch is logged exactly once however often the training was interrupted.
+A training survives a crash in one MLflow run: the run id is kept beside the checkpoints and a
+resumed training reopens that run; flows/logger.py's callback then skips whatever the run already
+holds, so every step and every epoch is logged exactly once however often it was interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import re
 import socket
 import subprocess
 import urllib.error
@@ -19,15 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import sqlalchemy.exc
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
-from ddpm.callbacks import Callback, EpochEnd, FitResult
 from ddpm.config import Config
-from ddpm.images import make_grid
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
 from flows.steps import MEASURED_PREFIX, PER_T_PREFIX
@@ -39,15 +35,12 @@ WORKSPACE_TAG = "workspace"  # host:path of the checkout that owns a run
 FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
 SEARCH_PAGE = 1000  # runs per search request (MLflow's maximum)
 RESUMED_TAG = "resumed"  # how many times an interrupted training continued in this run
-SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 PER_T_METRIC = "eval_loss_per_t"  # logged as one metric, step = t
 IMAGES_SEEN = "images_seen"  # training images the model was fitted on (steps x global batch), logged when training ends
 DATASET_NAME = "fashion-mnist"
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
-GRID_FILE = re.compile(r"epoch_(\d+)\.png")  # a preview grid's file, named by its epoch (1-based)
-PARTIAL_GRID = re.compile(r"\.epoch_\d+\.png\.partial")  # one a killed training left half written
 
 
 def connect(pipeline: PipelineConfig) -> str:
@@ -288,112 +281,3 @@ def run_url(pipeline: PipelineConfig, run_id: str) -> str:
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     experiment = mlflow.get_run(run_id).info.experiment_id
     return f"{base}/#/experiments/{experiment}/runs/{run_id}"
-
-
-def logged_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
-    return {m.step for m in client.get_metric_history(run_id, key)}
-
-
-def logged_image_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
-    """Steps of the images logged under `key` (MLflow names them images/<key>+step+<n>+...)."""
-    names = (a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, "images"))
-    return {
-        int(parts[2])
-        for parts in (n.split("+") for n in names)
-        if len(parts) > 2 and parts[0] == key and parts[1] == "step"
-    }
-
-
-def grid_path(directory: Path, epoch: int) -> Path:
-    return directory / f"epoch_{epoch:04d}.png"
-
-
-def write_grid(grid: np.ndarray, path: Path) -> None:
-    """A PNG, written atomically: a reader (DVC) sees the previous file or the whole new one."""
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-class MlflowLogger(Callback):
-    """Logs train_loss and lr per step, epoch metrics, and a sample grid per epoch (the UI's image
-    slider), each once: on a resumed run it skips the steps and epochs the run already holds. With
-    `grid_dir` it also writes each grid there as epoch_NNNN.png (DVC's image plots): a new training
-    starts with no grids there, a resumed one keeps those of the epochs it does not rerun."""
-
-    def __init__(self, log_every: int, sample_every: int, num_samples: int, seed: int, grid_dir: Path | None = None):
-        self.log_every = log_every
-        self.sample_every = sample_every
-        self.num_samples = num_samples
-        self.seed = seed
-        self.grid_dir = grid_dir
-        self.steps_per_epoch = 0
-        self.done_steps: set[int] = set()
-        self.done_epochs: set[int] = set()
-        self.done_grids: set[int] = set()
-        self.pending: list = []  # RunOperations of async logs not yet known to be stored
-
-    def flush(self) -> None:
-        """Wait until every async log is stored; a failed one raises (MLflow itself only logs it)."""
-        mlflow.flush_async_logging()
-        pending, self.pending = self.pending, []
-        for operations in pending:
-            operations.wait()
-
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
-        run = mlflow.active_run()
-        assert run is not None, "fit() with an MlflowLogger runs inside mlflow.start_run()"
-        client, run_id = MlflowClient(), run.info.run_id
-        self.steps_per_epoch = steps_per_epoch
-        self.done_steps = logged_steps(client, run_id, "train_loss")
-        self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")
-        self.done_grids = logged_image_steps(client, run_id, SAMPLES_KEY)
-        if self.done_steps:
-            log.info(
-                "run %s already holds %d steps and %d epochs; they will not be logged again",
-                run_id,
-                len(self.done_steps),
-                len(self.done_epochs),
-            )
-        if self.grid_dir is not None:
-            self.grid_dir.mkdir(parents=True, exist_ok=True)
-            for path in self.grid_dir.iterdir():  # another training's grids, or half of one
-                grid = GRID_FILE.fullmatch(path.name)
-                if (grid and int(grid[1]) > start_epoch) or PARTIAL_GRID.fullmatch(path.name):
-                    path.unlink()
-
-    def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
-        if global_step % self.log_every == 0 and global_step not in self.done_steps:
-            self.pending.append(mlflow.log_metrics(metrics, step=global_step, synchronous=False))
-        if global_step % self.steps_per_epoch == 0:
-            self.flush()  # an epoch's steps are stored before its checkpoint is written
-
-    def on_checkpoint(self, global_step: int) -> None:
-        self.flush()  # the steps up to a checkpoint are stored before it is written
-
-    def on_epoch_end(self, end: EpochEnd) -> None:
-        step = end.epoch + 1
-        if step not in self.done_epochs:
-            self.pending.append(mlflow.log_metrics({"epoch": step, **end.metrics}, step=step, synchronous=False))
-        if self.sample_every and step % self.sample_every == 0:
-            self.preview(end, step)
-        self.flush()
-
-    def preview(self, end: EpochEnd, step: int) -> None:
-        """Draw the epoch's grid once, for MLflow and the PNG, whichever lacks it."""
-        png = grid_path(self.grid_dir, step) if self.grid_dir is not None else None
-        if step in self.done_grids and (png is None or png.is_file()):
-            return
-        grid = make_grid(end.draw_samples(self.num_samples, self.seed))
-        if step not in self.done_grids:
-            mlflow.log_image(grid, key=SAMPLES_KEY, step=step, synchronous=True)
-        if png is not None:
-            write_grid(grid, png)
-
-    def on_resume(self, last: EpochEnd) -> None:
-        self.on_epoch_end(last)
-
-    def on_train_end(self, result: FitResult) -> None:
-        self.flush()

@@ -17,11 +17,11 @@ from ddpm.callbacks import EpochEnd
 from ddpm.config import Config, config_from_dict
 from flows import tracking
 from flows.config import params_from_dict
+from flows.logger import MlflowLogger
 from flows.tracking import (
     FAILURE_TAG,
     RESUMED_TAG,
     WORKSPACE_TAG,
-    MlflowLogger,
     TrackingError,
     connect,
     end_stale_runs,

@@ -102,7 +102,7 @@ class LossCsv(Callback):
 
 def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
     """MLflow logging (per step, per epoch, sample grids) and the DVC plots (loss, sample grids)."""
-    from flows.tracking import MlflowLogger
+    from flows.logger import MlflowLogger
 
     return [
         MlflowLogger(

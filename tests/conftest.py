@@ -21,7 +21,8 @@ TINY_CLASSIFIER = {"channels": [8, 16], "features": 32, "epochs": 1, "batch_size
 
 # The modules that take longest (measured: their module fixtures run a whole pipeline, or they run
 # several), started first so that pytest-xdist's two workers (`--dist loadscope`: one module per
-# worker at a time) finish together instead of one of them starting a 7-minute module last.
+# worker at a time, in this order with `--no-loadscope-reorder`, else by test count) finish together
+# instead of one of them starting a 7-minute module last.
 LONGEST_FIRST = (
     "test_pipeline",
     "test_faults_prefect",

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -158,10 +159,19 @@ def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
     return run([str(servers.BIN / "prefect"), *args], repo, env)
 
 
-def flow_run_state(flow_run_id: str, repo: Path, env: dict) -> str:
+def flow_run(flow_run_id: str, repo: Path, env: dict) -> dict:
+    """The flow run as Prefect's API returns it: from the server's REST API when there is one (cheap
+    enough to poll), else through `prefect flow-run inspect` (which starts the ephemeral API)."""
+    if api := env.get("PREFECT_API_URL"):
+        with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=30) as response:
+            return json.load(response)
     shown = prefect("flow-run", "inspect", flow_run_id, "-o", "json", repo=repo, env=env)
     assert shown.returncode == 0, shown.stdout + shown.stderr
-    return json.loads(shown.stdout)["state"]["type"]
+    return json.loads(shown.stdout)
+
+
+def flow_run_state(flow_run_id: str, repo: Path, env: dict) -> str:
+    return flow_run(flow_run_id, repo, env)["state"]["type"]
 
 
 def dead_holder(repo: Path) -> dict:

@@ -22,6 +22,7 @@ from tests.faults import (
     FIRST_EPOCH_DONE,
     assert_resumed_exactly,
     dead_holder,
+    flow_run,
     flow_run_state,
     prefect,
     set_params,
@@ -82,13 +83,6 @@ def trigger(repo: Path, env: dict, overrides: dict | None = None) -> str:
     return next(line.split()[-1] for line in result.stdout.splitlines() if "UUID:" in line)
 
 
-def wait_for_log(flow_run_id: str, text: str, repo: Path, env: dict, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in prefect("flow-run", "logs", flow_run_id, repo=repo, env=env).stdout:
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} never logged {text!r} in {timeout} s"
-        time.sleep(2)
-
-
 def wait_final(flow_run_id: str, repo: Path, env: dict, timeout: float = 900) -> str:
     deadline = time.monotonic() + timeout
     while (state := flow_run_state(flow_run_id, repo, env)) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -142,7 +136,7 @@ def test_a_second_deployment_run_waits_on_the_server_while_the_first_runs(deploy
     try:
         second = trigger(repo, env, {"train.epochs": 1, "workspace.lock_timeout": 1})
         time.sleep(QUEUED_SECONDS)  # long enough for a worker to have started it, were it not queued
-        shown = json.loads(prefect("flow-run", "inspect", second, "-o", "json", repo=repo, env=env).stdout)
+        shown = flow_run(second, repo, env)
         assert (shown["state"]["type"], shown["state"]["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
     finally:
         os.kill(holder["pid"], signal.SIGCONT)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ddpm import config as ddpm_config
 from ddpm.config import ConfigError
@@ -86,3 +87,30 @@ def test_a_checkpoint_dir_of_its_own_is_accepted(tmp_path):
     for directory in ("checkpoints", "runs/a", str(tmp_path / "elsewhere")):
         config, _ = load_params(ROOT / "params.yaml", {"train.checkpoint_dir": directory}, repo=ROOT)
         assert config.train.checkpoint_dir == directory
+
+
+# The quick start's budget (docs/quality.md): everything else is params.yaml's, kept in step by this test.
+QUICKSTART_CHANGES = {
+    "data.limit",
+    "model.dim",
+    "model.dim_mults",
+    "diffusion.schedule",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.warmup_steps",
+    "train.ema_decay",
+    "sample.sampler",
+    "sample.steps",
+    "evaluate.fid_samples",
+}
+
+
+def test_the_quick_start_is_params_yaml_with_a_smaller_budget():
+    defaults = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    quick = flatten(yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()))
+    assert quick.keys() == defaults.keys(), "configs/quickstart.yaml lacks or adds keys: copy them from params.yaml"
+    changed = {key for key in defaults if quick[key] != defaults[key]}
+    assert changed == QUICKSTART_CHANGES, "configs/quickstart.yaml must differ from params.yaml only in its budget"
+    config, _ = load_params(ROOT / "configs" / "quickstart.yaml")
+    assert config.train.epochs == 1 and config.sample.sampler == "dpmpp_2m"

@@ -11,8 +11,6 @@ from ddpm.config import config_from_dict
 from ddpm.data import DEBIAN_DATASET_DIR
 from tests.freeze import Freezer
 
-pytest_plugins = ("tests.faults",)  # the fault tests' project fixtures
-
 DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
 TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
 # ~3 s on 2 cores, about 50% test accuracy: enough to tell images apart, not to judge them finely
@@ -91,6 +89,25 @@ def tiny_config(fashion_root, tmp_path):
         return config_from_dict(raw)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """For the fault tests: a project with its data fetched through DVC once; tests work on copies."""
+    from flows.data import fetch_data  # MLflow, Prefect and DVC load only for the modules that use it
+    from tests.test_pipeline import make_project
+
+    tmp = tmp_path_factory.mktemp("faults")
+    repo = make_project(tmp)
+    fetch_data(repo, "data/fashion-mnist", (DEBIAN_DATASET_DIR,))
+    return repo
+
+
+@pytest.fixture
+def project(template, tmp_path) -> Path:
+    repo = tmp_path / "project"
+    shutil.copytree(template, repo, symlinks=True)
+    return repo
 
 
 @pytest.fixture(scope="session")

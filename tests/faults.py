@@ -1,52 +1,32 @@
-"""What the fault tests share: a project with its data fetched through DVC once (the `template`
-fixture; each test works on a copy, `project`), kill helpers and the check that a resumed training
-equals an uninterrupted one. Registered as a plugin in tests/conftest.py."""
+"""What the fault tests share beside tests/conftest.py's `template` and `project` fixtures (a project
+with its data fetched through DVC once, and a copy of it per test): kill helpers and the check that a
+resumed training equals an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from mlflow import MlflowClient
 
 from ddpm import checkpoint as ckpt
 from ddpm.callbacks import Callback
-from ddpm.data import DEBIAN_DATASET_DIR
 from ddpm.train import fit
 from flows.config import load_params
-from flows.data import fetch_data
 from flows.workspace import LOCK_FILE
 from tests import servers
 from tests.freeze import Freezer
-from tests.test_pipeline import make_project, run
+from tests.test_pipeline import run
 
 EPOCHS = 3  # killed after the first, so the rerun has epochs left to resume
 STEPS = EPOCHS * 4  # TINY trains 64 images in batches of 16
 EXPERIMENT = "ddpm-fashion-mnist"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    """A project with its data fetched through DVC once; tests work on copies."""
-    tmp = tmp_path_factory.mktemp("faults")
-    repo = make_project(tmp)
-    fetch_data(repo, "data/fashion-mnist", (DEBIAN_DATASET_DIR,))
-    return repo
-
-
-@pytest.fixture
-def project(template, tmp_path) -> Path:
-    repo = tmp_path / "project"
-    shutil.copytree(template, repo, symlinks=True)
-    return repo
 
 
 def set_params(repo: Path, **sections) -> None:

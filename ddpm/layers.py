@@ -29,6 +29,7 @@ from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, 
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
+from ddpm.kernels.pool import NativeMaxPool2x2
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,11 @@ class Layers:
         if not self.native:
             return nn.GELU()
         return NativeGELU(self.library) if self.library is not None else GELU()
+
+    def max_pool2x2(self) -> nn.Cell:
+        """2x2 max-pooling with stride 2 (the classifier's)."""
+        library = self.library
+        return NativeMaxPool2x2(library) if library is not None else nn.MaxPool2d(2, 2)
 
     def channel_norm(self, eps: float) -> nn.Cell:
         """(x, g) -> the tutorial's channel LayerNorm, (x - mean_c) / sqrt(var_c + eps) g."""

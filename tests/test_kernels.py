@@ -1,5 +1,5 @@
-"""The native operators compute MindSpore's convolutions, GroupNorm, GELU and attention path; the build caches and
-falls back cleanly.
+"""The native operators compute MindSpore's convolutions, GroupNorm, GELU, attention path and max-pooling;
+the build caches and falls back cleanly.
 
 Same tolerances as test_layers.py: float32 sums in a different order, far under any change of
 the math (a wrong pad, a flipped kernel or a transposed weight fails).
@@ -14,6 +14,7 @@ import pytest
 from mindspore import nn
 
 from ddpm import runtime
+from ddpm.classifier import FashionClassifier
 from ddpm.config import ModelConfig
 from ddpm.kernels import build
 from ddpm.kernels.attention import (
@@ -25,6 +26,7 @@ from ddpm.kernels.attention import (
 from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
+from ddpm.kernels.pool import NativeMaxPool2x2
 from ddpm.layers import (
     GELU,
     DepthwiseConv2d,
@@ -248,3 +250,25 @@ def test_native_attention_cores_on_wide_logits(library, scale):
         (full_attention_core(library, heads, q_scale), _FullAttention(heads, q_scale)),
     ]:
         assert_same_function(fast, ref, x)
+
+
+# (channels, size) of the classifier's two poolings, and an odd size: MindSpore drops the last row and column
+CLASSIFIER_POOLS = [(32, 28), (64, 14), (3, 7)]
+
+
+@pytest.mark.parametrize("channels, size", CLASSIFIER_POOLS)
+@pytest.mark.parametrize("relu", [False, True])  # after a ReLU most windows tie at 0: the gradient goes to the first
+def test_native_max_pool_equals_mindspores(library, channels, size, relu):
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((BATCH, channels, size, size))
+    x = ms.Tensor(np.maximum(x - 0.8, 0.0) if relu else x, ms.float32)
+    projection = ms.Tensor(rng.standard_normal((BATCH, channels, size // 2, size // 2)), ms.float32)
+    fast = jitted_value_and_grads(NativeMaxPool2x2(library), x, projection)
+    ref = jitted_value_and_grads(nn.MaxPool2d(2, 2), x, projection)
+    for a, b, name in zip(fast, ref, ["output", "input gradient"], strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)  # a max and a copy: exact
+
+
+def test_the_classifier_pools_natively(library):
+    kinds = {type(cell) for _, cell in FashionClassifier((32, 64), 128).cells_and_names()}
+    assert NativeMaxPool2x2 in kinds and nn.MaxPool2d not in kinds

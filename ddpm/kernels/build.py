@@ -27,7 +27,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc")  # compiled into one library
+# compiled into one library
+SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc", HERE / "pool.cc")
 HEADERS = (HERE / "runtime.h", HERE / "vector_math.h")
 LIBRARY_STEM = "ddpm_kernels"
 DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own operators

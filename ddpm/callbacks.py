@@ -27,9 +27,12 @@ class EpochEnd:
 class Callback:
     """Hooks called by `fit`; override what you need."""
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
+    def on_train_start(
+        self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int, precision: str
+    ) -> None:
         """Training starts (or resumes) with `start_epoch` epochs and `start_step` steps done: a resumed
-        run's first step is `start_step + 1`, which may lie inside epoch `start_epoch + 1`."""
+        run's first step is `start_step + 1`, which may lie inside epoch `start_epoch + 1`. `precision`
+        is what `config.train.precision` resolved to on this machine (fp32 or bf16)."""
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None: ...
 

@@ -33,6 +33,7 @@ META_PREFIX = "meta."  # keeps metadata apart from tensor names such as Adam's "
 META_KEYS = ("format_version", "config_yaml", "epoch", "global_step")
 METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoints still load
 PROGRESS_KEY = "progress_json"  # a mid-epoch checkpoint's EpochProgress; absent at an epoch's end
+PRECISION_KEY = "precision"  # fp32 | bf16: what train.precision resolved to on the machine that trained last
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
@@ -60,6 +61,7 @@ class Checkpoint:
     params: dict  # name -> Parameter, for net ("..."), optimizer ("moment1.*", ...) and EMA ("ema.*")
     metrics: dict = dataclasses.field(default_factory=dict)  # of the last complete epoch
     progress: EpochProgress | None = None  # into the next epoch; None at an epoch's end
+    precision: str | None = None  # resolved train.precision of the last training; None before it was recorded
 
 
 def epoch_path(directory: str | Path, epoch: int) -> Path:
@@ -80,12 +82,15 @@ def save_checkpoint(
     keep: int,
     metrics: dict[str, float] | None = None,
     progress: EpochProgress | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write epoch_NNNN.ckpt (`epoch` complete epochs), or with `progress` the mid-epoch checkpoint
     that far into the next epoch, atomically; then drop the checkpoints it supersedes: older
     mid-epoch ones, and all but the newest `keep` complete epochs (a mid-epoch checkpoint never
     replaces a complete epoch's)."""
     meta = {**_meta(config, epoch, global_step), METRICS_KEY: json.dumps(metrics or {})}
+    if precision is not None:
+        meta[PRECISION_KEY] = precision
     if progress is None:
         path = epoch_path(directory, epoch)
     else:
@@ -148,8 +153,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if progress is not None:
         fields = json.loads(_scalar(progress))
         progress = EpochProgress(fields["step"], tuple(fields["losses"]), fields["seconds"])
+    precision = params.pop(META_PREFIX + PRECISION_KEY, None)
+    precision = None if precision is None else _scalar(precision)
     config = config_from_dict(yaml.safe_load(meta["config_yaml"]))
-    return Checkpoint(path, config, int(meta["epoch"]), int(meta["global_step"]), params, metrics, progress)
+    epoch, global_step = int(meta["epoch"]), int(meta["global_step"])
+    return Checkpoint(path, config, epoch, global_step, params, metrics, progress, precision)
 
 
 def check_writable(directory: str | Path) -> None:
@@ -263,7 +271,10 @@ def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> P
     checkpoint for serving, a third of a training checkpoint's size."""
     state = load_checkpoint(path)
     weights = [{"name": name, "data": p} for name, p in sampling_weights(state, use_ema).items()]
-    return write_ckpt(out, weights, _meta(state.config, state.epoch, state.global_step))
+    meta = _meta(state.config, state.epoch, state.global_step)
+    if state.precision is not None:
+        meta[PRECISION_KEY] = state.precision
+    return write_ckpt(out, weights, meta)
 
 
 def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:

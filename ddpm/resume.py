@@ -103,6 +103,7 @@ class Checkpointer:
                 KEEP_CHECKPOINTS,
                 self.metrics,
                 progress,
+                self.trainer.precision,
             )
         else:
             path = (

@@ -27,6 +27,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import ONE_PROCESS, World, init_world
 from ddpm.ema import EMA, ema_decay_at
 from ddpm.interrupt import StopRequest
+from ddpm.layers import network_layers
 from ddpm.loop import epoch_losses, make_train_step
 from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
@@ -69,7 +70,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.limit={config.data.limit} gives no full batch of {config.train.batch_size}")
         ms.set_seed(config.train.seed)  # weight init
-        self.net = build_unet(config.model, config.train.precision)
+        self.precision = network_layers(config.train.precision).precision  # train.precision resolved here
+        self.net = build_unet(config.model, self.precision)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.lr = learning_rates(config.train, self.steps_per_epoch)
         self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
@@ -110,9 +112,7 @@ class Trainer:
     def noise_predictor(self):
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
         if self._predict is None:
-            self._sampling_net = (
-                build_unet(self.config.model, self.config.train.precision) if self.ema is not None else self.net
-            )
+            self._sampling_net = build_unet(self.config.model, self.precision) if self.ema is not None else self.net
             self._predict = make_noise_predictor(self._sampling_net)
         if self.ema is not None:
             self.ema.copy_to(self._sampling_net)
@@ -155,8 +155,9 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     if not world.is_main:
         callbacks, progress = (), False
     start = resume_point(trainer, directory, resume)
+    log.info("precision %s (train.precision: %s)", trainer.precision, config.train.precision)
     for cb in callbacks:
-        cb.on_train_start(config, start.epoch, trainer.steps_per_epoch, start.global_step)
+        cb.on_train_start(config, start.epoch, trainer.steps_per_epoch, start.global_step, trainer.precision)
     if start.epoch and start.progress is None:
         assert start.path is not None  # epochs done: their checkpoint
         last = EpochEnd(start.epoch - 1, start.global_step, start.metrics, start.path, make_sampler(trainer))

@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 GRID_FILE = re.compile(r"epoch_(\d+)\.png")  # a preview grid's file, named by its epoch (1-based)
 PARTIAL_GRID = re.compile(r"\.epoch_\d+\.png\.partial")  # one a killed training left half written
+PRECISION_TAG = "precision"  # what train.precision resolved to; "bf16, then fp32" if a resume ran elsewhere
+
+
+def precision_history(previous: str | None, precision: str) -> str:
+    """The run's precision tag after a (re)start in `precision`: each change of precision appended."""
+    if not previous:
+        return precision
+    return previous if previous.rsplit(", then ", 1)[-1] == precision else f"{previous}, then {precision}"
 
 
 def logged_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
@@ -74,10 +82,14 @@ class MlflowLogger(Callback):
         for operations in pending:
             operations.wait()
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
+    def on_train_start(
+        self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int, precision: str
+    ) -> None:
         run = mlflow.active_run()
         assert run is not None, "fit() with an MlflowLogger runs inside mlflow.start_run()"
         client, run_id = MlflowClient(), run.info.run_id
+        previous = client.get_run(run_id).data.tags.get(PRECISION_TAG)
+        client.set_tag(run_id, PRECISION_TAG, precision_history(previous, precision))
         self.steps_per_epoch = steps_per_epoch
         self.done_steps = logged_steps(client, run_id, "train_loss")
         self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")

@@ -67,7 +67,7 @@ def image_steps(client, run_id):
 def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
     with mlflow.start_run() as run:  # the first attempt: epoch 1 done, killed in epoch 2 after step 6
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH, "bf16")
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
         first.on_epoch_end(epoch_end(0))
@@ -75,7 +75,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
         second.on_resume(epoch_end(0))
         for step in range(5, 9):
             second.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
@@ -85,22 +85,24 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
     assert steps_of(client, run.info.run_id, "lr") == list(range(1, 9))
     assert steps_of(client, run.info.run_id, "train_loss_epoch") == [1, 2]
     assert image_steps(client, run.info.run_id) == [1, 2]
+    assert client.get_run(run.info.run_id).data.tags["precision"] == "bf16, then fp32"  # resumed on another CPU
 
 
 def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     with mlflow.start_run() as run:  # killed between epoch 1's checkpoint and its report
         first = MlflowLogger(1, 1, 4, 0)
-        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH, "fp32")
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
-        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
         second.on_resume(epoch_end(0))
     client = MlflowClient()
     assert steps_of(client, run.info.run_id, "train_loss") == [1, 2, 3, 4]
     assert steps_of(client, run.info.run_id, "train_loss_epoch") == [1]
     assert image_steps(client, run.info.run_id) == [1]
+    assert client.get_run(run.info.run_id).data.tags["precision"] == "fp32"  # the same precision once
 
 
 def grid_epoch_end(epoch: int, draws: list) -> EpochEnd:
@@ -121,7 +123,7 @@ def test_the_grids_for_dvc_plots_come_from_the_same_draw_and_survive_a_resume(pi
     (grids / "notes.txt").write_text("not ours")
     with mlflow.start_run() as run:  # epochs 1 and 2, then killed in epoch 3 (a half-written grid left behind)
         first = MlflowLogger(1, 1, 4, 0, grids)
-        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0)
+        first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0, "fp32")
         assert sorted(p.name for p in grids.iterdir()) == ["notes.txt"]  # a new training starts without grids
         first.on_epoch_end(grid_epoch_end(0, draws))
         first.on_epoch_end(grid_epoch_end(1, draws))
@@ -130,7 +132,7 @@ def test_the_grids_for_dvc_plots_come_from_the_same_draw_and_survive_a_resume(pi
     epoch_1 = (grids / "epoch_0001.png").read_bytes()
     with mlflow.start_run(run_id=run.info.run_id):  # resumed after epoch 2's checkpoint
         second = MlflowLogger(1, 1, 4, 0, grids)
-        second.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
+        second.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, "fp32")
         second.on_resume(grid_epoch_end(1, draws))
         second.on_epoch_end(grid_epoch_end(2, draws))
     assert draws == [0, 1, 2]  # epoch 2 is neither drawn nor logged again
@@ -151,7 +153,7 @@ def test_the_grids_for_dvc_plots_come_from_the_same_draw_and_survive_a_resume(pi
     (grids / "epoch_0002.png").unlink()  # e.g. a checkout without it: the resume writes the missing grid
     with mlflow.start_run(run_id=run.info.run_id):
         third = MlflowLogger(1, 1, 4, 0, grids)
-        third.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
+        third.on_train_start(Config(), 2, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, "fp32")
         third.on_resume(grid_epoch_end(1, draws))
     assert (grids / "epoch_0002.png").is_file() and not (grids / "epoch_0003.png").exists()
     assert image_steps(MlflowClient(), run.info.run_id) == [1, 2, 3]  # MLflow's copy is not logged twice

@@ -11,6 +11,7 @@ from ddpm.callbacks import Callback
 from ddpm.config import ConfigError, TrainConfig, config_from_dict
 from ddpm.errors import NonFiniteLossError
 from ddpm.interrupt import TrainingInterrupted
+from ddpm.layers import network_layers
 from ddpm.lr_schedules import learning_rates
 from ddpm.train import fit, resume_conflicts
 
@@ -18,9 +19,11 @@ from ddpm.train import fit, resume_conflicts
 class Recorder(Callback):
     def __init__(self):
         self.losses, self.epochs, self.resumed, self.starts, self.checkpoints = [], [], [], [], []
+        self.precisions = []
 
-    def on_train_start(self, config, start_epoch, steps_per_epoch, start_step):
+    def on_train_start(self, config, start_epoch, steps_per_epoch, start_step, precision):
         self.starts.append((start_epoch, start_step))
+        self.precisions.append(precision)
 
     def on_step_end(self, global_step, metrics):
         self.losses.append(metrics["train_loss"])
@@ -272,6 +275,17 @@ def test_checkpoint_round_trip_and_crc(tiny_config):
     with pytest.raises(ckpt.CheckpointError, match=f"{result.checkpoint} is damaged.*delete it"):
         fit(tiny_config(train={"epochs": 2}), resume=True, progress=False)  # a resume names it too
     assert not list(result.checkpoint.parent.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("setting", ["fp32", "auto"])
+def test_the_resolved_precision_reaches_the_callbacks_and_the_checkpoints(tiny_config, tmp_path, setting):
+    recorder = Recorder()
+    result = fit(tiny_config(train={"precision": setting}), [recorder], progress=False)
+    resolved = network_layers(setting).precision  # auto: bf16 where the processor has bf16 units
+    assert recorder.precisions == [resolved] and resolved in ("fp32", "bf16")
+    assert ckpt.load_checkpoint(result.checkpoint).precision == resolved
+    served = ckpt.export_weights(result.checkpoint, tmp_path / "served.ckpt")
+    assert ckpt.load_checkpoint(served).precision == resolved
 
 
 def test_epoch_callback_draws_samples(tiny_config):

@@ -86,7 +86,9 @@ class LossCsv(Callback):
     def __init__(self, path: Path):
         self.path = path
 
-    def on_train_start(self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int) -> None:
+    def on_train_start(
+        self, config: Config, start_epoch: int, steps_per_epoch: int, start_step: int, precision: str
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if start_step and self.path.is_file():

@@ -118,6 +118,7 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     assert (data.dataset.name, data.dataset.digest) == ("fashion-mnist", data_hash)
     assert {tag.key: tag.value for tag in data.tags}["mlflow.data.context"] == "training"
     assert len(run_.data.tags["prefect_flow_run_id"]) == 36
+    assert run_.data.tags["precision"] in ("fp32", "bf16")  # what train.precision (auto) resolved to
     assert run_.data.metrics["images_seen"] == 8 * 16
     assert "eval_loss" in run_.data.metrics and all(key in run_.data.metrics for key in QUALITY)
     assert run_.data.metrics["fid_ratio"] == pytest.approx(run_.data.metrics["fid"] / run_.data.metrics["fid_floor"])

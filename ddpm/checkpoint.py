@@ -88,9 +88,7 @@ def save_checkpoint(
     that far into the next epoch, atomically; then drop the checkpoints it supersedes: older
     mid-epoch ones, and all but the newest `keep` complete epochs (a mid-epoch checkpoint never
     replaces a complete epoch's)."""
-    meta = {**_meta(config, epoch, global_step), METRICS_KEY: json.dumps(metrics or {})}
-    if precision is not None:
-        meta[PRECISION_KEY] = precision
+    meta = {**_meta(config, epoch, global_step, precision), METRICS_KEY: json.dumps(metrics or {})}
     if progress is None:
         path = epoch_path(directory, epoch)
     else:
@@ -271,10 +269,7 @@ def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> P
     checkpoint for serving, a third of a training checkpoint's size."""
     state = load_checkpoint(path)
     weights = [{"name": name, "data": p} for name, p in sampling_weights(state, use_ema).items()]
-    meta = _meta(state.config, state.epoch, state.global_step)
-    if state.precision is not None:
-        meta[PRECISION_KEY] = state.precision
-    return write_ckpt(out, weights, meta)
+    return write_ckpt(out, weights, _meta(state.config, state.epoch, state.global_step, state.precision))
 
 
 def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
@@ -285,13 +280,16 @@ def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
     return {name: p for name, p in state.params.items() if not _is_training_state(name)}
 
 
-def _meta(config: Config, epoch: int, global_step: int) -> dict:
-    return {
+def _meta(config: Config, epoch: int, global_step: int, precision: str | None) -> dict:
+    meta = {
         "format_version": FORMAT_VERSION,
         "config_yaml": yaml.safe_dump(config.to_dict()),
         "epoch": epoch,
         "global_step": global_step,
     }
+    if precision is not None:  # None: a checkpoint from before the precision was recorded
+        meta[PRECISION_KEY] = precision
+    return meta
 
 
 def _is_training_state(name: str) -> bool:

@@ -8,8 +8,9 @@ warm-up, steps per repeat, minimum and median, and the other processes' share of
 its field names where they mean the same thing. `train` is one Adam step of the DDPM loss; `fwd`
 one inference-mode U-Net evaluation (what `ddpm benchmark` records as "sample"); `sample` one
 ancestral DDPM step; `ddim` the wall time of a whole DDIM run (`sample.steps` steps from
-params.yaml) for `batch` images. `--impl bf16` is PyTorch's usual CPU mixed precision: fp32 weights
-and Adam, the forward under torch.autocast("cpu", dtype=torch.bfloat16), channels_last activations.
+params.yaml) for `batch` images. The network is the tutorial's, as `ddpm benchmark`'s, unless
+`--params` names a file. `--impl bf16` is PyTorch's usual CPU mixed precision: fp32 weights and
+Adam, the forward under torch.autocast("cpu", dtype=torch.bfloat16), channels_last activations.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch_unet import UnetConfig, build_unet, count_parameters
 
 log = logging.getLogger("torch_reference")
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the sample section, and the model with --params
 TARGET_SECONDS = 4.0  # each timed repeat runs about this long (as ddpm/benchmark.py)
 MAX_STEPS = 200
 POOL = 4  # distinct seeded inputs cycled through, as ddpm/benchmark.py
@@ -241,7 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impl", choices=["eager", "compile", "bf16"], default="eager")
     p.add_argument("--what", default="train", help="comma-separated: train, fwd, sample, ddim")
     p.add_argument("--batch", help=f"comma-separated batch sizes; default per --what {DEFAULT_BATCHES}")
-    p.add_argument("--params", type=Path, default=PARAMS, help="params file whose model section builds the net")
+    p.add_argument(
+        "--params",
+        type=Path,
+        help="params file whose model and sample sections are used; default: the tutorial's network, as "
+        "`ddpm benchmark` (params.yaml's is narrower), with params.yaml's sample section",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
@@ -259,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = yaml.safe_load(args.params.read_text())
-    model = UnetConfig.from_params(args.params)
+    params = yaml.safe_load((args.params or PARAMS).read_text())
+    model = UnetConfig.from_params(args.params) if args.params else UnetConfig()  # the tutorial's
     sample = {key: params["sample"][key] for key in ("steps", "eta", "clip_x0")}
     ref = Reference(model, params["diffusion"]["timesteps"], args.impl)
     settings = {

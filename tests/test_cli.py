@@ -19,6 +19,7 @@ def train_tiny(fashion_root: Path, cwd: Path, timesteps: int) -> Path:
     sets = [
         f"data.root={fashion_root}",
         "data.limit=16",
+        "train.batch_size=16",
         "train.epochs=1",
         "model.dim=8",
         "model.dim_mults=[1,2]",
@@ -39,6 +40,8 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
         f"data.root={fashion_root}",
         "--set",
         "data.limit=32",
+        "--set",
+        "train.batch_size=16",
         "--set",
         "train.epochs=1",
         "--set",

@@ -30,6 +30,7 @@ TINY = {
     "model": {"dim": 8, "dim_mults": [1, 2]},
     "train": {
         "epochs": 2,
+        "batch_size": 16,
         "lr": 0.002,
         "lr_schedule": "constant",
         "warmup_steps": 0,
@@ -99,7 +100,7 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     client = MlflowClient()
     run_ = client.get_run(first_run["run_id"])
     assert run_.info.status == "FINISHED"
-    assert run_.info.run_name == "dim8x1-2 scaled_linear lr0.002 0.128k img"  # what sets it apart in the runs table
+    assert run_.info.run_name == "dim8x1-2 cosine lr0.002 0.128k img"  # what sets it apart in the runs table
     assert client.get_experiment(run_.info.experiment_id).name == "ddpm-fashion-mnist"
     assert run_.data.params["train.lr"] == "0.002" and run_.data.params["model.dim_mults"] == "[1, 2]"
     steps = [m.step for m in client.get_metric_history(run_.info.run_id, "train_loss")]

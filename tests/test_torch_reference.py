@@ -14,12 +14,17 @@ torch = pytest.importorskip("torch")
 from benchmarks.torch_unet import UnetConfig, build_unet, count_parameters  # noqa: E402  (needs torch, checked above)
 
 ROOT = Path(__file__).resolve().parents[1]
-TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with params.yaml's model section
+TUTORIAL_PARAMETERS = 2_992_180  # ddpm/unet.py's network with configs/tutorial.yaml's model section
+DEFAULT_PARAMETERS = 1_039_836  # the same at params.yaml's dim 16
 
 
-def test_reference_has_our_networks_parameter_count():
-    net = build_unet(UnetConfig.from_params(ROOT / "params.yaml"))
-    assert count_parameters(net) == TUTORIAL_PARAMETERS
+@pytest.mark.parametrize(
+    ("params", "parameters"),
+    [("configs/tutorial.yaml", TUTORIAL_PARAMETERS), ("params.yaml", DEFAULT_PARAMETERS)],
+)
+def test_reference_has_our_networks_parameter_count(params, parameters):
+    net = build_unet(UnetConfig.from_params(ROOT / params))
+    assert count_parameters(net) == parameters
 
 
 def test_reference_with_our_weights_computes_our_networks_output():

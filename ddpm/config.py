@@ -21,6 +21,7 @@ Device = Literal["auto", "CPU", "GPU", "Ascend"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
 LossWeighting = Literal["none", "min_snr"]
+Prediction = Literal["eps", "v"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -67,6 +68,7 @@ class DiffusionConfig:
     loss: LossType = "huber"
     loss_weighting: LossWeighting = "none"  # min_snr: each t weighted min(SNR, gamma) / SNR (Hang et al., 2023)
     min_snr_gamma: float = 5.0
+    prediction: Prediction = "eps"  # the network's output: the noise, or v = sqrt(ab) noise - sqrt(1 - ab) x0
 
     def check(self) -> list[str]:
         errors = _at_least(self, timesteps=2)

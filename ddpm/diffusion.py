@@ -1,4 +1,5 @@
-"""The forward process and the training loss (DDPM, Ho et al., 2020, epsilon prediction).
+"""The forward process and the training loss (DDPM, Ho et al., 2020): the network predicts the noise
+(epsilon) or v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho, 2022).
 
 The schedule lives in float64 numpy (`ddpm.schedule`); here its arrays become MindSpore tensors
 for the jitted train step. The samplers (the reverse process) live in `ddpm.samplers`.
@@ -49,19 +50,29 @@ def huber_distance(eps, noise):
 DISTANCES = {"l1": l1_distance, "l2": l2_distance, "huber": huber_distance}  # elementwise, for weighted losses
 
 
-def min_snr_weights(s: NoiseSchedule, gamma: float) -> np.ndarray:
-    """min(SNR_t, gamma) / SNR_t for epsilon prediction (Hang et al., 2023, eq. 4), float64 (T,)."""
+def min_snr_weights(s: NoiseSchedule, gamma: float, prediction: str = "eps") -> np.ndarray:
+    """Min-SNR-gamma (Hang et al., 2023, eq. 4) as a weight on the epsilon or v loss, float64 (T,):
+    min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) / (SNR_t + 1) for v."""
     snr = s.alphas_cumprod / (1.0 - s.alphas_cumprod)
-    return np.minimum(snr, gamma) / snr
+    return np.minimum(snr, gamma) / (snr + 1.0 if prediction == "v" else snr)
 
 
 class GaussianDiffusion:
     """q(x_t | x0) and the simple loss between the true and the predicted noise."""
 
-    def __init__(self, schedule: NoiseSchedule, loss: str = "huber", weights: np.ndarray | None = None):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        loss: str = "huber",
+        weights: np.ndarray | None = None,
+        prediction: str = "eps",
+    ):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; choose eps or v")
         self.schedule = schedule
+        self.prediction = prediction
         self.timesteps = schedule.timesteps
         self.loss_fn = LOSSES[loss]
         self.distance = DISTANCES[loss]
@@ -73,19 +84,30 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, diffusion) -> GaussianDiffusion:
         schedule = NoiseSchedule.from_config(diffusion)
-        weights = min_snr_weights(schedule, diffusion.min_snr_gamma) if diffusion.loss_weighting == "min_snr" else None
-        return cls(schedule, diffusion.loss, weights)
+        weights = (
+            min_snr_weights(schedule, diffusion.min_snr_gamma, diffusion.prediction)
+            if diffusion.loss_weighting == "min_snr"
+            else None
+        )
+        return cls(schedule, diffusion.loss, weights, diffusion.prediction)
 
     def q_sample(self, x0, t, noise):
         """DDPM eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
         return extract(self.sqrt_alphas_cumprod, t) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
 
+    def target(self, x0, t, noise):
+        """What the network learns to output: the noise, or v (Salimans & Ho, 2022, section 4)."""
+        if self.prediction == "eps":
+            return noise
+        return extract(self.sqrt_alphas_cumprod, t) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t) * x0
+
     def training_loss(self, model, x0, t, noise):
-        """DDPM eq. 14 (simple loss), with the configured distance between true and predicted noise;
+        """DDPM eq. 14 (simple loss), with the configured distance between the target and the output;
         with weights, each image's mean distance weighted by its timestep's weight."""
         x_t = self.q_sample(x0, t, noise)
-        eps = model(x_t, t)
+        output = model(x_t, t)
+        target = self.target(x0, t, noise)
         if self.weights is None:
-            return self.loss_fn(eps, noise)
-        per_image = self.distance(eps, noise).mean(axis=(1, 2, 3))  # (B,)
+            return self.loss_fn(output, target)
+        per_image = self.distance(output, target).mean(axis=(1, 2, 3))  # (B,)
         return (ops.gather(self.weights, t, 0) * per_image).mean()

@@ -25,6 +25,24 @@ def predict_x0(s: NoiseSchedule, x_t: np.ndarray, t: int, eps: np.ndarray) -> np
     return (x_t - s.sqrt_one_minus_alphas_cumprod[t] * eps) / s.sqrt_alphas_cumprod[t]
 
 
+def eps_from_v(s: NoiseSchedule, x_t: np.ndarray, t: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The noise a v-prediction implies: eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t, t (B,)."""
+    shape = (-1,) + (1,) * (x_t.ndim - 1)  # (B,) -> (B, 1, 1, 1)
+    return s.sqrt_alphas_cumprod[t].reshape(shape) * v + s.sqrt_one_minus_alphas_cumprod[t].reshape(shape) * x_t
+
+
+def as_noise_predictor(predict: NoisePredictor, s: NoiseSchedule, prediction: str) -> NoisePredictor:
+    """A network's output, whichever it predicts, as the noise every sampler here takes."""
+    if prediction == "eps":
+        return predict
+
+    def predict_noise(x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        v = predict(x_t, t).astype(np.float64)
+        return eps_from_v(s, x_t.astype(np.float64), t, v).astype(np.float32)
+
+    return predict_noise
+
+
 def ddpm_timesteps(timesteps: int) -> list[int]:
     return list(range(timesteps - 1, -1, -1))
 

@@ -1,9 +1,11 @@
+import dataclasses
+
 import mindspore as ms
 import numpy as np
 import pytest
 
 from ddpm import samplers
-from ddpm.config import DiffusionConfig
+from ddpm.config import ConfigError, DiffusionConfig, config_from_dict
 from ddpm.diffusion import GaussianDiffusion, min_snr_weights
 from ddpm.sampling import make_noise_predictor
 from ddpm.schedule import NoiseSchedule, make_betas
@@ -18,7 +20,7 @@ def diffusion():
 @pytest.fixture(scope="module")
 def tiny_predictor():
     ms.set_seed(0)
-    return make_noise_predictor(Unet(8, 1, (1, 2)))
+    return make_noise_predictor(Unet(8, 1, (1, 2)), DiffusionConfig(timesteps=200, schedule="scaled_linear"))
 
 
 def test_q_sample_statistics(diffusion):
@@ -173,3 +175,83 @@ def test_dpm_solver_pp_2m_lands_exactly_on_a_point_mass():
     for steps in (1, 2, 7, 50):
         x = samplers.sample(predict, s, (2, 1, 3, 3), 1, "dpmpp_2m", steps, clip_x0=False)
         np.testing.assert_allclose(x, c, atol=1e-5)
+
+
+def v_of(s: NoiseSchedule, x0, t, noise):
+    """Salimans & Ho (2022), eq. 13 (section 4): v = alpha_t noise - sigma_t x0, float64."""
+    a, sigma = s.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1), s.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return a * noise.astype(np.float64) - sigma * x0.astype(np.float64)
+
+
+def test_a_v_model_is_trained_on_v_and_scores_zero_when_it_outputs_it():
+    d = GaussianDiffusion.from_config(DiffusionConfig(timesteps=50, loss="l2", prediction="v"))
+    rng = np.random.default_rng(4)
+    x0 = rng.uniform(-1, 1, (4, 1, 3, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 10, 30, 49], np.int32)
+    v = v_of(d.schedule, x0, t, noise)
+
+    def outputs_zero(x_t, t):
+        return x_t * 0.0
+
+    def outputs_v(x_t, t):
+        return ms.Tensor(v.astype(np.float32))
+
+    args = (ms.Tensor(x0), ms.Tensor(t), ms.Tensor(noise))
+    assert float(d.training_loss(outputs_zero, *args).asnumpy()) == pytest.approx(float(np.mean(v**2)), rel=1e-5)
+    assert float(d.training_loss(outputs_v, *args).asnumpy()) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_the_noise_a_v_prediction_implies_is_the_noise_that_made_x_t(diffusion):
+    s, rng = diffusion.schedule, np.random.default_rng(5)
+    x0 = rng.uniform(-1, 1, (5, 1, 4, 4))
+    noise = rng.standard_normal(x0.shape)
+    t = np.array([0, 1, 100, 198, 199])
+    a, sigma = s.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1), s.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = a * x0 + sigma * noise
+    np.testing.assert_allclose(samplers.eps_from_v(s, x_t, t, v_of(s, x0, t, noise)), noise, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_every_sampler_draws_the_same_images_from_the_v_of_a_noise_predictor(diffusion, sampler):
+    """The exact predictor for Gaussian data, told as v (through its data prediction), samples as told as eps."""
+    s = diffusion.schedule
+    predict_eps = gaussian_data_predictor(s, 0.5)
+
+    def predict_v(x_t, t):
+        eps = predict_eps(x_t, t).astype(np.float64)
+        a, sigma = s.sqrt_alphas_cumprod[t[0]], s.sqrt_one_minus_alphas_cumprod[t[0]]
+        x0 = (x_t - sigma * eps) / a
+        return (a * eps - sigma * x0).astype(np.float32)
+
+    told_as_v = samplers.as_noise_predictor(predict_v, s, "v")
+    a = samplers.sample(predict_eps, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
+    b = samplers.sample(told_as_v, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert samplers.as_noise_predictor(predict_eps, s, "eps") is predict_eps
+
+
+def test_min_snr_weights_for_v_are_min_snr_gamma_over_snr_plus_one(diffusion):
+    """v's loss is (SNR + 1) times the x0 loss: min(SNR, gamma) / (SNR + 1) weighs x0 by min(SNR, gamma)."""
+    s = diffusion.schedule
+    snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+    w = min_snr_weights(s, 5.0, "v")
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / (snr + 1), rtol=1e-12)
+    assert np.all(w <= 1.0) and w[0] < 0.01
+
+
+def test_a_v_network_is_sampled_through_the_noise_its_output_implies(diffusion):
+    ms.set_seed(0)
+    net = Unet(8, 1, (1, 2))
+    config = DiffusionConfig(timesteps=200, schedule="scaled_linear")
+    raw = make_noise_predictor(net, config)
+    as_v = make_noise_predictor(net, dataclasses.replace(config, prediction="v"))
+    x_t = np.random.default_rng(6).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    t = np.array([150, 150], np.int32)
+    expected = samplers.eps_from_v(diffusion.schedule, x_t.astype(np.float64), t, raw(x_t, t).astype(np.float64))
+    np.testing.assert_allclose(as_v(x_t, t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_prediction_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"diffusion\.prediction"):
+        config_from_dict({"diffusion": {"prediction": "x0"}})

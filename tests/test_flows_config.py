@@ -95,6 +95,7 @@ QUICKSTART_CHANGES = {
     "train.epochs",
     "train.warmup_steps",
     "train.ema_decay",
+    "diffusion.prediction",  # v won at 30,000 images; params.yaml keeps eps until it wins the hour
     "sample.sampler",
     "sample.steps",
     "evaluate.fid_samples",

@@ -95,7 +95,7 @@ QUICKSTART_CHANGES = {
     "train.epochs",
     "train.warmup_steps",
     "train.ema_decay",
-    "diffusion.prediction",  # v won at 30,000 images; params.yaml keeps eps until it wins the hour
+    "diffusion.prediction",  # v wins at 30,000 images; after an hour it trades FID for class balance
     "sample.sampler",
     "sample.steps",
     "evaluate.fid_samples",

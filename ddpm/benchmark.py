@@ -99,7 +99,7 @@ def bench_train(config: Config, batch: int, repeats: int, warmup: int) -> dict:
 def bench_sample(config: Config, batch: int, repeats: int, warmup: int) -> dict:
     """U-Net evaluations per second in inference mode: one sampling step of `batch` images."""
     trainer = Trainer(config)
-    predict = make_noise_predictor(trainer.net, config.diffusion)
+    predict = make_noise_predictor(trainer.net, trainer.diffusion.schedule, trainer.diffusion.prediction)
     rng = np.random.default_rng(0)
     x_t = rng.standard_normal((batch, 1, config.model.image_size, config.model.image_size)).astype(np.float32)
     ts = [np.full((batch,), trainer.diffusion.timesteps - 1 - i, np.int32) for i in range(4)]

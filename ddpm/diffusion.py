@@ -7,10 +7,13 @@ for the jitted train step. The samplers (the reverse process) live in `ddpm.samp
 
 from __future__ import annotations
 
+from typing import get_args
+
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from ddpm.config import Prediction
 from ddpm.schedule import NoiseSchedule
 
 
@@ -58,7 +61,7 @@ def min_snr_weights(s: NoiseSchedule, gamma: float, prediction: str = "eps") -> 
 
 
 class GaussianDiffusion:
-    """q(x_t | x0) and the simple loss between the true and the predicted noise."""
+    """q(x_t | x0) and the simple loss between the network's output and its target (noise or v)."""
 
     def __init__(
         self,
@@ -69,8 +72,8 @@ class GaussianDiffusion:
     ):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction {prediction!r}; choose eps or v")
+        if prediction not in get_args(Prediction):
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {get_args(Prediction)}")
         self.schedule = schedule
         self.prediction = prediction
         self.timesteps = schedule.timesteps

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ddpm import samplers
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
-from ddpm.config import Config, DiffusionConfig, ModelConfig
+from ddpm.config import Config, ModelConfig
 from ddpm.errors import SampleRequestError
 from ddpm.runtime import select_device
 from ddpm.samplers import SAMPLERS, NoisePredictor
@@ -174,11 +174,12 @@ def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -
     not_loaded, _ = ms.load_param_into_net(net, sampling_weights(state, use_ema), strict_load=True)
     if not_loaded:
         raise CheckpointError(f"{path} lacks weights for {not_loaded[:3]}")
-    diffusion = state.config.diffusion
-    return CheckpointSampler(state.config, NoiseSchedule.from_config(diffusion), make_noise_predictor(net, diffusion))
+    schedule = NoiseSchedule.from_config(state.config.diffusion)
+    predict = make_noise_predictor(net, schedule, state.config.diffusion.prediction)
+    return CheckpointSampler(state.config, schedule, predict)
 
 
-def make_noise_predictor(net: nn.Cell, diffusion: DiffusionConfig) -> NoisePredictor:
+def make_noise_predictor(net: nn.Cell, schedule: NoiseSchedule, prediction: str) -> NoisePredictor:
     """A jitted inference-mode forward of `net` on numpy inputs, its output as the noise it implies."""
     net.set_train(False)
 
@@ -189,7 +190,7 @@ def make_noise_predictor(net: nn.Cell, diffusion: DiffusionConfig) -> NoisePredi
     def predict(x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         return forward(ms.Tensor(x_t), ms.Tensor(t)).asnumpy()
 
-    return samplers.as_noise_predictor(predict, NoiseSchedule.from_config(diffusion), diffusion.prediction)
+    return samplers.as_noise_predictor(predict, schedule, prediction)
 
 
 def sample_batches(

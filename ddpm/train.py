@@ -113,7 +113,7 @@ class Trainer:
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
         if self._predict is None:
             self._sampling_net = build_unet(self.config.model, self.precision) if self.ema is not None else self.net
-            self._predict = make_noise_predictor(self._sampling_net, self.config.diffusion)
+            self._predict = make_noise_predictor(self._sampling_net, self.diffusion.schedule, self.diffusion.prediction)
         if self.ema is not None:
             self.ema.copy_to(self._sampling_net)
         return self._predict

@@ -72,6 +72,7 @@ def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = 
 class FidReference:
     test: GaussianStats  # features of the first N test images
     floor: float  # FID of the first N training images against `test`: what real images score
+    class_kl: float  # class KL of those N training images: the class coverage real images score
 
 
 def fid_reference(
@@ -84,18 +85,26 @@ def fid_reference(
     features are not mirror-invariant.
     """
     test, _, _ = embed_split(network, root, "test", num, batch_size, flip, progress)
-    train, _, _ = embed_split(network, root, "train", num, batch_size, flip, progress)
-    reference = FidReference(gaussian_stats(test), fid_of(gaussian_stats(train), gaussian_stats(test)))
+    train, train_probs, _ = embed_split(network, root, "train", num, batch_size, flip, progress)
+    reference = FidReference(
+        gaussian_stats(test), fid_of(gaussian_stats(train), gaussian_stats(test)), class_kl(train_probs)
+    )
     log.info(
-        "FID floor (%d train vs %d test images%s): %.4f", num, num, ", half mirrored" if flip else "", reference.floor
+        "FID floor (%d train vs %d test images%s): %.4f; class KL of those training images %.4f (histogram %s)",
+        num,
+        num,
+        ", half mirrored" if flip else "",
+        reference.floor,
+        reference.class_kl,
+        np.round(class_histogram(train_probs), 3).tolist(),
     )
     return reference
 
 
 def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = True) -> dict[str, float]:
-    """fid, fid_floor, fid_ratio and class_kl of evaluate.fid_samples images drawn with the sample
-    section's sampler and steps, and how long drawing them took. The real images are mirrored as
-    the model's own training data were (its checkpoint's data.flip)."""
+    """fid, fid_floor, fid_ratio, class_kl and class_kl_floor of evaluate.fid_samples images drawn
+    with the sample section's sampler and steps, and how long drawing them took. The real images are
+    mirrored as the model's own training data were (its checkpoint's data.flip)."""
     ev = config.evaluate
     network = load_classifier(config.classifier.checkpoint, config.train.device)
     reference = fid_reference(
@@ -111,6 +120,7 @@ def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = 
         "fid_floor": reference.floor,
         "fid_ratio": fid / reference.floor,
         "class_kl": class_kl(probs),
+        "class_kl_floor": reference.class_kl,
         "sample_seconds": seconds,
         "classifier_accuracy": network.test_accuracy,
     }

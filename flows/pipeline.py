@@ -146,6 +146,7 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 | registered | `{name}` v{version} as @{registry.candidate_alias} (model `{trained.model_id}`) |
 | FID (classifier features) | {metrics["fid"]:.4f}, {metrics["fid_ratio"]:.2f}x the floor {metrics["fid_floor"]:.4f} |
 | class coverage: KL(classes \\|\\| uniform) | {metrics["class_kl"]:.4f} (0 balanced, 2.30 one class) |
+| the same for real images (the floor) | {metrics["class_kl_floor"]:.4f} |
 | eval_loss (held-out denoising MSE) | {metrics["eval_loss"]:.5f} |
 | final train_loss (epoch mean) | {trained.metrics.get("train_loss_epoch", float("nan")):.5f} |
 | throughput | {trained.metrics.get("images_per_second", float("nan")):.1f} img/s |

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from ddpm.classifier import train_classifier
+from ddpm.classifier import embed_split, train_classifier
 from ddpm.data import build_dataset
 from ddpm.evaluate import evaluate_checkpoint, fid_reference, sample_quality
-from ddpm.fid import fid_of, gaussian_stats
+from ddpm.fid import class_kl, fid_of, gaussian_stats
 from ddpm.sampling import load_sampler
 from ddpm.train import fit
 
-QUALITY_KEYS = {"fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy"}
+QUALITY_KEYS = {"fid", "fid_floor", "fid_ratio", "class_kl", "class_kl_floor", "sample_seconds", "classifier_accuracy"}
 
 
 def test_evaluate_reports_fid_beside_its_floor(tiny_config):
@@ -25,6 +25,7 @@ def test_evaluate_reports_fid_beside_its_floor(tiny_config):
     assert metrics["fid"] > 0 and metrics["fid_floor"] > 0
     assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
     assert 0.0 <= metrics["class_kl"] <= math.log(10) and metrics["sample_seconds"] > 0
+    assert 0.0 <= metrics["class_kl_floor"] <= math.log(10)
     assert metrics["classifier_accuracy"] == network.test_accuracy
 
     # The raw weights are another model than their EMA: other samples, another FID, same floor.
@@ -52,3 +53,8 @@ def test_noise_scores_far_above_the_floor_and_mirroring_follows_the_training_dat
     x0 = next(another.create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
     half_mirrored = gaussian_stats(network.embed(x0, batch_size=64)[0])
     assert fid_of(half_mirrored, mirrored.test) < fid_of(half_mirrored, plain.test)  # measured: 0.45 < 1.07
+
+    # The class KL floor: the class coverage of the floor's real training images, mirrored likewise.
+    for reference, flip in ((plain, False), (mirrored, True)):
+        probs = embed_split(network, config.data.root, "train", 256, batch_size=64, flip=flip)[1]
+        assert reference.class_kl == pytest.approx(class_kl(probs)) and 0.0 <= reference.class_kl < math.log(10)

@@ -42,7 +42,7 @@ TINY = {
     "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
     "classifier": TINY_CLASSIFIER,
 }
-QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds")
+QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "class_kl_floor", "sample_seconds")
 
 
 def make_project(tmp: Path) -> Path:

@@ -13,7 +13,15 @@ from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, writ
 
 log = logging.getLogger(__name__)
 
-QUALITY_METRICS = ("fid", "fid_floor", "fid_ratio", "class_kl", "sample_seconds", "classifier_accuracy")
+QUALITY_METRICS = (
+    "fid",
+    "fid_floor",
+    "fid_ratio",
+    "class_kl",
+    "class_kl_floor",
+    "sample_seconds",
+    "classifier_accuracy",
+)
 
 
 def evaluate(

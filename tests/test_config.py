@@ -21,11 +21,11 @@ def test_defaults_and_shipped_params_files_load():
 
 def test_overrides_are_parsed_as_yaml():
     config = load_config(
-        ROOT / "params.yaml", parse_sets(["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=false"])
+        ROOT / "params.yaml", parse_sets(["train.epochs=2", "model.dim_mults=[1, 2]", "data.flip=true"])
     )
     assert config.train.epochs == 2
     assert config.model.dim_mults == (1, 2)
-    assert config.data.flip is False
+    assert config.data.flip is True
 
 
 def test_int_is_accepted_where_a_float_is_expected():

@@ -2,6 +2,8 @@
 
 Where a setting names a service (tracking URI, DVC remote), the environment wins over the file:
 MLFLOW_TRACKING_URI, DDPM_DVC_REMOTE. Prefect's API comes from PREFECT_API_URL as Prefect reads it.
+
+    uv run python -m flows.config configs/quickstart.yaml   # the `dvc exp run` options for an overlay
 """
 
 from __future__ import annotations

@@ -278,7 +278,7 @@ def load_config(
     Sections named in `extra_sections` belong to other readers of the same file (the
     pipeline's) and are left to them; any other unknown section is an error.
     """
-    params = read_params(path) if path is not None else ParamsFile({}, {})
+    params = read_params(path, known=(*SECTIONS, *extra_sections)) if path is not None else ParamsFile({}, {})
     return config_from_dict(params.sections, overrides, extra_sections, params.origins)
 
 

@@ -9,6 +9,7 @@ params file at all (a credentials file passed by mistake), and errors reach logs
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ class ParamsFile:
     origins: dict[str, str]  # "section" and "section.key" -> the last file of the chain that set it
 
 
-def read_params(path: str | Path, root: Path | None = None) -> ParamsFile:
+def read_params(path: str | Path, root: Path | None = None, known: Collection[str] = ()) -> ParamsFile:
     """The sections of a params file, deep-merged onto the file it `extends` (and so on down the chain),
     or a ConfigError naming what is wrong, never quoting the file. With `root`, every file of the chain
-    must resolve (symlinks followed) inside that directory, checked before the file is opened."""
+    must resolve (symlinks followed) inside that directory, checked before the file is opened. A file
+    with none of the `known` sections is no params file: an error that names none of its keys."""
     chain: list[tuple[Path, dict[str, Any]]] = []  # the overlay first, its base after it
     current, named_by = Path(path), ""
     while True:
@@ -45,6 +47,8 @@ def read_params(path: str | Path, root: Path | None = None) -> ParamsFile:
             )
         raw = read_yaml_mapping(current, named_by)
         base = raw.pop(EXTENDS, None)
+        if known and raw and not raw.keys() & set(known):
+            raise ConfigError(f"{current}: not a params file (none of its top-level keys is {', '.join(known)})")
         chain.append((current, raw))
         if base is None:
             break

@@ -142,7 +142,7 @@ def load_params(
     extends) and every path setting must be inside the checkout: a deployment's `params` and `overrides`
     come from whoever may start a run and must not reach other files of the worker."""
     root = Path(repo).resolve() if repo is not None else None
-    params = read_params(path, root)
+    params = read_params(path, root, (*ddpm_config.SECTIONS, *PIPELINE_SECTIONS))
     config, pipeline = params_from_dict(params.sections, overrides, params.origins)
     errors = checkout_path_errors(config, root) if root is not None else []
     if errors:

@@ -182,6 +182,7 @@ CREDENTIALS = {  # files a user may pass as params by mistake, each holding SECR
     "flow": f"{{token: {SECRET}\n",
     "tabs": f"token:\n\t{SECRET}\n",
     "mapping": f"password: {SECRET}\ntracking: {SECRET}\n",
+    "json": f'{{"{SECRET}": {{"auth": "x"}}}}',  # the secret as a key: the file holds no section, no key is named
 }
 
 
@@ -215,6 +216,10 @@ def test_yaml_errors_say_where_and_what_kind_only(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(control)
     assert str(info.value) == f"{control}: not valid YAML at line 2, column 6 (a character YAML does not allow)"
+    json = write(tmp_path / "config.json", CREDENTIALS["json"])
+    with pytest.raises(ConfigError) as info:
+        load_config(json)
+    assert str(info.value).startswith(f"{json}: not a params file (none of its top-level keys is data, model,")
     scalar = write(tmp_path / "env", CREDENTIALS["dotenv"])
     with pytest.raises(ConfigError) as info:
         load_config(scalar)

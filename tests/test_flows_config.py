@@ -13,11 +13,13 @@ from flows.config import (
     DVC_EXAMPLE,
     PATH_SETTINGS,
     PIPELINE_SECTIONS,
+    dvc_set_params,
     flatten,
     hydra_value,
     load_params,
     params_from_dict,
 )
+from flows.config import main as config_main
 from tests.servers import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,3 +250,25 @@ def test_dvc_exp_run_with_an_overlays_set_params_runs_the_stages_on_its_resolved
     assert load_params(tmp_path / "params.yaml") == expected  # the experiment's params.yaml
     params = (tmp_path / "params.yaml").read_text()
     assert "epochs: 1" in params and "# 420,000 images" in params  # DVC keeps the comments
+
+
+def test_dvc_set_params_sets_each_key_that_differs_and_removes_each_key_the_file_lacks(tmp_path):
+    overlay = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    del overlay["extends"]
+    expected = [f"--set-param=++{key}={hydra_value(value)}" for key, value in flatten(overlay).items()]
+    assert dvc_set_params(ROOT / "configs" / "quickstart.yaml", ROOT / "params.yaml") == expected
+    (tmp_path / "base.yaml").write_text("train: {epochs: 7, lr: 0.002}\nsample: {steps: 50}\n")
+    (tmp_path / "full.yaml").write_text("train: {epochs: 7, lr: 0.001}\n")  # no `extends`: a whole file
+    assert dvc_set_params(tmp_path / "full.yaml", tmp_path / "base.yaml") == [
+        "--set-param=++train.lr=0.001",
+        "--set-param=~sample.steps",
+    ]
+
+
+def test_the_dvc_options_command_prints_them_or_exits_2(checkout, capsys, caplog):
+    (checkout / "configs" / "q.yaml").write_text("extends: ../params.yaml\ntrain: {epochs: 1}\n")
+    assert config_main(["configs/q.yaml"]) == 0
+    assert capsys.readouterr().out == "--set-param=++train.epochs=1\n"
+    (checkout / "configs" / "bad.yaml").write_text("extends: ../params.yaml\ntrain: {epochs: 0}\n")
+    assert config_main(["configs/bad.yaml"]) == 2 and config_main(["../credentials"]) == 2
+    assert capsys.readouterr().out == "" and "train.epochs: must be >= 1" in caplog.text

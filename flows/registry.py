@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from ddpm.config import ConfigError, ModelConfig
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
-from flows.steps import MEASURED_PREFIX
+from flows.steps import MEASURED_PREFIX, UNRECORDED_STEPS, upgrade_measurement
 from flows.tracking import IMAGES_SEEN
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,9 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
             else "no floor"
         )
         lines = [f"**FID {metrics['fid']:.4g}** ({floor}) on N = {how.get('fid_samples', 'unknown')} samples", ""]
-    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"
+    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"; eta only for DDIM
         sampler, _, steps = how["sampler"].partition("-")
-        keys = ("eta", "clip_x0", "seed") if sampler == "ddim" else ("clip_x0", "seed")  # eta is DDIM's
+        keys = ("eta", "clip_x0", "seed")
         settings = [f"{sampler.upper()}, {steps} steps", *(f"{key} {how[key]}" for key in keys if key in how)]
         lines.append(f"- sampler: {', '.join(settings)}")
     if IMAGES_SEEN in run.data.metrics:
@@ -184,7 +184,9 @@ def scores_of(client: MlflowClient, name: str, version: str) -> Scores:
     if model_id:
         model = client.get_logged_model(model_id)
         metrics = {m.key: m.value for m in model.metrics or []}
-        measured = {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
+        measured = upgrade_measurement(
+            {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
+        )
     else:
         run_id = model_version.run_id  # None for a version registered from neither: no metrics
         metrics, measured = (client.get_run(run_id).data.metrics if run_id else {}), {}
@@ -211,11 +213,12 @@ def metric_of(scores: Scores, name: str, version: str, metric: str) -> float:
 
 
 def measured_differently(a: Scores, b: Scores) -> list[str]:
-    """The settings two evaluations were measured with that differ (those both record)."""
+    """The settings two evaluations were measured with that differ (those both record); steps recorded
+    as unrecorded differ from any, their own kind too."""
     return [
         f"{key} {a.measured[key]} vs {b.measured[key]}"
         for key in sorted(a.measured.keys() & b.measured.keys())
-        if a.measured[key] != b.measured[key]
+        if a.measured[key] != b.measured[key] or a.measured[key].endswith(UNRECORDED_STEPS)
     ]
 
 

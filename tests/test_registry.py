@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 
 from ddpm.config import ConfigError, parse_sets
 from flows.config import RegistryConfig, load_params
-from flows.registry import promote, register_model
+from flows.gate import promote
+from flows.registry import register_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_gate_promotes_first_refuses_worse_and_equal_promotes_better(client):
 
     v2 = add_version(client, 35.5)
     worse = promote(REGISTRY)
-    assert not worse.promoted and worse.version == v2 and champion(client) == v1
+    assert not worse.promoted and worse.version == str(v2) and champion(client) == v1
     assert worse.reason == f"refused: v{v2} has fid=35.5, champion v{v1} has fid=30; lower is better"
 
     add_version(client, 30.0)
@@ -62,7 +63,7 @@ def test_gate_promotes_first_refuses_worse_and_equal_promotes_better(client):
 
     v4 = add_version(client, 25.0)
     better = promote(REGISTRY)
-    assert better.promoted and better.previous_champion == v1 and champion(client) == v4
+    assert better.promoted and better.previous_champion == str(v1) and champion(client) == v4
     assert not promote(REGISTRY, v4).promoted  # already champion
 
 

@@ -204,3 +204,50 @@ def test_each_decision_leaves_a_record_on_the_version_searchable_and_without_sec
 
     assert not promote(REGISTRY, v1).promoted  # v1 passed once: a refusal now leaves its record as it was
     assert record(client, v1)["decision"] == "promoted" and record(client, v1)["passed"] == "true"
+
+
+def test_a_move_that_lands_after_the_better_promotion_finished_is_undone_by_its_own_check(client, monkeypatch):
+    """The lost update: v3's promotion reads the passed versions before v2's is tagged, so it moves the
+    alias to v3, and that move lands after v2's promotion has moved it to v2 and returned; v3's
+    promotion checks after its move, finds v2 passed and better, and moves it back."""
+    add_evaluated_model(client, 40.0)
+    assert promote(REGISTRY).promoted
+    v2, v3 = add_evaluated_model(client, 30.0), add_evaluated_model(client, 35.0)
+    v3_about_to_move, v2_finished = threading.Event(), threading.Event()
+    real_move, real_tag = MlflowClient.set_registered_model_alias, MlflowClient.set_model_version_tag
+    moves: list[tuple[str, str]] = []
+
+    def move(self, name, alias, version):
+        thread = threading.current_thread().name
+        if thread == f"v{v3}" and not moves:  # v3's first move, computed without v2's record
+            moves.append((thread, str(version)))
+            v3_about_to_move.set()
+            assert v2_finished.wait(HANDSHAKE_TIMEOUT)
+        else:
+            moves.append((thread, str(version)))
+        return real_move(self, name, alias, version)
+
+    def tag(self, name, version, key, value):
+        if key == "promotion.passed" and threading.current_thread().name == f"v{v2}":
+            assert v3_about_to_move.wait(HANDSHAKE_TIMEOUT)  # v2 passes only once v3 has read the passed ones
+        return real_tag(self, name, version, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", move)
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag)
+    decisions = {}
+
+    def run(version: str) -> None:
+        try:
+            decisions[version] = promote(REGISTRY, version)
+        finally:
+            if version == v2:
+                v2_finished.set()
+
+    threads = [threading.Thread(target=run, args=(v,), name=f"v{v}") for v in (v2, v3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    v2_name, v3_name = f"v{v2}", f"v{v3}"
+    assert moves == [(v3_name, str(v3)), (v2_name, str(v2)), (v3_name, str(v2))]  # v3's move undone by v3
+    assert champion(client) == v2 and decisions[v2].promoted and not decisions[v3].promoted

@@ -1,4 +1,6 @@
-"""`python -m flows.promote [--version N]`: move @champion to a version that passes the gate."""
+"""`python -m flows.promote [--version N]`: move @champion to a version that passes the gate (flows.gate).
+Exit 0 promoted; 1 refused by the gate, or outranked by a better version promoted at the same time;
+2 an error (a bad params file, an unreadable registry: nothing is promoted on an unknown champion)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ddpm.__main__ import Parser
 from ddpm.errors import describe
 from ddpm.logs import configure_logging
 from flows.config import load_params
-from flows.registry import promote
+from flows.gate import promote
 from flows.steps import USER_ERRORS
 from flows.tracking import connect
 

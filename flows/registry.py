@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from ddpm.config import ConfigError, ModelConfig
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
-from flows.steps import MEASURED_PREFIX
+from flows.steps import MEASURED_PREFIX, upgrade_measurement
 from flows.tracking import IMAGES_SEEN
 
 log = logging.getLogger(__name__)
@@ -141,9 +140,9 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
             else "no floor"
         )
         lines = [f"**FID {metrics['fid']:.4g}** ({floor}) on N = {how.get('fid_samples', 'unknown')} samples", ""]
-    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"
+    if "sampler" in how:  # flows.steps.evaluate.measurement: "ddim-50" or "ddpm-200"; eta only for DDIM
         sampler, _, steps = how["sampler"].partition("-")
-        keys = ("eta", "clip_x0", "seed") if sampler == "ddim" else ("clip_x0", "seed")  # eta is DDIM's
+        keys = ("eta", "clip_x0", "seed")
         settings = [f"{sampler.upper()}, {steps} steps", *(f"{key} {how[key]}" for key in keys if key in how)]
         lines.append(f"- sampler: {', '.join(settings)}")
     if IMAGES_SEEN in run.data.metrics:
@@ -152,14 +151,6 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
         lines.append(f"- classifier accuracy: {metrics['classifier_accuracy']:.2%} (the FID feature network)")
     lines += [f"- commit: {run.data.tags.get('git_commit', 'unknown')}", f"- run: {run.info.run_id}"]
     return "\n".join(lines)
-
-
-@dataclasses.dataclass(frozen=True)
-class GateDecision:
-    promoted: bool
-    reason: str
-    version: str
-    previous_champion: str | None
 
 
 def require_gate(registry: RegistryConfig) -> None:
@@ -184,7 +175,9 @@ def scores_of(client: MlflowClient, name: str, version: str) -> Scores:
     if model_id:
         model = client.get_logged_model(model_id)
         metrics = {m.key: m.value for m in model.metrics or []}
-        measured = {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
+        measured = upgrade_measurement(
+            {k.removeprefix(MEASURED_PREFIX): v for k, v in model.tags.items() if k.startswith(MEASURED_PREFIX)}
+        )
     else:
         run_id = model_version.run_id  # None for a version registered from neither: no metrics
         metrics, measured = (client.get_run(run_id).data.metrics if run_id else {}), {}
@@ -199,70 +192,19 @@ def logged_model_of(source: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def metric_of(scores: Scores, name: str, version: str, metric: str) -> float:
-    if metric not in scores.metrics:
-        raise MlflowException(f"{name} v{version} has no metric {metric!r}; evaluate it first")
-    value = scores.metrics[metric]
-    if not math.isfinite(value):
-        raise MlflowException(
-            f"{name} v{version} has {metric}={value}; the gate compares finite values only: evaluate it again"
-        )
-    return value
-
-
-def measured_differently(a: Scores, b: Scores) -> list[str]:
-    """The settings two evaluations were measured with that differ (those both record)."""
-    return [
-        f"{key} {a.measured[key]} vs {b.measured[key]}"
-        for key in sorted(a.measured.keys() & b.measured.keys())
-        if a.measured[key] != b.measured[key]
-    ]
-
-
 def champion_version(registry: RegistryConfig) -> str | None:
-    """The version the champion alias points at, or None before the first promotion."""
+    """The version @champion points at, or None if the registered model holds no such alias. Read from
+    the model's alias list, not inferred from an error: MLflow answers a missing alias with
+    INVALID_PARAMETER_VALUE, the code of any malformed request too, and a busy store, a 5xx or a 403
+    must not read as "no champion" (the gate would promote without comparing)."""
+    name, alias = registry.model_name, registry.champion_alias
     try:
-        return MlflowClient().get_model_version_by_alias(registry.model_name, registry.champion_alias).version
-    except MlflowException:
-        return None
-
-
-def promote(registry: RegistryConfig, version: str | None = None) -> GateDecision:
-    """Move the champion alias to `version` (default: the candidate) if it beats the champion."""
-    require_gate(registry)
-    client = MlflowClient()
-    name, metric = registry.model_name, registry.metric
-    version = version or client.get_model_version_by_alias(name, registry.candidate_alias).version
-    scores = scores_of(client, name, version)
-    value = metric_of(scores, name, version, metric)
-    champion = champion_version(registry)
-    if champion == version:
-        return GateDecision(False, f"v{version} is already @{registry.champion_alias}", version, champion)
-    if champion is not None:
-        champion_scores = scores_of(client, name, champion)
-        best = metric_of(champion_scores, name, champion, metric)
-        differ = measured_differently(scores, champion_scores)
-        if differ:
-            return GateDecision(
-                False,
-                f"refused: v{version} and champion v{champion} were scored differently "
-                f"({'; '.join(differ)}), so their {metric} do not compare; evaluate one "
-                "with the other's settings",
-                version,
-                champion,
-            )
-        better = value > best if registry.greater_is_better else value < best
-        if not better:
-            direction = "higher" if registry.greater_is_better else "lower"
-            return GateDecision(
-                False,
-                f"refused: v{version} has {metric}={value:.6g}, champion v{champion} has "
-                f"{metric}={best:.6g}; {direction} is better",
-                version,
-                champion,
-            )
-        reason = f"v{version} {metric}={value:.6g} beats champion v{champion} ({best:.6g})"
-    else:
-        reason = f"v{version} {metric}={value:.6g}; there was no champion"
-    client.set_registered_model_alias(name, registry.champion_alias, version)
-    return GateDecision(True, "promoted: " + reason, version, champion)
+        aliases = MlflowClient().get_registered_model(name).aliases
+    except MlflowException as e:
+        raise RegistrationError(
+            f"reading @{alias} of {name} failed ({e.error_code}: {e.message}); the gate does not promote without "
+            "knowing the champion: rerun when the registry answers (a permission error: as a user with EDIT on "
+            "the model)"
+        ) from None
+    version = aliases.get(alias)
+    return None if version is None else str(version)

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 
 from ddpm.config import ConfigError, parse_sets
 from flows.config import RegistryConfig, load_params
-from flows.registry import promote, register_model
+from flows.gate import promote
+from flows.registry import register_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_gate_promotes_first_refuses_worse_and_equal_promotes_better(client):
 
     v2 = add_version(client, 35.5)
     worse = promote(REGISTRY)
-    assert not worse.promoted and worse.version == v2 and champion(client) == v1
+    assert not worse.promoted and worse.version == str(v2) and champion(client) == v1
     assert worse.reason == f"refused: v{v2} has fid=35.5, champion v{v1} has fid=30; lower is better"
 
     add_version(client, 30.0)
@@ -62,7 +63,7 @@ def test_gate_promotes_first_refuses_worse_and_equal_promotes_better(client):
 
     v4 = add_version(client, 25.0)
     better = promote(REGISTRY)
-    assert better.promoted and better.previous_champion == v1 and champion(client) == v4
+    assert better.promoted and better.previous_champion == str(v1) and champion(client) == v4
     assert not promote(REGISTRY, v4).promoted  # already champion
 
 
@@ -217,3 +218,80 @@ def test_a_registered_version_carries_its_card_as_description(client):
         REGISTRY.model_name, register_model(bare.info.run_id, unscored.model_id, REGISTRY).version
     ).description
     assert card == f"**not evaluated**: its logged model has no fid\n\n- commit: unknown\n- run: {bare.info.run_id}"
+
+
+SAMPLE_SETTINGS = {"steps": 20, "eta": 0.5}  # T is 200 by default: 20 steps must not read as 200
+
+
+@pytest.mark.parametrize(
+    "sampler, tag, card_line",
+    [
+        ("ddpm", "ddpm-200", "- sampler: DDPM, 200 steps, clip_x0 True, seed 0"),  # DDPM walks the whole chain
+        ("ddim", "ddim-20", "- sampler: DDIM, 20 steps, eta 0.5, clip_x0 True, seed 0"),
+        ("dpmpp_2m", "dpmpp_2m-20", "- sampler: DPMPP_2M, 20 steps, clip_x0 True, seed 0"),
+    ],
+)
+def test_the_measurement_records_the_sampler_that_ran_and_the_card_says_so(client, sampler, tag, card_line):
+    """Steps as the sampler walks them; eta only for DDIM, the one sampler that draws noise by it."""
+    from ddpm.config import config_from_dict
+    from flows.steps import MEASURED_PREFIX
+    from flows.steps.evaluate import measurement
+
+    how = measurement(config_from_dict({"sample": {"sampler": sampler, **SAMPLE_SETTINGS}}))
+    assert how["sampler"] == tag and ("eta" in how) == (sampler == "ddim")
+    with mlflow.start_run() as run:
+        model = mlflow.initialize_logged_model(name="model")
+    mlflow.log_metrics({"fid": 50.0}, run_id=run.info.run_id, model_id=model.model_id)
+    client.set_logged_model_tags(model.model_id, {MEASURED_PREFIX + k: v for k, v in how.items()})
+    version = register_model(run.info.run_id, model.model_id, REGISTRY).version
+    card = client.get_model_version(REGISTRY.model_name, version).description
+    assert card_line in card.splitlines(), card
+
+
+def test_dpmpp_2m_scored_with_different_steps_do_not_compare(client):
+    from ddpm.config import config_from_dict
+    from flows.steps.evaluate import measurement
+
+    def how(steps: int) -> dict[str, str]:
+        return measurement(config_from_dict({"sample": {"sampler": "dpmpp_2m", "steps": steps}}))
+
+    v1 = add_evaluated_model(client, 40.0, **how(50))
+    assert promote(REGISTRY).promoted and champion(client) == v1
+    add_evaluated_model(client, 10.0, **how(20))
+    decision = promote(REGISTRY)
+    assert not decision.promoted and champion(client) == v1
+    assert "sampler dpmpp_2m-20 vs dpmpp_2m-50" in decision.reason
+
+
+def test_a_dpmpp_2m_score_recorded_before_its_steps_were_compares_with_nothing(client):
+    """Before issue 30 the evaluate step recorded DPM-Solver++(2M) as dpmpp_2m-T whatever its steps (and an
+    eta for every sampler): two such records may hide 20 and 50 steps, so they never compare."""
+    old = {"sampler": "dpmpp_2m-200", "eta": "0", "clip_x0": "True", "seed": "0"}
+    v1 = add_evaluated_model(client, 40.0, **old)
+    assert promote(REGISTRY).promoted and champion(client) == v1
+    add_evaluated_model(client, 10.0, **old)
+    decision = promote(REGISTRY)
+    assert not decision.promoted and champion(client) == v1
+    assert "sampler dpmpp_2m-unrecorded vs dpmpp_2m-unrecorded" in decision.reason
+    from flows.registry import model_card
+
+    assert "- sampler: DPMPP_2M, unrecorded steps, clip_x0 True, seed 0" in model_card(client, REGISTRY.model_name, v1)
+
+
+@pytest.mark.parametrize(
+    "sampler, recorded, scored_again",
+    [
+        ("dpmpp_2m", "dpmpp_2m-200", ["sampler dpmpp_2m-unrecorded vs dpmpp_2m-200"]),  # its steps are unknown
+        ("ddim", "ddim-200", []),  # DDIM's steps were recorded right
+        ("ddpm", "ddpm-200", []),  # so were DDPM's, whose eta never acted
+    ],
+)
+def test_a_rerun_scores_again_only_an_evaluation_recorded_wrongly_before(sampler, recorded, scored_again):
+    """The evaluate step's `skip_done` on a record written before issue 30 (eta for every sampler), asked
+    for 200 steps (T), the one step count the old dpmpp_2m tag could be mistaken for."""
+    from ddpm.config import config_from_dict
+    from flows.steps.evaluate import remeasure_reasons
+
+    config = config_from_dict({"sample": {"sampler": sampler, "steps": 200}})
+    old = {"fid_samples": "2000", "seed": "0", "sampler": recorded, "eta": "0", "clip_x0": "True"}
+    assert remeasure_reasons(config, old) == scored_again

@@ -23,6 +23,7 @@ LOSS_CSV = OUTPUTS / "loss.csv"  # DVC plot: train_loss per step
 EVAL_LOSS_CSV = OUTPUTS / "eval_loss_per_t.csv"  # DVC plot: the held-out loss per timestep
 SAMPLES_DIR = OUTPUTS / "samples"  # DVC image plots: each epoch's preview grid, epoch_NNNN.png
 MEASURED_PREFIX = "measured."  # logged model tags: how its evaluation was measured (N, sampler, steps, eta)
+UNRECORDED_STEPS = "unrecorded"  # the steps of a DPM-Solver++(2M) evaluation recorded before they were
 PER_T_PREFIX = "eval_loss_t"  # ddpm.evaluate's per-timestep losses, eval_loss_tNNNN
 REGISTERED_JSON = OUTPUTS / "registered.json"
 CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
@@ -55,6 +56,20 @@ class Trained:
 def flow_finished(checkpoint_dir: Path) -> None:
     """The Prefect flow reached its end with the training in `checkpoint_dir`: its next run trains anew."""
     (checkpoint_dir / FLOW_UNFINISHED).unlink(missing_ok=True)
+
+
+def upgrade_measurement(recorded: dict[str, str]) -> dict[str, str]:
+    """A logged model's measurement (MEASURED_PREFIX tags) as flows.steps.evaluate.measurement writes it
+    now. Before issue 30 it recorded an eta for every sampler and DPM-Solver++(2M) as dpmpp_2m-T whatever
+    its steps; such a record (a non-DDIM sampler with an eta) has its eta dropped, and DPM-Solver++(2M)'s
+    steps marked unrecorded, which compare equal to nothing."""
+    measured = dict(recorded)
+    sampler, _, _ = measured.get("sampler", "").partition("-")
+    if sampler not in ("", "ddim") and "eta" in measured:  # written before issue 30
+        del measured["eta"]
+        if sampler == "dpmpp_2m":
+            measured["sampler"] = f"dpmpp_2m-{UNRECORDED_STEPS}"
+    return measured
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ddpm.config import Config
 from flows.config import PipelineConfig
-from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, write_json
+from flows.steps import EVAL_LOSS_CSV, METRICS_JSON, PER_T_PREFIX, Trained, upgrade_measurement, write_json
 
 log = logging.getLogger(__name__)
+UNRECORDED = "unrecorded"  # a setting one of two measurements does not record
 
 QUALITY_METRICS = (
     "fid",
@@ -37,15 +38,10 @@ def evaluate(
     from flows.tracking import log_evaluation, logged_evaluation, logged_measurement
 
     if skip_done and (done := logged_evaluation(trained.run_id, QUALITY_METRICS)) is not None:
-        wanted, measured = measurement(config), logged_measurement(trained.model_id)
-        if measured == wanted:
+        differ = remeasure_reasons(config, logged_measurement(trained.model_id))
+        if not differ:
             log.info("run %s is evaluated already (fid %.4g); not scoring it again", trained.run_id, done["fid"])
             return done
-        differ = [
-            f"{key} {measured.get(key, 'unknown')} vs {value}"
-            for key, value in wanted.items()
-            if measured.get(key) != value
-        ]
         log.info("run %s was evaluated with other settings (%s); scoring it again", trained.run_id, "; ".join(differ))
     from ddpm.evaluate import evaluate_checkpoint
 
@@ -72,13 +68,28 @@ def write_loss_per_t(path: Path, per_t: dict[str, float]) -> None:
 
 
 def measurement(config: Config) -> dict[str, str]:
-    """How the scores were measured: FIDs compare only when these agree (the promotion gate checks)."""
+    """How the scores were measured: FIDs compare only when these agree (the promotion gate checks).
+    The sampler with the steps it walks (DDPM the whole chain, T); eta only for DDIM, the one sampler
+    it acts on (ddpm/samplers.py)."""
     sample = config.sample
-    steps = sample.steps if sample.sampler == "ddim" else config.diffusion.timesteps
-    return {
+    steps = config.diffusion.timesteps if sample.sampler == "ddpm" else sample.steps
+    how = {
         "fid_samples": str(config.evaluate.fid_samples),
         "seed": str(config.evaluate.seed),
         "sampler": f"{sample.sampler}-{steps}",
-        "eta": f"{sample.eta:g}",
         "clip_x0": str(sample.clip_x0),
     }
+    if sample.sampler == "ddim":
+        how["eta"] = f"{sample.eta:g}"
+    return how
+
+
+def remeasure_reasons(config: Config, recorded: dict[str, str]) -> list[str]:
+    """Each setting a logged evaluation was measured with other than `config`'s (none: it stands); a
+    record written before issue 30 is read as it would be written now (flows.steps.upgrade_measurement)."""
+    wanted, measured = measurement(config), upgrade_measurement(recorded)
+    return [
+        f"{key} {measured.get(key, UNRECORDED)} vs {wanted.get(key, UNRECORDED)}"
+        for key in sorted(wanted.keys() | measured.keys())
+        if measured.get(key) != wanted.get(key)
+    ]

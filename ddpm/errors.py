@@ -6,6 +6,8 @@ import errno
 import os
 from pathlib import Path
 
+from ddpm.logs import redact
+
 
 class ConfigError(ValueError):
     """A params file or override that does not describe a valid configuration."""
@@ -59,7 +61,11 @@ USER_ERRORS = (
 
 def describe(e: BaseException) -> str:
     """The one line an entry point reports for a user error: an OS error on a path names the path and
-    what to do about it; our own errors already say both."""
+    what to do about it; our own errors already say both. A URL's credentials are never in it."""
+    return redact(_describe(e))
+
+
+def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in DISK_FULL:
         return (
             f"no space left on device ({DISK_FULL[e.errno]}: {e.strerror}) writing {written(e)}: free space on "

@@ -227,7 +227,7 @@ def end_run_with_failure(run_id: str, error: BaseException) -> None:
     """End the active training run KILLED (interrupted) or FAILED, with the reason as a tag."""
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     try:
-        mlflow.set_tag(FAILURE_TAG, f"{type(error).__name__}: {error}"[:MAX_TAG_LENGTH])
+        mlflow.set_tag(FAILURE_TAG, redact(f"{type(error).__name__}: {error}")[:MAX_TAG_LENGTH])
     except MlflowException as tag_error:  # keep the training's error the one raised
         log.warning("could not tag run %s with the failure: %s", run_id, tag_error)
     finally:

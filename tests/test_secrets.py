@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from ddpm.errors import DataError, describe
 from ddpm.logs import redact
 from flows.config import params_from_dict
 from flows.errors import TrackingError
-from flows.tracking import CREDENTIAL_VARS, connect
+from flows.tracking import CREDENTIAL_VARS, FAILURE_TAG, connect, end_run_with_failure
 from flows.workspace import LOCK_FILE, RECORD_MODE, workspace_lock
 from tests import servers
 from tests.faults import EXPERIMENT
@@ -73,6 +75,17 @@ def test_the_lock_record_is_its_owners_and_holds_no_credentials(tmp_path, monkey
     new.mkdir()
     with workspace_lock(new, timeout=1):
         assert stat.S_IMODE((new / LOCK_FILE).stat().st_mode) == RECORD_MODE
+
+
+def test_the_error_line_and_the_failure_tag_hold_no_credentials(tmp_path, mlflow_state):
+    error = DataError(f"could not fetch https://trainer:{SECRET}@example.com/fashion-mnist")
+    assert describe(error) == "could not fetch https://***@example.com/fashion-mnist"
+    connect(pipeline_for(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    run = mlflow.start_run()
+    end_run_with_failure(run.info.run_id, error)
+    failed = MlflowClient().get_run(run.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags[FAILURE_TAG] == "DataError: could not fetch https://***@example.com/fashion-mnist"
 
 
 def test_no_log_line_shows_a_urls_credentials_whoever_logs_it():

@@ -68,8 +68,8 @@ def describe(e: BaseException) -> str:
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in DISK_FULL:
         return (
-            f"no space left on device ({DISK_FULL[e.errno]}: {e.strerror}) writing {written(e)}: free space on "
-            f"its file system, or point that directory elsewhere, then rerun: it resumes from what was checkpointed"
+            f"no space left on device ({DISK_FULL[e.errno]}: {e.strerror}) writing {written(e)}: free space on its "
+            f"file system, or point that directory elsewhere, then rerun (a training resumes from its last checkpoint)"
         )
     if isinstance(e, OSError) and e.filename is not None:
         fix = (

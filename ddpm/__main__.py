@@ -88,6 +88,14 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def positive_ints(value: str) -> tuple[int, ...]:
+    """A comma-separated list of integers >= 1, e.g. --train-batch 16,128."""
+    try:
+        return tuple(positive_int(item.strip()) for item in value.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be integers >= 1 separated by commas, got {value!r}") from None
+
+
 def classifier(args: argparse.Namespace) -> None:
     from ddpm.classifier import train_classifier
     from ddpm.config import load_config, parse_sets
@@ -111,8 +119,7 @@ def benchmark(args: argparse.Namespace) -> None:
     from ddpm.config import load_config, parse_sets
 
     config = load_config(args.params, parse_sets(args.set))
-    batches = tuple(int(b) for b in args.train_batch.split(","))
-    for record in run_benchmark(config, batches, args.sample_batch, args.repeats):
+    for record in run_benchmark(config, args.train_batch, args.sample_batch, args.repeats):
         sys.stdout.write(json.dumps(record) + "\n")
 
 
@@ -202,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")
     p.add_argument("--params", default=None, help="default: the built-in (tutorial) model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.dim=8")
-    p.add_argument("--train-batch", default="16,128", help="training batch sizes to time, comma-separated")
-    p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch to time")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement")
+    # a string default: argparse parses it with `type` as it parses the user's
+    p.add_argument(
+        "--train-batch", type=positive_ints, default="16,128", help="training batch sizes to time, comma-separated"
+    )
+    p.add_argument("--sample-batch", type=positive_int, default=64, help="images per sampling batch to time")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each measurement")
     p.set_defaults(func=benchmark)
 
     p = sub.add_parser("fetch-data", help="install and verify the Fashion-MNIST IDX files")

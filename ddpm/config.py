@@ -231,6 +231,11 @@ class Config:
             )
         if self.evaluate.t_points > self.diffusion.timesteps:
             errors.append(f"evaluate.t_points: {self.evaluate.t_points} exceeds diffusion.timesteps")
+        if self.data.limit and self.data.limit < self.train.batch_size:  # training drops the incomplete batch
+            errors.append(
+                f"data.limit: {self.data.limit} images give no full batch of train.batch_size {self.train.batch_size}; "
+                f"raise data.limit (0 for all) or lower train.batch_size"
+            )
         return errors
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,12 @@
 it, and the entry points (the ddpm CLI, the pipeline) report them as one line, exit 2. No MindSpore
 here, so that anything can name them."""
 
+import errno
+import os
+from pathlib import Path
+
+from ddpm.logs import redact
+
 
 class ConfigError(ValueError):
     """A params file or override that does not describe a valid configuration."""
@@ -35,6 +41,11 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or Inf loss."""
 
 
+# An OS error whose errno says the disk is full: the file system, or the user's quota on it
+DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+
+FULL_BYTES = 2**20  # less free than this counts as full: the failed write's partial file may be gone by now
+
 # What an entry point reports as one clear line rather than a traceback (flows adds its own).
 USER_ERRORS = (
     ConfigError,
@@ -44,17 +55,22 @@ USER_ERRORS = (
     WorkerError,
     SampleRequestError,
     FloatingPointError,
-    FileExistsError,
-    FileNotFoundError,
-    PermissionError,  # an unwritable or unreadable path (as root: a read-only mount)
-    NotADirectoryError,  # a file where a directory should be
-    IsADirectoryError,
+    OSError,  # the machine's, not the code's: a missing, unwritable or blocked path, a full disk
 )
 
 
 def describe(e: BaseException) -> str:
     """The one line an entry point reports for a user error: an OS error on a path names the path and
-    what to do about it; our own errors already say both."""
+    what to do about it; our own errors already say both. A URL's credentials are never in it."""
+    return redact(_describe(e))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return (
+            f"no space left on device ({DISK_FULL[e.errno]}: {e.strerror}) writing {written(e)}: free space on its "
+            f"file system, or point that directory elsewhere, then rerun (a training resumes from its last checkpoint)"
+        )
     if isinstance(e, OSError) and e.filename is not None:
         fix = (
             "check the path"
@@ -63,3 +79,22 @@ def describe(e: BaseException) -> str:
         )
         return f"{e.filename}: {e.strerror}; {fix}, then rerun"
     return str(e)
+
+
+def written(e: OSError) -> str:
+    """The file a failed write went to: the error's (a copy names the source, then the destination),
+    else the full file systems here; a write to an open file carries no path."""
+    path = e.filename2 or e.filename
+    if path is not None:
+        return str(path)
+    full = full_here()
+    return "a file on " + " and ".join(full) if full else "a file"
+
+
+def full_here() -> list[str]:
+    """Where a write that failed without naming its file most likely went: the file systems of the
+    working directory and of the directories mounted just under it (mlruns/, outputs/, ...) that are
+    full now."""
+    cwd = Path.cwd()
+    mounts = [cwd, *(p for p in sorted(cwd.iterdir()) if p.is_dir() and p.is_mount())]
+    return [str(p) for p in mounts if (s := os.statvfs(p)).f_bavail * s.f_frsize < FULL_BYTES]

@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ddpm.config import ConfigError
 from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
+from ddpm.errors import USER_ERRORS, describe
 from ddpm.logs import configure_logging
 from flows.config import load_params
 
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, pipeline = load_params(args.params)
         origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
+    except USER_ERRORS as e:
+        log.error("%s", describe(e))
         return 2
     log.info("Fashion-MNIST ready in %s (from %s)", config.data.root, origin)
     return 0

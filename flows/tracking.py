@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
 from ddpm.config import Config
+from ddpm.logs import redact
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
 from flows.steps import MEASURED_PREFIX, PER_T_PREFIX
@@ -41,11 +43,13 @@ DATASET_NAME = "fashion-mnist"
 TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # read by MLflow's client
 
 
 def connect(pipeline: PipelineConfig) -> str:
-    """Point MLflow at the configured store and fail fast, before any training, if a server is down."""
-    uri = pipeline.tracking_uri
+    """Point MLflow at the configured store and fail fast, before any training, if a server is down.
+    Returns the store's URI without credentials."""
+    uri = use_credentials(pipeline.tracking_uri)
     if uri.startswith(("http://", "https://")):
         health = uri.rstrip("/") + "/health"
         try:
@@ -55,11 +59,32 @@ def connect(pipeline: PipelineConfig) -> str:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e) or type(e).__name__}). "
                 f"Start it (`mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to "
-                f"use the local default {pipeline.tracking.uri}."
+                f"use the local default {redact(pipeline.tracking.uri)}."
             ) from None
     mlflow.set_tracking_uri(uri)
     use_experiment(uri, pipeline.tracking.experiment)
     return uri
+
+
+def use_credentials(uri: str) -> str:
+    """`uri` without the userinfo of `http://user:password@host`, which becomes MLFLOW_TRACKING_USERNAME
+    and _PASSWORD: MLflow's client sends those as basic auth, as it (through requests) sends a URI's
+    userinfo, taking it over these variables; but MLflow prints its URI and puts it in its errors."""
+    uri, credentials = split_credentials(uri)
+    if credentials is not None:
+        os.environ.update(zip(CREDENTIAL_VARS, credentials, strict=True))
+    return uri
+
+
+def split_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """An http(s) URI without its userinfo, and the (user, password) it held, or None."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    credentials = urllib.parse.unquote(user), urllib.parse.unquote(password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
 
 
 def use_experiment(uri: str, name: str) -> None:
@@ -202,7 +227,7 @@ def end_run_with_failure(run_id: str, error: BaseException) -> None:
     """End the active training run KILLED (interrupted) or FAILED, with the reason as a tag."""
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     try:
-        mlflow.set_tag(FAILURE_TAG, f"{type(error).__name__}: {error}"[:MAX_TAG_LENGTH])
+        mlflow.set_tag(FAILURE_TAG, redact(f"{type(error).__name__}: {error}")[:MAX_TAG_LENGTH])
     except MlflowException as tag_error:  # keep the training's error the one raised
         log.warning("could not tag run %s with the failure: %s", run_id, tag_error)
     finally:
@@ -264,7 +289,7 @@ def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.
         run = mlflow.start_run(run_id=run_id)
     except MlflowException as e:
         raise TrackingError(
-            f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {pipeline.tracking_uri} "
+            f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {redact(pipeline.tracking_uri)} "
             f"cannot reopen ({e.message}). Point MLFLOW_TRACKING_URI at the store that holds it, or delete "
             f"{run_file.parent} to start a new training."
         ) from None
@@ -277,7 +302,7 @@ def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.
 
 def run_url(pipeline: PipelineConfig, run_id: str) -> str:
     """A link to the run in the MLflow UI (server URI, or the `mlflow ui` default address)."""
-    uri = pipeline.tracking_uri
+    uri, _ = split_credentials(pipeline.tracking_uri)
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     experiment = mlflow.get_run(run_id).info.experiment_id
     return f"{base}/#/experiments/{experiment}/runs/{run_id}"

@@ -26,15 +26,15 @@ def train(args: argparse.Namespace) -> None:
 
     config = load_config(args.params, parse_sets(args.set))
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
-    if config.train.workers > 1 and not in_msrun():
-        command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
-        launch_workers(
-            config.train.workers,
-            command + (["--resume"] if args.resume else []),
-            Path(config.train.checkpoint_dir) / WORKER_LOGS,
-        )
-        return
     try:
+        if config.train.workers > 1 and not in_msrun():
+            command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
+            launch_workers(
+                config.train.workers,
+                command + (["--resume"] if args.resume else []),
+                Path(config.train.checkpoint_dir) / WORKER_LOGS,
+            )
+            return
         result = fit(config, resume=args.resume)
     except TrainingInterrupted as e:  # exit as a shell reports the signal: 130 for SIGINT, 143 for SIGTERM
         resume = ["ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set), "--resume"]

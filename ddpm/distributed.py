@@ -5,20 +5,35 @@ worker trains on its B/N images of every global batch of B, gradients are mean-r
 workers before Adam steps, and every worker draws the same t, noise and flips for the global batch,
 so N workers end with the weights one process gets at batch B. Rank 0 alone writes checkpoints and
 runs the callbacks (tracking, progress).
+
+Stopping: msrun starts each worker in a session of its own, so a signal to the process that
+launched it (the DVC stage, `ddpm train`, the flow) never reaches them. The launcher forwards the
+first SIGTERM or SIGINT to msrun as SIGINT (msrun's own stop: it SIGKILLs its workers; they cannot
+stop at one step together), waits until every process msrun started is gone, then raises
+WorkersInterrupted. And each process dies with its parent (PR_SET_PDEATHSIG): msrun with the
+launcher, the workers with msrun, so not even a `kill -9` leaves a worker training.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from ddpm.errors import WorkerError
+from ddpm.interrupt import STOP_SIGNALS, WorkersInterrupted
 from ddpm.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -27,6 +42,10 @@ ROLE_ENV = "MS_ROLE"  # msrun sets it in the scheduler and every worker it start
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 30  # of a failed worker's log, in the error
 WORKER_LOGS = "worker_logs"  # msrun's logs of the workers, inside train.checkpoint_dir
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
+INIT_PID = 1  # an orphan's parent (with no subreaper): its own parent died before it could ask
+# Seconds msrun gets to stop its workers (it SIGKILLs them at once), and they to be gone, before we kill.
+STOP_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +80,7 @@ def init_world(device: str = "auto") -> World:
     """
     if not in_msrun():
         return World()
+    die_with_parent(signal.SIGKILL)  # no handler runs: a worker must never outlive msrun
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
@@ -97,12 +117,109 @@ def launch_workers(workers: int, command: list[str], log_dir: str | Path) -> Non
     # msrun starts "python" from PATH: make it this interpreter (the project's environment).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("data-parallel training on %d workers (msrun; logs in %s)", workers, log_dir)
-    result = subprocess.run(args, env=env)
-    if result.returncode != 0:
+    # Its own session, so a Ctrl-C in the terminal reaches msrun once, through us; and SIGINT, msrun's
+    # stop, if we die without forwarding (kill -9, or a signal while we wait outside the main thread).
+    msrun = subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_launcher)
+    with msrun, ForwardStop(msrun) as forward:
+        returncode = msrun.wait()
+    if forward.signum is not None:
+        raise WorkersInterrupted(forward.signum, workers, log_dir.parent)
+    if returncode != 0:
         raise WorkerError(
-            f"data-parallel training failed (msrun exit {result.returncode}).\n"
+            f"data-parallel training failed (msrun exit {returncode}).\n"
             f"{failure_report(log_dir)}\nWorker logs: {log_dir}"
         )
+
+
+class ForwardStop:
+    """While active in the main thread, the first SIGTERM or SIGINT stops msrun (SIGINT) and is
+    recorded in `signum`; on exit, after msrun ended, it waits until every process msrun started is
+    gone. As with StopRequest, the previous handlers are back after the first signal, so a second
+    one acts as it would without us (msrun then dies with us, and its workers with it)."""
+
+    def __init__(self, msrun: subprocess.Popen):
+        self.msrun = msrun
+        self.signum: int | None = None
+        self.children: list[int] = []  # pidfds of msrun's processes, opened before they are orphaned
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
+
+    def __enter__(self) -> ForwardStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                handler = signal.getsignal(signum)
+                if handler is None or handler == signal.SIG_IGN:  # None: set outside Python; SIG_IGN: nohup
+                    continue
+                self.previous[signum] = handler
+                signal.signal(signum, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        if self.signum is not None:
+            wait_gone(self.children)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        self._restore()
+        log.warning("%s: stopping the data-parallel workers (msrun kills them)", signal.Signals(signum).name)
+        self.children = child_pidfds(self.msrun.pid)
+        self.msrun.send_signal(signal.SIGINT)
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == INIT_PID:  # the parent died before the request: act on it now
+        os.kill(os.getpid(), signum)
+
+
+def _die_with_launcher() -> None:
+    """msrun's preexec_fn: SIGINT (msrun's stop, which kills its workers) when the launcher dies."""
+    die_with_parent(signal.SIGINT)
+
+
+def child_pidfds(pid: int) -> list[int]:
+    """pidfds of the live children of `pid` (found in /proc): waitable even once they are orphaned."""
+    fds = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            if int(fields[1]) == pid:
+                fds.append(os.pidfd_open(int(stat.parent.name)))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # exited while we looked
+    return fds
+
+
+def wait_gone(pidfds: list[int], seconds: float = STOP_SECONDS) -> None:
+    """Wait until each process is gone (its pidfd becomes readable); SIGKILL those still there after `seconds`."""
+    poller = select.poll()
+    for fd in pidfds:
+        poller.register(fd, select.POLLIN)
+    alive = set(pidfds)
+    for killing in (False, True):
+        if killing and alive:
+            log.warning("%d of msrun's processes outlived it by %d s; killing them", len(alive), seconds)
+            for fd in alive:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        while alive:
+            ready = poller.poll(seconds * 1000)
+            if not ready:
+                break
+            for fd, _ in ready:
+                alive.discard(fd)
+                poller.unregister(fd)
+    for fd in pidfds:
+        os.close(fd)
 
 
 def failure_report(log_dir: Path) -> str:

@@ -27,6 +27,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM or SIGINT after checkpointing at a step boundary: a KeyboardInterrupt,
     so callers that end runs KILLED on Ctrl-C do so; `checkpoint` is where `--resume` continues."""
 
+    global_step: int | None  # None: not known to the process that raised it (WorkersInterrupted)
+
     def __init__(self, signum: int, checkpoint: Path, global_step: int, where: str):
         self.signum, self.checkpoint, self.global_step = signum, checkpoint, global_step
         super().__init__(
@@ -37,6 +39,20 @@ class TrainingInterrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return SHELL_SIGNAL_EXIT + self.signum
+
+
+class WorkersInterrupted(TrainingInterrupted):
+    """SIGTERM or SIGINT to the process that launched msrun: msrun killed the workers (they cannot stop
+    at one step together), so training since the newest checkpoint in `checkpoint` (the directory),
+    at most train.checkpoint_minutes, is lost; a rerun resumes there."""
+
+    def __init__(self, signum: int, workers: int, directory: Path):
+        self.signum, self.checkpoint, self.global_step = signum, directory, None
+        KeyboardInterrupt.__init__(
+            self,
+            f"data-parallel training stopped by {signal.Signals(signum).name}: its {workers} workers were stopped "
+            f"(msrun kills them), so the steps since the newest checkpoint in {directory} are lost",
+        )
 
 
 class StopRequest:

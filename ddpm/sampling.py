@@ -2,6 +2,8 @@
 
 Every request is checked here, in one place, before any sampling: `num`, `sampler`, `steps`,
 `eta` and `seed` each have a stated range, and one `SampleRequestError` names every bad value.
+A server also bounds a request's U-Net evaluations (`EvaluationBudget`: what it draws within its
+timeout) and gives each draw a deadline, past which the draw abandons itself (`DrawAbandoned`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ REQUEST_KEYS = ("num", "sampler", "steps", "seed", "eta")  # the registered mode
 # about 2 min on 2 CPU cores and answer ~4 MB of JSON; draw more with `ddpm sample --out x.npz`.
 MAX_REQUEST_IMAGES = 256
 MAX_SEED = int(np.iinfo(np.int64).max)  # the registered model's `seed` column is int64; numpy takes any int >= 0
+TIMED_CALLS = 3  # forward calls timed for a server's evaluations per second, after one that compiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,19 @@ class SampleRequest:
     sampler: str
     steps: int  # DDIM steps; the ddpm sampler always walks all T (steps = T)
     eta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationBudget:
+    """At most `evaluations` U-Net evaluations of one image (num x steps) per request; `why` says where the
+    limit comes from and how to raise it, for the error."""
+
+    evaluations: int
+    why: str
+
+
+class DrawAbandoned(TimeoutError):
+    """A draw stopped at its deadline, between two steps: nobody waits for its images any more."""
 
 
 def _is_int(value: Any) -> bool:
@@ -105,9 +122,17 @@ class CheckpointSampler:
         eta = 0.0 if sampler == "dpmpp_2m" else float(s.eta if eta is None else eta)  # deterministic: says so
         return SampleRequest(int(num), int(seed), sampler, steps, eta)
 
-    def requests(self, rows: Sequence[Mapping[str, Any]], max_num: int = MAX_REQUEST_IMAGES) -> list[SampleRequest]:
+    def requests(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        max_num: int = MAX_REQUEST_IMAGES,
+        budget: EvaluationBudget | None = None,
+    ) -> list[SampleRequest]:
         """Check several rows, each its own request (omitted or None keys take the defaults, seed 0);
-        together they may ask at most `max_num` images. One error names every bad value of every row."""
+        together they may ask at most `max_num` images (so at most `max_num` rows) and `budget`'s
+        evaluations. One error names every bad value of every row."""
+        if len(rows) > max_num:  # each row asks one image or more: refused whole, not row by row
+            raise SampleRequestError(f"bad sampling request: {len(rows):,} rows, more than {max_num:,} per request")
         errors, checked = [] if rows else ["the request has no rows; send at least one, e.g. {num: 4}"], []
         for i, row in enumerate(rows):
             given = {key: value for key, value in row.items() if value is not None}
@@ -134,24 +159,45 @@ class CheckpointSampler:
                 f"num: the rows ask {total:,} images together, more than {max_num:,} per request "
                 "(draw more with `ddpm sample --out images.npz`)"
             )
+        evaluations = sum(evaluations_of(r) for r in checked)
+        if not errors and budget is not None and evaluations > budget.evaluations:
+            errors.append(
+                f"the rows ask {evaluations:,} U-Net evaluations (num x steps; sampler ddpm walks all T = "
+                f"{self.schedule.timesteps}), more than the {budget.evaluations:,} {budget.why}; ask fewer images "
+                "or steps, or draw them with `ddpm sample --out images.npz`"
+            )
         if errors:
             raise SampleRequestError("bad sampling request: " + "; ".join(errors))
         return checked
+
+    def evaluations_per_second(self) -> float:
+        """Image evaluations of the U-Net per second at sample.batch_size, timed after a call that compiles."""
+        m, batch = self.config.model, self.config.sample.batch_size
+        x_t = np.zeros((batch, m.channels, m.image_size, m.image_size), np.float32)
+        t = np.full((batch,), self.schedule.timesteps - 1, np.int32)
+        self.predict(x_t, t)
+        start = time.perf_counter()
+        for _ in range(TIMED_CALLS):
+            self.predict(x_t, t)
+        return TIMED_CALLS * batch / (time.perf_counter() - start)
 
     def with_batch_size(self, batch_size: int) -> CheckpointSampler:
         sample = dataclasses.replace(self.config.sample, batch_size=batch_size)
         return dataclasses.replace(self, config=dataclasses.replace(self.config, sample=sample))
 
-    def batches(self, request: SampleRequest, progress: bool = False) -> Iterator[np.ndarray]:
+    def batches(
+        self, request: SampleRequest, progress: bool = False, deadline: float | None = None
+    ) -> Iterator[np.ndarray]:
         """The request's images, batch after batch of sample.batch_size: (B, C, H, W) float32 in [-1, 1]."""
         s = self.config.sample
         return sample_batches(
-            self.predict, self.schedule, request, self.config.model, s.batch_size, s.clip_x0, progress
+            self.predict, self.schedule, request, self.config.model, s.batch_size, s.clip_x0, progress, deadline
         )
 
-    def sample(self, request: SampleRequest, progress: bool = False) -> np.ndarray:
-        """(num, C, H, W) float32 images in [-1, 1]; the same request gives the same images."""
-        return np.concatenate(list(self.batches(request, progress)))
+    def sample(self, request: SampleRequest, progress: bool = False, deadline: float | None = None) -> np.ndarray:
+        """(num, C, H, W) float32 images in [-1, 1]; the same request gives the same images. Past
+        `deadline` (time.monotonic()), it raises DrawAbandoned at the next step."""
+        return np.concatenate(list(self.batches(request, progress, deadline)))
 
     def draw(
         self,
@@ -164,6 +210,25 @@ class CheckpointSampler:
     ) -> np.ndarray:
         """(num, C, H, W) float32 images in [-1, 1]; None takes the checkpoint's sample config."""
         return self.sample(self.request(num, seed, sampler, steps, eta), progress)
+
+
+def evaluations_of(request: SampleRequest) -> int:
+    """U-Net evaluations of one image the request takes: one per image and step (ddpm: steps = T)."""
+    return request.num * request.steps
+
+
+def until(deadline: float | None, steps: Callable[[Iterable], Iterable]) -> Callable[[Iterable], Iterable]:
+    """`steps` (a sampler's step iterator wrapper) that raises DrawAbandoned before a step past `deadline`."""
+    if deadline is None:
+        return steps
+
+    def checked(iterable: Iterable) -> Iterator:
+        for step in steps(iterable):
+            if time.monotonic() > deadline:
+                raise DrawAbandoned("the draw passed its deadline; abandoned between two steps")
+            yield step
+
+    return checked
 
 
 def load_sampler(path: str | Path, device: str = "auto", use_ema: bool = True) -> CheckpointSampler:
@@ -201,9 +266,10 @@ def sample_batches(
     batch_size: int,
     clip_x0: bool,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> Iterator[np.ndarray]:
     """The request's images in (B, C, H, W) batches of `batch_size`, float32 in [-1, 1]; batch i is
-    seeded [seed, i], so the same request gives the same images."""
+    seeded [seed, i], so the same request gives the same images. DrawAbandoned past `deadline`."""
     starts = range(0, request.num, batch_size)
     with tqdm(total=request.num, desc=f"sampling {request.sampler}", unit="img", disable=not progress) as images_bar:
         for i, start in enumerate(starts):
@@ -219,7 +285,7 @@ def sample_batches(
                 request.steps,
                 request.eta,
                 clip_x0,
-                bar,
+                until(deadline, bar),
             )
             images_bar.update(size)
             yield np.clip(x0, -1.0, 1.0)

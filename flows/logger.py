@@ -23,11 +23,11 @@ PARTIAL_GRID = re.compile(r"\.epoch_\d+\.png\.partial")  # one a killed training
 PRECISION_TAG = "precision"  # what train.precision resolved to; "bf16, then fp32" if a resume ran elsewhere
 
 
-def precision_history(previous: str | None, precision: str) -> str:
-    """The run's precision tag after a (re)start in `precision`: each change of precision appended."""
+def appended_history(previous: str | None, value: str) -> str:
+    """A history tag after a (re)start with `value` ("bf16, then fp32"): each change appended."""
     if not previous:
-        return precision
-    return previous if previous.rsplit(", then ", 1)[-1] == precision else f"{previous}, then {precision}"
+        return value
+    return previous if previous.rsplit(", then ", 1)[-1] == value else f"{previous}, then {value}"
 
 
 def logged_steps(client: MlflowClient, run_id: str, key: str) -> set[int]:
@@ -89,7 +89,7 @@ class MlflowLogger(Callback):
         assert run is not None, "fit() with an MlflowLogger runs inside mlflow.start_run()"
         client, run_id = MlflowClient(), run.info.run_id
         previous = client.get_run(run_id).data.tags.get(PRECISION_TAG)
-        client.set_tag(run_id, PRECISION_TAG, precision_history(previous, precision))
+        client.set_tag(run_id, PRECISION_TAG, appended_history(previous, precision))
         self.steps_per_epoch = steps_per_epoch
         self.done_steps = logged_steps(client, run_id, "train_loss")
         self.done_epochs = logged_steps(client, run_id, "train_loss_epoch")

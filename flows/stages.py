@@ -1,6 +1,10 @@
 """DVC stage entry points: `python -m flows.stages classifier|train|evaluate|register`. Each parses
 params.yaml (with the values `dvc exp run -S` set there) and calls its one step, importing only that
-step's module: dvc.yaml lists exactly the code each stage runs (tests/test_dvc_stages.py checks it)."""
+step's module: dvc.yaml lists exactly the code each stage runs (tests/test_dvc_stages.py checks it).
+
+DVC hashes a stage's params after the stage ran, so an edit of params.yaml while it ran would land
+in dvc.lock beside outputs made with the old values: a stage whose params changed meanwhile fails
+instead (exit 2, naming them), and DVC records nothing."""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from ddpm.errors import describe
+import yaml
+
+from ddpm.config import read_params
+from ddpm.errors import ConfigError, describe
 from ddpm.interrupt import TrainingInterrupted
 from ddpm.logs import configure_logging
-from flows.config import load_params
+from flows.config import flatten, load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained
 from flows.tracking import connect
 from flows.workspace import hold_workspace
@@ -21,6 +29,8 @@ from flows.workspace import hold_workspace
 log = logging.getLogger("flows.stages")
 
 STAGES = ("classifier", "train", "evaluate", "register")
+DVC_YAML = "dvc.yaml"
+MISSING = "(absent)"  # how a key that is not in the file shows in the error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     repo = Path.cwd()
     try:
+        keys = stage_params(repo, args.stage)
+        started_with = param_values(args.params, keys)  # before the stage reads them
         config, pipeline = load_params(args.params, repo=repo)
         connect(pipeline)  # every stage: taking the workspace ends this checkout's stale MLflow runs
         step = importlib.import_module(f"flows.steps.{args.stage}")
@@ -43,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 step.evaluate(config, pipeline, repo, Trained.load(repo / TRAIN_JSON))
             else:
                 step.register(pipeline, repo, Trained.load(repo / TRAIN_JSON))
+        refuse_changed_params(args.stage, args.params, started_with, param_values(args.params, keys))
     except USER_ERRORS as e:
         log.error("%s", describe(e))
         return 2
@@ -50,6 +63,34 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s; `dvc repro` continues from there", e)
         return e.exit_code
     return 0
+
+
+def stage_params(repo: Path, stage: str) -> list[str] | None:
+    """The params keys dvc.yaml lists for `stage` (those DVC records in dvc.lock); None (all) without dvc.yaml."""
+    path = repo / DVC_YAML
+    if not path.is_file():
+        return None
+    listed = yaml.safe_load(path.read_text())["stages"][stage].get("params", [])
+    return [key for key in listed if isinstance(key, str)]  # a mapping names another params file
+
+
+def param_values(path: str, keys: list[str] | None) -> dict[str, Any]:
+    """The file's values under `keys` (a section or a dotted key), flattened to dotted leaf keys."""
+    values = flatten(read_params(path))
+    if keys is None:
+        return values
+    return {name: value for name, value in values.items() if any(name == k or name.startswith(f"{k}.") for k in keys)}
+
+
+def refuse_changed_params(stage: str, path: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key, MISSING) != after.get(key, MISSING))
+    if changed:
+        edits = ", ".join(f"{key} {before.get(key, MISSING)!r} -> {after.get(key, MISSING)!r}" for key in changed)
+        raise ConfigError(
+            f"{path} changed while the {stage} stage ran ({edits}): its outputs were made with the values it read "
+            f"at its start, and DVC would record the new ones beside them in dvc.lock; rerun `dvc repro` to run it "
+            "with the new values"
+        )
 
 
 if __name__ == "__main__":

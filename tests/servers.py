@@ -221,8 +221,11 @@ def start_prefect_with_auth(workdir: Path, auth_string: str) -> tuple[subprocess
     return process, env
 
 
-def start_model_server(model_uri: str, workdir: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` of a registered model in the local environment, as the README serves @champion."""
+def start_model_server(
+    model_uri: str, workdir: Path, tracking_uri: str, options: tuple[str, ...] = (), env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` of a registered model in the local environment, as the README serves @champion;
+    `options` (e.g. ("-t", "3")) and `env` are added to its command and environment."""
     port = free_port()
     process = start(
         [
@@ -239,12 +242,14 @@ def start_model_server(model_uri: str, workdir: Path, tracking_uri: str) -> tupl
             str(port),
             "--workers",
             "1",
+            *options,
         ],
         f"http://127.0.0.1:{port}/ping",
         workdir / "model-server.log",
         {
             "MLFLOW_TRACKING_URI": tracking_uri,  # it runs `uvicorn`, found on PATH as under `uv run`
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            **(env or {}),
         },
     )
     return process, f"http://127.0.0.1:{port}"

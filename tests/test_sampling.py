@@ -1,11 +1,20 @@
 """Checking sampling requests (ddpm.sampling), the one place `ddpm sample` and the registered model share."""
 
+import dataclasses
 import re
+import time
 
 import numpy as np
 import pytest
 
-from ddpm.sampling import MAX_REQUEST_IMAGES, CheckpointSampler, SampleRequest, SampleRequestError
+from ddpm.sampling import (
+    MAX_REQUEST_IMAGES,
+    CheckpointSampler,
+    DrawAbandoned,
+    EvaluationBudget,
+    SampleRequest,
+    SampleRequestError,
+)
 from ddpm.schedule import NoiseSchedule
 
 
@@ -106,3 +115,36 @@ def test_dpm_solver_takes_steps_but_no_eta(sampler):
     assert sampler.sample(request).shape == (2, 1, 28, 28)
     with pytest.raises(SampleRequestError, match="dpmpp_2m is deterministic and takes no eta"):
         sampler.request(2, 0, "dpmpp_2m", 4, eta=0.5)
+
+
+def test_a_budget_counts_num_times_steps_over_all_rows_with_ddpm_at_t(sampler):
+    budget = EvaluationBudget(100, "this test's limit")
+    rows = [{"num": 2, "sampler": "ddpm"}, {"num": 6, "steps": 10}]  # 2 x 20 + 6 x 10 = 100: within
+    assert [r.num for r in sampler.requests(rows, budget=budget)] == [2, 6]
+    with pytest.raises(SampleRequestError) as caught:
+        sampler.requests([*rows, {"num": 1, "steps": 1}], budget=budget)
+    assert (
+        "the rows ask 101 U-Net evaluations (num x steps; sampler ddpm walks all T = 20), more than the 100 "
+        "this test's limit; ask fewer images or steps" in str(caught.value)
+    )
+
+
+def test_more_rows_than_images_are_refused_in_one_short_error(sampler):
+    with pytest.raises(SampleRequestError, match=r"^bad sampling request: 5 rows, more than 4 per request$"):
+        sampler.requests([{"num": 0}] * 5, max_num=4)
+
+
+def test_a_draw_past_its_deadline_abandons_itself_between_steps(sampler):
+    calls = []
+
+    def counting(x_t, t):
+        calls.append(t[0])
+        return np.zeros_like(x_t)
+
+    counted = dataclasses.replace(sampler, predict=counting)
+    request = counted.request(1, sampler="ddpm")
+    with pytest.raises(DrawAbandoned):
+        counted.sample(request, deadline=time.monotonic() - 1)
+    assert calls == []  # not one step past the deadline
+    assert counted.sample(request, deadline=time.monotonic() + 3600).shape == (1, 1, 28, 28)
+    assert len(calls) == 20

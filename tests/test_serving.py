@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ddpm.config import ModelConfig
 from flows.config import RegistryConfig
+from flows.pyfunc_model import RATE_ENV
 from flows.registry import log_sampler_model, register_model
 from tests import servers
 from tests.test_cli import ROOT, ddpm, train_tiny
@@ -28,7 +30,13 @@ from tests.test_cli import ROOT, ddpm, train_tiny
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 1-2 min: a training, a registration, a server start
 
 REGISTRY = RegistryConfig(model_name="serving-test")
+CHAMPION = f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}"
 TIMESTEPS = 20
+LONG_TIMESTEPS = 1000
+# Seconds: `mlflow models serve -t 30`. Room for a small request's first draw, which compiles the network
+# for its batch shape (5-8 s on 2 busy cores), while 256 x 1,000 evaluations take tens of minutes.
+SHORT_TIMEOUT = 30
+LONGEST = {"num": 256, "sampler": "ddpm"}  # the largest legal request: 256 x T U-Net evaluations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +45,9 @@ class Served:
     tracking_uri: str  # the registry it serves from
 
 
-@pytest.fixture(scope="module")
-def server(fashion_root, tmp_path_factory):
-    """A tiny trained model (T = 20) registered in a SQLite store, aliased @champion and served."""
-    tmp = tmp_path_factory.mktemp("serving")
-    checkpoint = train_tiny(fashion_root, tmp, TIMESTEPS)
+def register_tiny(fashion_root: Path, tmp: Path, timesteps: int) -> str:
+    """A tiny trained model registered in a SQLite store in `tmp` and aliased @champion; returns the store's URI."""
+    checkpoint = train_tiny(fashion_root, tmp, timesteps)
     tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -51,11 +57,43 @@ def server(fashion_root, tmp_path_factory):
         MlflowClient().set_registered_model_alias(REGISTRY.model_name, REGISTRY.champion_alias, version)
     finally:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
-    process, url = servers.start_model_server(
-        f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}", tmp, tracking_uri
-    )
+    return tracking_uri
+
+
+def serve(workdir: Path, tracking_uri: str, options: tuple[str, ...] = (), env: dict | None = None):
+    workdir.mkdir(exist_ok=True)
+    process, url = servers.start_model_server(CHAMPION, workdir, tracking_uri, options, env)
     yield Served(url, tracking_uri)
     servers.stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(fashion_root, tmp_path_factory):
+    """The tiny model (T = 20), served as the README serves @champion."""
+    tmp = tmp_path_factory.mktemp("serving")
+    yield from serve(tmp, register_tiny(fashion_root, tmp, TIMESTEPS))
+
+
+@pytest.fixture(scope="module")
+def long_chain(fashion_root, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny model with T = 1,000: its full ddpm chain of 256 images takes far longer than SHORT_TIMEOUT."""
+    tmp = tmp_path_factory.mktemp("serving-long")
+    return tmp, register_tiny(fashion_root, tmp, LONG_TIMESTEPS)
+
+
+@pytest.fixture(scope="module")
+def timed_server(long_chain):
+    """The long-chain model behind a SHORT_TIMEOUT, its budget from the rate it measures when it loads."""
+    tmp, tracking_uri = long_chain
+    yield from serve(tmp / "timed", tracking_uri, ("-t", str(SHORT_TIMEOUT)))
+
+
+@pytest.fixture(scope="module")
+def misjudging_server(long_chain):
+    """The same, told a rate far above what it draws (as a server sharing its cores misjudges its own):
+    its budget admits a request that runs past the timeout."""
+    tmp, tracking_uri = long_chain
+    yield from serve(tmp / "misjudging", tracking_uri, ("-t", str(SHORT_TIMEOUT)), {RATE_ENV: str(10**12)})
 
 
 def post(server: Served, records: list[dict]) -> tuple[int, dict]:
@@ -68,7 +106,11 @@ def post(server: Served, records: list[dict]) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.load(answer)
     except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+        body = e.read().decode()
+        try:
+            return e.code, json.loads(body)
+        except json.JSONDecodeError:  # the scoring server's 504 is plain text
+            return e.code, {"message": body}
 
 
 def test_good_requests_answer_images(server):
@@ -120,6 +162,32 @@ def test_rows_with_different_columns_answer_400_from_mlflow(server):
     """MLflow parses each integer column whole: one row without `steps` leaves a gap it cannot convert."""
     status, answer = post(server, [{"num": 2, "steps": 2}, {"num": 1}])
     assert status == 400 and "Failed to convert column steps" in answer["message"], answer
+
+
+def test_more_rows_than_images_per_request_are_refused_whole(server):
+    status, answer = post(server, [{"num": 1}] * 300)
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert "300 rows, more than 256 per request" in answer["message"] and "row 0" not in answer["message"]
+
+
+def test_a_request_the_server_cannot_draw_within_its_timeout_is_refused_naming_the_limit(timed_server):
+    """256 images of the full 1,000-step chain: 256,000 evaluations, far past the timeout, refused before drawing."""
+    status, answer = post(timed_server, [LONGEST])
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    message = answer["message"]
+    assert "the rows ask 256,000 U-Net evaluations (num x steps; sampler ddpm walks all T = 1000)" in message
+    assert f"within its {SHORT_TIMEOUT} s request timeout" in message and "-t SECONDS" in message
+    status, answer = post(timed_server, [{"num": 1, "steps": 2}])  # within it: drawn
+    assert status == 200 and np.asarray(answer["predictions"]).shape == (1, 1, 28, 28), answer
+
+
+def test_a_draw_past_the_timeout_gives_way_to_the_next_request(misjudging_server):
+    """The server answers 504 at its timeout; the abandoned draw stops at its next step and frees the
+    network, so the next request is drawn (it waited behind minutes of drawing before)."""
+    status, answer = post(misjudging_server, [LONGEST])
+    assert status == 504, answer
+    status, answer = post(misjudging_server, [{"num": 1, "steps": 2}])
+    assert status == 200 and np.asarray(answer["predictions"]).shape == (1, 1, 28, 28), answer
 
 
 def test_readme_recipe_turns_the_answer_into_a_png(server, tmp_path):

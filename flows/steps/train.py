@@ -30,6 +30,7 @@ from flows.steps import FLOW_UNFINISHED, LOSS_CSV, SAMPLES_DIR, TRAIN_JSON, Trai
 
 log = logging.getLogger(__name__)
 
+GIT_COMMITS_TAG = "git_commits"  # every commit a run trained under, "a, then b"; `git_commit` is the last
 FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record of a finished training
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # The names a training writes into its checkpoint directory besides ddpm.checkpoint's own files
@@ -187,6 +188,17 @@ def _unfinished_same_training(finished: Trained, directory: Path, config: Config
     return True
 
 
+def record_commit(run_id: str, commit: str) -> None:
+    """Append `commit` to the run's commit history: a resume after a code change trained under both."""
+    from mlflow import MlflowClient
+
+    from flows.logger import appended_history
+
+    client = MlflowClient()
+    previous = client.get_run(run_id).data.tags.get(GIT_COMMITS_TAG)
+    client.set_tag(run_id, GIT_COMMITS_TAG, appended_history(previous, commit))
+
+
 def _fit_and_log(
     config: Config, pipeline: PipelineConfig, repo: Path, directory: Path, flow_run_id: str | None, progress: bool
 ) -> Trained:
@@ -211,10 +223,12 @@ def _fit_and_log(
     if resume:
         log.info("%s holds an unfinished training; resuming it", directory)
     data_hash = dvc_data_hash(repo)
-    tags = {"git_commit": git_commit(repo), "dvc_data_hash": data_hash, WORKSPACE_TAG: workspace_id(repo)}
+    commit = git_commit(repo)
+    tags = {"git_commit": commit, "dvc_data_hash": data_hash, WORKSPACE_TAG: workspace_id(repo)}
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id
     run_id = start_run(config, pipeline, tags, resume)
+    record_commit(run_id, commit)
     try:
         log_dataset(repo / config.data.root, data_hash)
         if config.train.workers > 1:

@@ -13,12 +13,12 @@ import logging
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from ddpm.classifier import FeatureNetwork, embed_split, load_classifier
 from ddpm.config import Config
 from ddpm.data import build_dataset, verify_dataset
 from ddpm.fid import GaussianStats, class_histogram, class_kl, fid_of, gaussian_stats
+from ddpm.logs import progress_bar
 from ddpm.runtime import set_cpu_threads
 from ddpm.sampling import CheckpointSampler, load_sampler
 
@@ -52,7 +52,15 @@ def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = 
     )
     squared_errors: dict[int, list[np.ndarray]] = {int(t): [] for t in ts}
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="denoising loss", disable=not progress):
+    bar = progress_bar(
+        batches,
+        total=ev.num_images // ev.batch_size,
+        desc="denoising loss",
+        unit="batch",
+        images_per_unit=ev.batch_size,
+        enabled=progress,
+    )
+    for (x0,) in bar:
         x0 = x0.astype(np.float64)
         for t in ts:
             noise = rng.standard_normal(x0.shape)

@@ -58,7 +58,7 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 def classifier(config: Config, repo: str) -> dict:
     from flows.steps.classifier import classifier
 
-    return classifier(config, Path(repo), progress=sys.stderr.isatty())
+    return classifier(config, Path(repo))
 
 
 @task
@@ -66,9 +66,7 @@ def train(config: Config, pipeline: PipelineConfig, repo: str) -> Trained:
     from flows.steps.train import train
 
     connect(pipeline)
-    return train(
-        config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), continue_finished=True
-    )
+    return train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), continue_finished=True)
 
 
 @task
@@ -76,7 +74,7 @@ def evaluate(config: Config, pipeline: PipelineConfig, repo: str, trained: Train
     from flows.steps.evaluate import evaluate
 
     connect(pipeline)
-    return evaluate(config, pipeline, Path(repo), trained, progress=sys.stderr.isatty(), skip_done=True)
+    return evaluate(config, pipeline, Path(repo), trained, skip_done=True)
 
 
 @task

@@ -75,7 +75,7 @@ class ProgressLines(tqdm):
             progress_log.info("%s", self.line())
 
     def line(self) -> str:
-        """e.g. `epoch 1/7: 120/469 step (26%), loss=0.0412, 55.1 img/s, 06:20 left`."""
+        """e.g. `epoch 1/7: 120/469 step (26%), loss=0.0412, 55.1 img/s, 06:20 left`; last `..., done in 08:31`."""
         info = self.format_dict
         n, total, rate = info["n"], info["total"], info["rate"]
         if rate is None and info["elapsed"]:
@@ -85,6 +85,8 @@ class ProgressLines(tqdm):
             parts.append(info["postfix"])
         if rate:
             parts.append(f"{rate * self.images:.1f} img/s" if self.images else f"{rate:.2f} {self.unit}/s")
-            if total:
+            if total and n < total:
                 parts.append(f"{tqdm.format_interval((total - n) / rate)} left")
+        if total and n >= total:
+            parts.append(f"done in {tqdm.format_interval(info['elapsed'])}")
         return f"{self.desc}: " + ", ".join(parts)

@@ -39,7 +39,7 @@ def test_off_a_terminal_progress_is_log_lines_with_position_loss_rate_and_time_l
     assert len(lines) == 4 + 1, lines  # every step (interval 0), then the bar's last line (leave)
     assert lines[1].startswith("epoch 1/2: 2/4 step (50%), loss=0.5000, ")  # the second step's loss
     assert re.search(r", [\d.]+ img/s, \d\d:\d\d left$", lines[1]), lines[1]
-    assert lines[-1].startswith("epoch 1/2: 4/4 step (100%), loss=0.2500, ") and lines[-1].endswith("00:00 left")
+    assert lines[-1].startswith("epoch 1/2: 4/4 step (100%), loss=0.2500, ") and lines[-1].endswith(", done in 00:00")
     assert piped.getvalue() == ""  # nothing written past the logger
 
 

@@ -8,8 +8,10 @@ import json
 import logging
 import shlex
 import sys
+import typing
 from pathlib import Path
 
+from ddpm.config import Device, Sampler
 from ddpm.data import DEBIAN_DATASET_DIR
 from ddpm.logs import configure_logging
 
@@ -122,21 +124,41 @@ def fetch_data(args: argparse.Namespace) -> None:
     log.info("Fashion-MNIST verified in %s", args.root)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless it is a flag, has none or the help already names it;
+    descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with HelpFormatter; its subcommands' parsers are Parsers too (argparse's default)."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description=__doc__)
+    parser = Parser(prog="ddpm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="`ddpm COMMAND --help` shows its options"
+    )
 
     p = sub.add_parser("train", help="train (or resume) from params.yaml")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="the settings file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (mid-epoch ones too)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid, or .npy/.npz arrays")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `ddpm train`")
     p.add_argument("--num", type=int, default=64, help="images, >= 1 (.npy/.npz: any number, in batches)")
-    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m (default: the checkpoint's config)")
+    p.add_argument("--sampler", choices=typing.get_args(Sampler), default=None, help="default: the checkpoint's config")
     p.add_argument(
         "--steps",
         type=int,
@@ -151,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per batch (default: the checkpoint's sample.batch_size)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", choices=typing.get_args(Device), default="auto", help="auto: the GPU if MindSpore can use one"
+    )
     p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
     p.add_argument(
         "--out",
@@ -162,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=sample)
 
     p = sub.add_parser("classifier", help="train the Fashion-MNIST classifier whose features define FID")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="the settings file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. classifier.epochs=2")
     p.set_defaults(func=classifier)
 
     p = sub.add_parser("evaluate", help="denoising loss, FID (with its floor) and class coverage as JSON")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `ddpm train`")
     p.add_argument("--params", default="params.yaml", help="the evaluate, sample and classifier sections")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.fid_samples=500"
@@ -177,15 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")
     p.add_argument("--params", default=None, help="default: the built-in (tutorial) model")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--train-batch", default="16,128")
-    p.add_argument("--sample-batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.dim=8")
+    p.add_argument("--train-batch", default="16,128", help="training batch sizes to time, comma-separated")
+    p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch to time")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement")
     p.set_defaults(func=benchmark)
 
     p = sub.add_parser("fetch-data", help="install and verify the Fashion-MNIST IDX files")
     p.add_argument("--source", default=DEBIAN_DATASET_DIR, help="directory or base URL of the .gz files")
-    p.add_argument("--root", default="data/fashion-mnist")
+    p.add_argument("--root", default="data/fashion-mnist", help="where the files go (data.root)")
     p.set_defaults(func=fetch_data)
     return parser
 

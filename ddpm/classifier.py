@@ -23,7 +23,7 @@ from mindspore import nn, ops
 from ddpm.checkpoint import CheckpointError, read_ckpt, write_ckpt
 from ddpm.config import ClassifierConfig, Config, config_from_dict
 from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
-from ddpm.layers import Layers
+from ddpm.layers import Layers, network_layers
 from ddpm.logs import progress_bar
 from ddpm.loop import epoch_losses, make_train_step
 from ddpm.lr_schedules import cosine_decay
@@ -31,7 +31,6 @@ from ddpm.runtime import select_device
 
 log = logging.getLogger(__name__)
 
-LAYERS = Layers(native=True, precision="fp32")  # ddpm/kernels' conv and max-pool where they build
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 FORMAT_VERSION = 1
@@ -46,9 +45,10 @@ class FashionClassifier(nn.Cell):
 
     def __init__(self, channels: tuple[int, ...], features: int):
         super().__init__()
+        layers = network_layers("fp32")  # ddpm/kernels' conv and max-pool on the CPU
         blocks, c_in, size = [], 1, IMAGE_SIZE
         for c_out in channels:
-            blocks += [_conv_bn_relu(c_in, c_out), LAYERS.max_pool2x2()]
+            blocks += [_conv_bn_relu(layers, c_in, c_out), layers.max_pool2x2()]
             c_in, size = c_out, size // 2
         self.body = nn.SequentialCell(blocks)
         self.flatten = nn.Flatten()
@@ -61,9 +61,9 @@ class FashionClassifier(nn.Cell):
         return features, self.head(features)  # (B, F), (B, 10)
 
 
-def _conv_bn_relu(c_in: int, c_out: int) -> nn.SequentialCell:
+def _conv_bn_relu(layers: Layers, c_in: int, c_out: int) -> nn.SequentialCell:
     # The layer factory's conv: above the AVX2 cap MindSpore's own conv is ~11x slower here.
-    conv = LAYERS.conv2d(c_in, c_out, 3, padding=1)
+    conv = layers.conv2d(c_in, c_out, 3, padding=1)
     return nn.SequentialCell(conv, nn.BatchNorm2d(c_out), nn.ReLU())
 
 

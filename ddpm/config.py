@@ -1,7 +1,8 @@
-"""Typed, frozen configuration loaded once from params.yaml.
+"""Typed, frozen configuration loaded once from params.yaml, or from an overlay of it.
 
 Every section is a frozen dataclass; `load_config` rejects unknown keys, wrong types and
-out-of-range values, listing every bad field in one error before anything starts.
+out-of-range values, listing every bad field in one error before anything starts. The file may be
+an overlay of params.yaml (ddpm/params_file.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from ddpm.data import TEST_SIZE
 from ddpm.errors import ConfigError
+from ddpm.params_file import ParamsFile, read_params
 
 Device = Literal["auto", "CPU", "GPU", "Ascend"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
@@ -271,31 +273,23 @@ def load_config(
     overrides: Overrides | None = None,
     extra_sections: typing.Collection[str] = PIPELINE_SECTIONS,
 ) -> Config:
-    """Read params.yaml (or defaults), apply the overrides, validate everything.
+    """Read params.yaml (or an overlay of it, or defaults), apply the overrides, validate everything.
 
     Sections named in `extra_sections` belong to other readers of the same file (the
     pipeline's) and are left to them; any other unknown section is an error.
     """
-    raw = read_params(path) if path is not None else {}
-    return config_from_dict(raw, overrides, extra_sections)
-
-
-def read_params(path: str | Path) -> dict[str, Any]:
-    """The sections of a params YAML file, or a ConfigError naming what is wrong with it."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"params file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return raw
+    params = read_params(path, known=(*SECTIONS, *extra_sections)) if path is not None else ParamsFile({}, {})
+    return config_from_dict(params.sections, overrides, extra_sections, params.origins)
 
 
 def config_from_dict(
-    raw: dict[str, Any], overrides: Overrides | None = None, extra_sections: typing.Collection[str] = ()
+    raw: dict[str, Any],
+    overrides: Overrides | None = None,
+    extra_sections: typing.Collection[str] = (),
+    origins: typing.Mapping[str, str] | None = None,
 ) -> Config:
+    """Validate `raw` with the overrides applied; `origins` (ParamsFile's) names the file of an unknown key."""
+    origins = origins or {}
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     errors = apply_overrides(raw, overrides or {})
     sections = {}
@@ -303,12 +297,12 @@ def config_from_dict(
         if name in extra_sections:
             continue
         if name not in SECTIONS:
-            errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+            errors.append(f"{name}: unknown section{in_file(origins, name)} (known: {', '.join(SECTIONS)})")
         elif not isinstance(value, dict):
-            errors.append(f"{name}: must be a mapping, got {value!r}")
+            errors.append(not_a_mapping(name, value))
     for name, cls in typing.get_type_hints(Config).items():  # each section's dataclass
         values = raw.get(name)
-        section_errors, section = build_section(name, cls, values if isinstance(values, dict) else {})
+        section_errors, section = build_section(name, cls, values if isinstance(values, dict) else {}, origins)
         errors += section_errors + section.check()  # ranges of the values that parsed
         sections[name] = section
     if not errors:
@@ -333,12 +327,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> list[str]:
     return errors
 
 
-def build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[list[str], Any]:
+def build_section(
+    name: str, cls: type, values: dict[str, Any], origins: typing.Mapping[str, str] | None = None
+) -> tuple[list[str], Any]:
     """Type-check `values` against the dataclass `cls`; return errors and the section built from
     the values that parsed (defaults elsewhere)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    errors = [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})" for k in values if k not in known]
+    errors = [
+        f"{name}.{k}: unknown key{in_file(origins or {}, f'{name}.{k}')} (known: {', '.join(sorted(known))})"
+        for k in values
+        if k not in known
+    ]
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -349,6 +349,16 @@ def build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[list[st
         else:
             errors.append(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
     return errors, cls(**kwargs)
+
+
+def in_file(origins: typing.Mapping[str, str], key: str) -> str:
+    """Where `key` came from, for an error: " in FILE" for a params file's key, "" for an override's."""
+    return f" in {origins[key]}" if key in origins else ""
+
+
+def not_a_mapping(section: str, value: Any) -> str:
+    """The error for a section that is a scalar or a list; its type, not its text, which may be anything."""
+    return f"{section}: must be a mapping of keys, got a {type(value).__name__}"
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:

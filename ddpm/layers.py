@@ -8,12 +8,12 @@ builds MindSpore's own cells, the reference the others are tested against. `prec
 runs the convolutions' products in bfloat16 on the native kernels (f32 in and out, f32
 accumulation). Parameter names, shapes and initialisation are the same whichever is built, so
 checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs and
-gradients to the reference.
+gradients to the reference. `network_layers` builds what this process's backend says
+(`ddpm.runtime.resolve_backend`): native on the CPU, MindSpore's own cells on a GPU or Ascend.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,6 @@ from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.kernels.pool import NativeMaxPool2x2
-
-log = logging.getLogger(__name__)
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -212,7 +210,8 @@ class Layers:
     """The U-Net's layer factory: the one place that picks an implementation for each layer.
 
     `native`: ddpm/kernels' operators where the library builds (else the faster MindSpore
-    formulations above); False: MindSpore's own cells, the reference. `precision`: "bf16" runs
+    formulations above), CPU only; False: MindSpore's own cells, the reference and the GPU's and
+    Ascend's layers. `network_layers` picks both for this device. `precision`: "bf16" runs
     every dense convolution's products in bfloat16 (f32 tensors in and out, f32 accumulation, f32
     weight gradients; the weights stay f32); the depthwise convs, norms, GELU, attention and all
     else stay f32.
@@ -310,10 +309,8 @@ class Layers:
 
 
 def network_layers(precision: str = "auto") -> Layers:
-    """The layers a training or sampling network is built with: native, in the precision that
-    `precision` (auto | fp32 | bf16, train.precision) resolves to on this device and processor."""
-    resolved = runtime.resolve_precision(precision)
-    if resolved == "bf16" and native_library() is None:
-        log.warning("precision bf16 needs the native kernels, which are unavailable: running fp32")
-        resolved = "fp32"
-    return Layers(native=True, precision=resolved)
+    """The layers a training, sampling or classifier network is built with: those of this process's
+    backend (native on the CPU, MindSpore's own cells elsewhere), in the precision `precision`
+    (auto | fp32 | bf16, train.precision) resolves to there."""
+    backend = runtime.backend(precision)
+    return Layers(native=backend.implementation != "mindspore", precision=backend.precision)

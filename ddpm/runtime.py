@@ -4,7 +4,9 @@ MindSpore reads its environment when it is first imported, so `apply_env_default
 `ddpm/__init__.py`, before any module here imports mindspore. Each value is a default: a
 variable the user has already set wins. oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) is chosen per
 processor (`isa_cap`), and `resolve_precision` turns `train.precision: auto` into fp32 or bf16;
-both read the processor's flags through `cpu_flags`, the one place that detects them.
+both read the processor's flags through `cpu_flags`, the one place that detects them. `backend`
+decides, once per device and precision setting, what the networks are built from: ddpm/kernels'
+C++ operators on the CPU only, MindSpore's own cells on a GPU or Ascend.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +41,19 @@ BF16_ISAS = (("amx_bf16", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512_CORE_BF16"
 CPUINFO = Path("/proc/cpuinfo")
 NATIVE_KERNELS_ENV = "DDPM_NATIVE_KERNELS"  # "0": MindSpore's own operators (ddpm/kernels/build.py)
 PRECISION_SETTINGS = ("auto", "fp32", "bf16")
+DEV = Path("/dev")
+NVIDIA_NODES = "nvidia[0-9]*"  # /dev/nvidia0, ...: one per GPU, once the NVIDIA driver is loaded
+NVIDIA_SMI = "nvidia-smi"  # ships with the driver
+GPU_NEEDS = (
+    "MindSpore 2.10's GPU build needs an NVIDIA GPU of compute capability up to 8.0 (A100 and older; Hopper "
+    "is unsupported) with the CUDA 11.1 or 11.6 runtime and cuDNN 8 on LD_LIBRARY_PATH (no CUDA 12)"
+)
+Implementation = Literal["native", "fallback", "mindspore"]
+IMPLEMENTATIONS: dict[Implementation, str] = {  # what each runs, as logs and benchmarks say it
+    "native": "ddpm/kernels' C++ operators",
+    "fallback": "MindSpore's operators (ddpm/kernels unavailable)",
+    "mindspore": "MindSpore's own operators",
+}
 
 
 @functools.cache
@@ -66,11 +83,16 @@ def isa_cap(flags: frozenset[str], native_kernels: bool = True) -> str:
     return isa or FALLBACK_ISA
 
 
+def native_kernels_allowed() -> bool:
+    """Whether the user lets ddpm/kernels run (DDPM_NATIVE_KERNELS=0 forbids it): the one reader of it."""
+    return os.environ.get(NATIVE_KERNELS_ENV) != "0"
+
+
 def apply_env_defaults() -> dict[str, str]:
     """Set each default that the user has not set; return the values now in force."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault(ISA_ENV, isa_cap(cpu_flags(), os.environ.get(NATIVE_KERNELS_ENV) != "0"))
+    os.environ.setdefault(ISA_ENV, isa_cap(cpu_flags(), native_kernels_allowed()))
     return {key: os.environ[key] for key in (*ENV_DEFAULTS, ISA_ENV)}
 
 
@@ -134,10 +156,11 @@ def resolve_precision(
     A GPU or Ascend keeps MindSpore's own path, fp32."""
     if precision not in PRECISION_SETTINGS:
         raise ValueError(f"precision must be one of {PRECISION_SETTINGS}, got {precision!r}")
-    if target is None:
-        import mindspore as ms
-
-        target = ms.get_context("device_target")
+    target = device_target() if target is None else target
+    if target != "CPU" and precision == "bf16":
+        log.warning(
+            "train.precision is bf16 but bf16 runs on the CPU's native kernels only: running fp32 on %s", target
+        )
     if target != "CPU" or precision == "fp32":
         return "fp32"
     has_units = bf16_isa(cpu_flags() if flags is None else flags) is not None
@@ -153,6 +176,12 @@ def resolve_precision(
     return "bf16" if has_units and not capped else "fp32"
 
 
+def gpu_evidence() -> str | None:
+    """What shows an NVIDIA GPU on this machine (a device node, else nvidia-smi), or None."""
+    nodes = sorted(DEV.glob(NVIDIA_NODES))
+    return str(nodes[0]) if nodes else shutil.which(NVIDIA_SMI)
+
+
 def select_device(device: str) -> str:
     """Make MindSpore run on `device` ('auto' = GPU if usable, else CPU); return the target."""
     import mindspore as ms
@@ -160,10 +189,19 @@ def select_device(device: str) -> str:
     target = device
     if device == "auto":
         target = "GPU" if ms.hal.is_available("GPU") else "CPU"
+        evidence = gpu_evidence() if target == "CPU" else None
+        if evidence is not None:  # else a user waits hours believing the GPU trains
+            log.warning(
+                "device 'auto' runs on the CPU although this machine has an NVIDIA GPU (%s): MindSpore %s "
+                "cannot use it. %s; install those, or set train.device (sample: --device) to CPU to choose the CPU",
+                evidence,
+                ms.__version__,
+                GPU_NEEDS,
+            )
     elif device != "CPU" and not ms.hal.is_available(device):
+        needs = GPU_NEEDS if device == "GPU" else f"{device} needs MindSpore's {device} package and drivers"
         raise DeviceError(
-            f"train.device is {device!r} but MindSpore cannot use a {device} here. "
-            f"{device} needs MindSpore's {device} package and drivers (GPU: CUDA 11.1 or 11.6 with cuDNN 8); "
+            f"train.device is {device!r} but MindSpore cannot use a {device} here. {needs}; "
             "set train.device to 'auto' or 'CPU' to run on the CPU."
         )
     # MindSpore fixes the device when the first kernel runs; a second fit() in one process reuses it.
@@ -171,6 +209,53 @@ def select_device(device: str) -> str:
         ms.set_device(target)
     log.info("MindSpore %s on %s", ms.__version__, target)
     return target
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the networks of this process are built from."""
+
+    device: str  # MindSpore's device target: CPU, GPU or Ascend
+    # native: ddpm/kernels' C++ operators (CPU only: they read host memory); fallback: MindSpore operators in
+    # ddpm/layers.py's faster CPU formulations; mindspore: MindSpore's own cells (GPU, Ascend)
+    implementation: Implementation
+    precision: Literal["fp32", "bf16"]
+
+
+def device_target() -> str:
+    """The device MindSpore runs on in this process (CPU until select_device says otherwise)."""
+    import mindspore as ms
+
+    return ms.get_context("device_target")
+
+
+def backend(precision: str = "auto") -> Backend:
+    """The backend for networks built now, with `precision` (train.precision) resolved on this device."""
+    return resolve_backend(device_target(), precision)
+
+
+@functools.cache  # once per process and setting: the warnings below are said once
+def resolve_backend(device: str, precision: str) -> Backend:
+    """`device`'s implementation, with `precision` (train.precision) resolved there; bf16 needs the kernels."""
+    implementation = resolve_implementation(device)
+    resolved = resolve_precision(precision, device)
+    if resolved == "bf16" and implementation != "native":
+        log.warning("precision bf16 needs the native kernels, which are unavailable: running fp32")
+        resolved = "fp32"
+    return Backend(device, implementation, resolved)
+
+
+@functools.cache  # once per process and device: the kernels build (or fail, warned) once, and it is said once
+def resolve_implementation(device: str) -> Implementation:
+    """The one place that picks native kernels or MindSpore's operators: the kernels are CPU code behind
+    MindSpore's Custom aot interface, which a GPU or Ascend would call with device pointers."""
+    from ddpm.kernels.build import native_library  # here: it imports this module
+
+    implementation: Implementation = "mindspore"
+    if device == "CPU":  # None where DDPM_NATIVE_KERNELS=0 or they cannot be built (warned)
+        implementation = "native" if native_library() is not None else "fallback"
+    log.info("networks on %s: %s", device, IMPLEMENTATIONS[implementation])
+    return implementation
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -192,11 +277,10 @@ def runtime_settings() -> dict[str, str]:
     """What a benchmark or a run should record about how MindSpore was set up."""
     import mindspore as ms
 
-    from ddpm.kernels.build import native_library
-
+    implementation = resolve_implementation(device_target())
     return {
         "mindspore": ms.__version__,
-        "device": ms.get_context("device_target"),
-        "native_kernels": "on" if native_library() is not None else "off (MindSpore's own operators)",
+        "device": device_target(),
+        "native_kernels": "on" if implementation == "native" else f"off ({IMPLEMENTATIONS[implementation]})",
         **{key: os.environ.get(key, "") for key in (*ENV_DEFAULTS, ISA_ENV)},
     }

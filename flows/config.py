@@ -2,20 +2,33 @@
 
 Where a setting names a service (tracking URI, DVC remote), the environment wins over the file:
 MLFLOW_TRACKING_URI, DDPM_DVC_REMOTE. Prefect's API comes from PREFECT_API_URL as Prefect reads it.
+
+    uv run python -m flows.config configs/quickstart.yaml   # the `dvc exp run` options for an overlay
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import os
 import re
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, Overrides, apply_overrides, build_section, config_from_dict
+from ddpm.errors import USER_ERRORS, describe
+from ddpm.logs import configure_logging
+from ddpm.params_file import is_inside, read_params
 
+log = logging.getLogger("flows.config")
+
+# DVC's stages read params.yaml: `dvc exp run` sets an overlay's values there (-r: nothing runs after an error)
+DVC_EXAMPLE = "uv run python -m flows.config configs/quickstart.yaml | xargs -r -d '\\n' uv run dvc exp run"
 SQLITE_PREFIX = "sqlite:///"  # then a path, relative unless it starts with "/"
 
 
@@ -124,28 +137,47 @@ assert set(PIPELINE_SECTIONS) == set(ddpm_config.PIPELINE_SECTIONS), "ddpm must 
 def load_params(
     path: str | Path = "params.yaml", overrides: Overrides | None = None, repo: str | Path | None = None
 ) -> tuple[Config, PipelineConfig]:
-    """Both halves of params.yaml, validated together: one error lists every bad field. With `repo`,
-    the checkout the pipeline runs in, paths that would point at the checkout itself are errors too."""
-    config, pipeline = params_from_dict(ddpm_config.read_params(path), overrides)
-    errors = checkout_path_errors(config, Path(repo)) if repo is not None else []
+    """Both halves of a params file (params.yaml or an overlay of it), validated together: one error lists
+    every bad field. With `repo`, the checkout the pipeline runs in, the params file (and each file it
+    extends) and every path setting must be inside the checkout: a deployment's `params` and `overrides`
+    come from whoever may start a run and must not reach other files of the worker."""
+    root = Path(repo).resolve() if repo is not None else None
+    params = read_params(path, root, (*ddpm_config.SECTIONS, *PIPELINE_SECTIONS))
+    config, pipeline = params_from_dict(params.sections, overrides, params.origins)
+    errors = checkout_path_errors(config, root) if root is not None else []
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return config, pipeline
 
 
+PATH_SETTINGS = ("data.root", "train.checkpoint_dir", "classifier.checkpoint")  # files the pipeline reads or writes
+
+
 def checkout_path_errors(config: Config, repo: Path) -> list[str]:
-    """train.checkpoint_dir must be a directory of its own: a training clears it before the next one."""
+    """Every path setting stays inside the checkout (symlinks resolved), and train.checkpoint_dir is a
+    directory of its own there: a training clears it before the next one."""
     repo = repo.resolve()
-    directory = (repo / config.train.checkpoint_dir).resolve()
-    if directory == repo or directory in repo.parents:
-        return [
-            f"train.checkpoint_dir: {config.train.checkpoint_dir!r} is the checkout {repo} or a folder holding "
-            f"it; name a directory of its own inside it, e.g. checkpoints"
-        ]
-    return []
+    errors = []
+    for key in PATH_SETTINGS:
+        section, name = key.split(".")
+        value, example = (getattr(getattr(c, section), name) for c in (config, Config()))
+        path = (repo / value).resolve()
+        if key == "train.checkpoint_dir" and (path == repo or path in repo.parents):
+            errors.append(
+                f"{key}: {value!r} is the checkout {repo} or a folder holding it; name a directory of its own "
+                f"inside it, e.g. {example}"
+            )
+        elif not is_inside(path, repo):
+            errors.append(
+                f"{key}: {value!r} is outside the checkout {repo} (symlinks resolved); the pipeline reads and "
+                f"writes only inside its checkout: name a path inside it, e.g. {example}"
+            )
+    return errors
 
 
-def params_from_dict(raw: dict[str, Any], overrides: Overrides | None = None) -> tuple[Config, PipelineConfig]:
+def params_from_dict(
+    raw: dict[str, Any], overrides: Overrides | None = None, origins: Mapping[str, str] | None = None
+) -> tuple[Config, PipelineConfig]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     overrides = overrides or {}
     mine = {key: value for key, value in overrides.items() if key.split(".", 1)[0] in PIPELINE_SECTIONS}
@@ -154,14 +186,14 @@ def params_from_dict(raw: dict[str, Any], overrides: Overrides | None = None) ->
     for name, cls in get_type_hints(PipelineConfig).items():  # each section's dataclass
         values = raw.get(name) or {}
         if not isinstance(values, dict):
-            errors.append(f"{name}: must be a mapping, got {values!r}")
+            errors.append(ddpm_config.not_a_mapping(name, values))
             values = {}
-        section_errors, section = build_section(name, cls, values)
+        section_errors, section = build_section(name, cls, values, origins)
         errors += section_errors + section.check()
         sections[name] = section
     ml_overrides = {key: value for key, value in overrides.items() if key not in mine}
     try:
-        config = config_from_dict(raw, ml_overrides, extra_sections=PIPELINE_SECTIONS)
+        config = config_from_dict(raw, ml_overrides, PIPELINE_SECTIONS, origins)
     except ConfigError as e:
         errors += str(e).splitlines()[1:]
         config = None
@@ -180,3 +212,45 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def dvc_set_params(params: str | Path, base: str | Path = "params.yaml") -> list[str]:
+    """`dvc exp run` options that make `base` (the file dvc.yaml's stages read) hold the resolved values of
+    the params file `params` (an overlay of it): each key that differs set, each key `params` lacks removed."""
+    wanted, current = (flatten(read_params(p).sections) for p in (params, base))
+    sets = [f"--set-param=++{key}={hydra_value(value)}" for key, value in wanted.items() if current.get(key) != value]
+    return sets + [f"--set-param=~{key}" for key in current if key not in wanted]
+
+
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar, which `dvc exp run --set-param` parses."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    # Quoted: backslashes before a quote or at the end doubled, then quotes escaped (Hydra's escaping).
+    escaped = re.sub(r"(\\+)(?='|$)", r"\1\1", str(value)).replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the `dvc exp run` options that run the DVC stages with a params file's resolved values."""
+    parser = argparse.ArgumentParser(description=main.__doc__, epilog=f"e.g. {DVC_EXAMPLE}")
+    parser.add_argument("params", help="the params file, e.g. an overlay of params.yaml")
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        load_params(args.params, repo=Path.cwd())  # the stages validate it too: fail here, before DVC starts
+        sets = dvc_set_params(args.params)
+    except USER_ERRORS as e:
+        log.error("%s", describe(e))
+        return 2
+    log.info("%s: %d keys differ from params.yaml%s", args.params, len(sets), "" if sets else ": run `dvc repro`")
+    sys.stdout.write("".join(f"{option}\n" for option in sets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

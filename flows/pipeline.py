@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from ddpm.__main__ import Parser
 from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
 from ddpm.errors import describe
@@ -205,11 +206,18 @@ Either answers POST requests at http://127.0.0.1:{SERVE_PORT}/invocations (READM
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The options of `python -m flows.pipeline`, alias `ddpm pipeline` (flows/cli.py)."""
+    parser = Parser(prog=prog, description=__doc__)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. train.epochs=2"
+    )
+    parser.add_argument("--params", default="params.yaml", help="the settings file")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         overrides = parse_sets(args.set)
         _, pipeline = load_params(args.params, overrides, repo=os.getcwd())  # before Prefect starts anything

@@ -8,6 +8,7 @@ import sys
 
 from mlflow.exceptions import MlflowException
 
+from ddpm.__main__ import Parser
 from ddpm.errors import describe
 from ddpm.logs import configure_logging
 from flows.config import load_params
@@ -18,13 +19,18 @@ from flows.tracking import connect
 log = logging.getLogger("flows.promote")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The options of `python -m flows.promote`, alias `ddpm promote` (flows/cli.py)."""
+    parser = Parser(prog=prog, description=__doc__)
     parser.add_argument(
         "--version", help="model version to promote (default: the @candidate); it still passes the gate"
     )
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    parser.add_argument("--params", default="params.yaml", help="the settings file (its registry and tracking)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     configure_logging()
     try:
         _, pipeline = load_params(args.params)

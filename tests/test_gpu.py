@@ -1,6 +1,7 @@
-"""Training and sampling on a GPU, where MindSpore can use one (`uv run pytest -m gpu`); skipped
-elsewhere, saying why. The `ddpm` commands run in their own processes: MindSpore fixes a process's
-device when its first kernel runs, and other tests in this one may have run on the CPU."""
+"""Training and sampling on a GPU, on MindSpore's own operators (ddpm/kernels are CPU code), where
+MindSpore can use one (`uv run pytest -m gpu`); skipped elsewhere, saying why. The `ddpm` commands run
+in their own processes: MindSpore fixes a process's device when its first kernel runs, and other tests
+in this one may have run on the CPU."""
 
 import subprocess
 import sys
@@ -10,12 +11,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from ddpm.runtime import GPU_NEEDS, IMPLEMENTATIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "GPU"
-NO_GPU = (
-    "MindSpore sees no usable GPU here: its GPU build needs an NVIDIA GPU with the CUDA 11.1 or 11.6 runtime "
-    "and cuDNN 8 on LD_LIBRARY_PATH (README, 'Devices and speed')"
-)
+NO_GPU = f"MindSpore sees no usable GPU here: {GPU_NEEDS} (README, 'Devices and speed')"
+ON_GPU = f"networks on {DEVICE}: {IMPLEMENTATIONS['mindspore']}"  # no Custom operator reading host memory
 
 # the check train.device=GPU makes (ddpm.runtime.select_device)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ms.hal.is_available(DEVICE), reason=NO_GPU)]
@@ -39,6 +40,7 @@ def test_two_training_steps_and_sampling_run_on_the_gpu(fashion_root, tmp_path):
     trained = ddpm("train", "--params", str(ROOT / "params.yaml"), *(f"--set={s}" for s in sets), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]  # a NaN or Inf loss would have stopped it
     assert f"MindSpore {ms.__version__} on {DEVICE}" in trained.stderr
+    assert ON_GPU in trained.stderr
     assert "trained 1 epochs (2 steps)" in trained.stderr
 
     sampled = ddpm(
@@ -57,6 +59,7 @@ def test_two_training_steps_and_sampling_run_on_the_gpu(fashion_root, tmp_path):
     )
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert f"MindSpore {ms.__version__} on {DEVICE}" in sampled.stderr
+    assert ON_GPU in sampled.stderr
     images = np.load(tmp_path / "samples.npz")["images"]
     assert images.shape == (4, 1, 28, 28) and images.dtype == np.float32
     assert np.isfinite(images).all() and np.abs(images).max() <= 1.0 and images.std() > 0

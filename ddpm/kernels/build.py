@@ -4,7 +4,8 @@ The shared library is keyed by a hash of everything that goes into it (the sourc
 version and its libdnnl path, the headers' version, the compiler flags), written atomically under
 a file lock so concurrent processes build it once. When it cannot be built, `native_library()` logs
 one warning naming the fix and returns None, and the layers fall back to MindSpore's own
-operators (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback.
+operators (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback. The operators are
+CPU code: `ddpm.runtime.resolve_backend` asks for them on the CPU only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpm.runtime import NATIVE_KERNELS_ENV, lower_isa_cap, native_kernels_allowed
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -31,7 +34,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc", HERE / "pool.cc")
 HEADERS = (HERE / "runtime.h", HERE / "vector_math.h")
 LIBRARY_STEM = "ddpm_kernels"
-DISABLE_ENV = "DDPM_NATIVE_KERNELS"  # "0" forces MindSpore's own operators
+DISABLE_ENV = NATIVE_KERNELS_ENV  # "0" forces MindSpore's own operators
 HEADERS_PACKAGE = "onednn-devel"
 LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
 # -fno-trapping-math: without it GCC keeps a float compare (FastExp's clamp) as a branch, for the FP
@@ -61,7 +64,7 @@ class Toolchain:
 @functools.cache
 def native_library() -> Path | None:
     """The compiled operator library, or None (warned once) when MindSpore's own operators must do."""
-    if os.environ.get(DISABLE_ENV) == "0":
+    if not native_kernels_allowed():
         log.info("%s=0: using MindSpore's own operators", DISABLE_ENV)
         return None
     try:
@@ -72,8 +75,6 @@ def native_library() -> Path | None:
             "slower training): %s",
             err,
         )
-        from ddpm.runtime import lower_isa_cap  # here: runtime imports this module
-
         lower_isa_cap()
         return None
 

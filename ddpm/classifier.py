@@ -19,12 +19,12 @@ import mindspore as ms
 import numpy as np
 import yaml
 from mindspore import nn, ops
-from tqdm import tqdm
 
 from ddpm.checkpoint import CheckpointError, read_ckpt, write_ckpt
 from ddpm.config import ClassifierConfig, Config, config_from_dict
 from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
 from ddpm.layers import Layers, network_layers
+from ddpm.logs import progress_bar
 from ddpm.loop import epoch_losses, make_train_step
 from ddpm.lr_schedules import cosine_decay
 from ddpm.runtime import select_device
@@ -146,6 +146,7 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
                 name="classifier",
                 fix=f"lower classifier.lr (now {c.lr})",
                 progress=progress,
+                batch_size=c.batch_size,
             )
         )
         log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, c.epochs, np.mean(losses))
@@ -171,13 +172,14 @@ def embed_split(
     dataset = build_dataset(
         root, batch_size, seed=0, epoch=0, limit=num, flip=flip, usage=usage, labels=True, drop_remainder=False
     )
-    batches = tqdm(
+    batches = progress_bar(
         dataset.create_tuple_iterator(output_numpy=True, num_epochs=1),
         total=math.ceil(num / batch_size),
         desc=f"classifier features ({usage})",
         unit="batch",
+        images_per_unit=batch_size,
         leave=False,
-        disable=not progress,
+        enabled=progress,
     )
     outputs = [(*network.embed(x, batch_size), labels) for x, labels in batches]
     return tuple(np.concatenate([o[i] for o in outputs]) for i in range(3))

@@ -13,16 +13,20 @@ import logging
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from ddpm.classifier import FeatureNetwork, embed_split, load_classifier
 from ddpm.config import Config
 from ddpm.data import build_dataset, verify_dataset
 from ddpm.fid import GaussianStats, class_histogram, class_kl, fid_of, gaussian_stats
+from ddpm.logs import progress_bar
 from ddpm.runtime import set_cpu_threads
 from ddpm.sampling import CheckpointSampler, load_sampler
 
 log = logging.getLogger(__name__)
+
+# Metric keys of the predicted-class shares, one per class k: of the samples, and of the real images
+# of the floor (the histograms beside each other in the pipeline's report figure)
+CLASS_FRACTION, REAL_CLASS_FRACTION = "class_frac_", "real_class_frac_"
 
 
 def t_grid(timesteps: int, points: int) -> np.ndarray:
@@ -52,7 +56,15 @@ def denoising_loss(sampler: CheckpointSampler, config: Config, progress: bool = 
     )
     squared_errors: dict[int, list[np.ndarray]] = {int(t): [] for t in ts}
     batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    for (x0,) in tqdm(batches, total=ev.num_images // ev.batch_size, desc="denoising loss", disable=not progress):
+    bar = progress_bar(
+        batches,
+        total=ev.num_images // ev.batch_size,
+        desc="denoising loss",
+        unit="batch",
+        images_per_unit=ev.batch_size,
+        enabled=progress,
+    )
+    for (x0,) in bar:
         x0 = x0.astype(np.float64)
         for t in ts:
             noise = rng.standard_normal(x0.shape)
@@ -73,6 +85,7 @@ class FidReference:
     test: GaussianStats  # features of the first N test images
     floor: float  # FID of the first N training images against `test`: what real images score
     class_kl: float  # class KL of those N training images: the class coverage real images score
+    class_fractions: np.ndarray  # (K,) their predicted-class histogram
 
 
 def fid_reference(
@@ -87,7 +100,10 @@ def fid_reference(
     test, _, _ = embed_split(network, root, "test", num, batch_size, flip, progress)
     train, train_probs, _ = embed_split(network, root, "train", num, batch_size, flip, progress)
     reference = FidReference(
-        gaussian_stats(test), fid_of(gaussian_stats(train), gaussian_stats(test)), class_kl(train_probs)
+        gaussian_stats(test),
+        fid_of(gaussian_stats(train), gaussian_stats(test)),
+        class_kl(train_probs),
+        class_histogram(train_probs),
     )
     log.info(
         "FID floor (%d train vs %d test images%s): %.4f; class KL of those training images %.4f (histogram %s)",
@@ -96,15 +112,16 @@ def fid_reference(
         ", half mirrored" if flip else "",
         reference.floor,
         reference.class_kl,
-        np.round(class_histogram(train_probs), 3).tolist(),
+        np.round(reference.class_fractions, 3).tolist(),
     )
     return reference
 
 
 def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = True) -> dict[str, float]:
     """fid, fid_floor, fid_ratio, class_kl and class_kl_floor of evaluate.fid_samples images drawn
-    with the sample section's sampler and steps, and how long drawing them took. The real images are
-    mirrored as the model's own training data were (its checkpoint's data.flip)."""
+    with the sample section's sampler and steps, the predicted-class shares of the samples and of the
+    real images (class_frac_k, real_class_frac_k), and how long drawing them took. The real images
+    are mirrored as the model's own training data were (its checkpoint's data.flip)."""
     ev = config.evaluate
     network = load_classifier(config.classifier.checkpoint, config.train.device)
     reference = fid_reference(
@@ -115,6 +132,7 @@ def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = 
     seconds = time.perf_counter() - started
     features, probs = network.embed(images, ev.batch_size)
     fid = fid_of(gaussian_stats(features), reference.test)
+    fractions = class_histogram(probs)
     metrics = {
         "fid": fid,
         "fid_floor": reference.floor,
@@ -123,6 +141,8 @@ def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = 
         "class_kl_floor": reference.class_kl,
         "sample_seconds": seconds,
         "classifier_accuracy": network.test_accuracy,
+        **{f"{CLASS_FRACTION}{k}": float(share) for k, share in enumerate(fractions)},
+        **{f"{REAL_CLASS_FRACTION}{k}": float(share) for k, share in enumerate(reference.class_fractions)},
     }
     log.info(
         "FID %.4f (floor %.4f, ratio %.2f), class KL %.4f (histogram %s), %d samples in %.0f s",
@@ -130,7 +150,7 @@ def sample_quality(sampler: CheckpointSampler, config: Config, progress: bool = 
         reference.floor,
         metrics["fid_ratio"],
         metrics["class_kl"],
-        np.round(class_histogram(probs), 3).tolist(),
+        np.round(fractions, 3).tolist(),
         ev.fid_samples,
         seconds,
     )

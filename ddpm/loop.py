@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import mindspore as ms
 from mindspore import nn, ops
-from tqdm import tqdm
 
 from ddpm.distributed import ONE_PROCESS, World
 from ddpm.errors import NonFiniteLossError
+from ddpm.logs import progress_bar
 
 
 def make_train_step(
@@ -56,18 +56,21 @@ def epoch_losses(
     name: str = "",
     fix: str = "",
     progress: bool = True,
+    batch_size: int = 0,
 ) -> Iterator[float]:
     """Run `step(*batch) -> loss` on each of an epoch's batches (`done` of its `steps` already run,
-    `global_step` of the whole training) behind a progress bar, yielding each loss. A non-finite loss
-    raises NonFiniteLossError naming the step and `fix`, before anything after the step sees it."""
+    `global_step` of the whole training) behind a progress bar (images/s with the global
+    `batch_size`), yielding each loss. A non-finite loss raises NonFiniteLossError naming the step
+    and `fix`, before anything after the step sees it."""
     label = f"{name} " if name else ""
-    bar = tqdm(
+    bar = progress_bar(
         batches,
         total=steps,
         initial=done,
         desc=f"{label}epoch {epoch + 1}/{epochs}",
         unit="step",
-        disable=not progress,
+        enabled=progress,
+        images_per_unit=batch_size,
         leave=False,
     )
     try:

@@ -19,12 +19,12 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import nn
-from tqdm import tqdm
 
 from ddpm import samplers
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
 from ddpm.config import Config, ModelConfig
 from ddpm.errors import SampleRequestError
+from ddpm.logs import progress_bar
 from ddpm.runtime import select_device
 from ddpm.samplers import SAMPLERS, NoisePredictor
 from ddpm.schedule import NoiseSchedule
@@ -271,11 +271,16 @@ def sample_batches(
     """The request's images in (B, C, H, W) batches of `batch_size`, float32 in [-1, 1]; batch i is
     seeded [seed, i], so the same request gives the same images. DrawAbandoned past `deadline`."""
     starts = range(0, request.num, batch_size)
-    with tqdm(total=request.num, desc=f"sampling {request.sampler}", unit="img", disable=not progress) as images_bar:
+    images_bar = progress_bar(
+        total=request.num, desc=f"sampling {request.sampler}", unit="img", images_per_unit=1, enabled=progress
+    )
+    with images_bar:
         for i, start in enumerate(starts):
             size = min(batch_size, request.num - start)
             desc = f"batch {i + 1}/{len(starts)}"
-            bar = functools.partial(tqdm, desc=desc, unit="step", leave=False) if progress else iter
+            bar = functools.partial(
+                progress_bar, desc=desc, total=None, unit="step", enabled=progress, inner=True, leave=False
+            )
             x0 = samplers.sample(
                 predict,
                 schedule,

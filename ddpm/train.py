@@ -256,6 +256,7 @@ def run_epoch(
         global_step=global_step,
         fix=fix,
         progress=progress,
+        batch_size=train.batch_size,
     ):
         lr = float(trainer.lr[global_step])  # the rate this step used
         global_step += 1

@@ -2,6 +2,8 @@
 
 import os
 
+from ddpm.logs import on_terminal
+
 # Prefect reads these when it is first imported, so they are set here, before any module of flows
 # imports it; a value the user has set wins. ddpm's and flows' loggers join the flow run's log (and
 # the Prefect UI); the server sends no telemetry (machines offline; it also contends for the SQLite db);
@@ -16,3 +18,5 @@ PREFECT_ENV_DEFAULTS = {
 }
 for _key, _value in PREFECT_ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+if not on_terminal():  # MLflow's artifact bar, like ours (ddpm.logs), would fill a log with carriage returns
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

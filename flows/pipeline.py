@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from ddpm.__main__ import Parser
@@ -30,14 +29,16 @@ from ddpm.interrupt import TrainingInterrupted
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, RegistryConfig, load_params
 from flows.data import fetch_data
-from flows.steps import USER_ERRORS, Trained, flow_finished
-from flows.tracking import connect, run_url
+from flows.steps import REPORT_PNG, USER_ERRORS, Trained, flow_finished
+from flows.tracking import connect, run_name, run_url
 from flows.workspace import hold_workspace
 
 IO_RETRIES = 2  # DVC remote and network sources can fail transiently; training never retries
 IO_RETRY_DELAY = 5  # seconds between those retries
-SUMMARY_SAMPLES, SUMMARY_SEED = 16, 0  # the run summary's sample grid (4 x 4)
-SUMMARY_PIXELS = 256  # the grid is upscaled to this width so the Prefect UI shows it legibly
+TRAINING_METRICS = ("train_loss_epoch", "images_per_second", "epoch_seconds")  # the last epoch's, in the table
+RUN_LINK = "The training's MLflow run: metrics per step, sample grids, system metrics, report figure, model"
+EVALUATION = "Held-out loss and sample quality (FID beside its floor, class coverage) of the trained model"
+PARAMS = "params.yaml"  # the flow's default parameters file
 SERVE_PORT = 5001  # the README's `mlflow models serve -p`, beside the MLflow UI's 5000
 
 log = logging.getLogger("flows.pipeline")
@@ -59,7 +60,7 @@ def fetch(repo: str, data_root: str, sources: tuple[str, ...], remote: str) -> s
 def classifier(config: Config, repo: str) -> dict:
     from flows.steps.classifier import classifier
 
-    return classifier(config, Path(repo), progress=sys.stderr.isatty())
+    return classifier(config, Path(repo))
 
 
 @task
@@ -67,9 +68,7 @@ def train(config: Config, pipeline: PipelineConfig, repo: str) -> Trained:
     from flows.steps.train import train
 
     connect(pipeline)
-    return train(
-        config, pipeline, Path(repo), flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), continue_finished=True
-    )
+    return train(config, pipeline, Path(repo), flow_run_id=str(flow_run.id), continue_finished=True)
 
 
 @task
@@ -77,7 +76,7 @@ def evaluate(config: Config, pipeline: PipelineConfig, repo: str, trained: Train
     from flows.steps.evaluate import evaluate
 
     connect(pipeline)
-    return evaluate(config, pipeline, Path(repo), trained, progress=sys.stderr.isatty(), skip_done=True)
+    return evaluate(config, pipeline, Path(repo), trained, skip_done=True)
 
 
 @task
@@ -88,8 +87,18 @@ def register(pipeline: PipelineConfig, repo: str, trained: Trained) -> dict:
     return register(pipeline, Path(repo), trained).__dict__
 
 
-@flow(name="ddpm-pipeline", log_prints=False)
-def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params.yaml") -> dict:
+def settings_name() -> str:
+    """The flow run's name: its training's MLflow run name (flows.tracking.run_name), from its params."""
+    parameters = flow_run.parameters
+    try:
+        config, _ = load_params(parameters.get("params", PARAMS), parameters.get("overrides"))
+    except USER_ERRORS:  # the flow reports them as it starts; until then, Prefect's generated name
+        return flow_run.name
+    return run_name(config)
+
+
+@flow(name="ddpm-pipeline", log_prints=False, flow_run_name=settings_name)
+def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = PARAMS) -> dict:
     """Fetch the data, train the FID feature network unless a matching one exists, train with MLflow
     tracking (resuming an interrupted training, or taking up a finished one that a failure kept from
     being registered), evaluate, register the model as @candidate."""
@@ -121,6 +130,15 @@ def ddpm_pipeline(overrides: dict[str, Any] | None = None, params: str = "params
     }
 
 
+def evaluation_table(trained: Trained, metrics: dict) -> list[dict[str, Any]]:
+    """The evaluation's scores and the training's last epoch, one row each."""
+    from flows.steps.evaluate import QUALITY_METRICS
+
+    scores = {key: metrics[key] for key in ("eval_loss", *QUALITY_METRICS)}
+    trained_ = {key: trained.metrics[key] for key in TRAINING_METRICS if key in trained.metrics}
+    return [{"metric": key, "value": f"{value:.6g}"} for key, value in {**scores, **trained_}.items()]
+
+
 def show_project_logs() -> None:
     """Let ddpm's and flows' INFO lines (epochs, losses, paths) through Prefect's WARNING root logger."""
     for name in PROJECT_LOGGERS:
@@ -128,11 +146,20 @@ def show_project_logs() -> None:
 
 
 def publish_summary(trained: Trained, metrics: dict, registration: dict, url: str, registry: RegistryConfig) -> None:
-    """A markdown artifact with the final sample grid, a link to the MLflow run, and how to serve
-    this version and the champion."""
+    """Artifacts of the flow run: a link to the MLflow run, the evaluation as a table, and a markdown
+    summary with the report figure (final samples included) and how to serve this version and the
+    champion."""
     from flows.registry import champion_version
+    from flows.report import REPORT_ARTIFACT, logged_report
 
-    grid, drawn = summary_grid(trained.checkpoint)
+    create_link_artifact(url, link_text=f"MLflow run {trained.run_id}", key="ddpm-mlflow-run", description=RUN_LINK)
+    create_table_artifact(evaluation_table(trained, metrics), key="ddpm-evaluation", description=EVALUATION)
+    report = logged_report(trained.run_id)
+    figure = (
+        f"![report](data:image/png;base64,{base64.b64encode(report).decode()})"
+        if report is not None
+        else "(this run was evaluated before the pipeline drew report figures)"
+    )
     name, version, champion = registration["name"], registration["version"], champion_version(registry)
     now = f"now v{champion}" if champion else "none yet: `python -m flows.promote` makes one"
     create_markdown_artifact(
@@ -153,9 +180,10 @@ def publish_summary(trained: Trained, metrics: dict, registration: dict, url: st
 | throughput | {trained.metrics.get("images_per_second", float("nan")):.1f} img/s |
 | checkpoint | `{trained.checkpoint}` |
 
-Final samples ({drawn}):
+Report: the training, its evaluation and final samples ([in MLflow]({url}/artifactPath/{REPORT_ARTIFACT}); in the
+checkout `{REPORT_PNG}`, shown by `dvc plots show`):
 
-![samples](data:image/png;base64,{grid})
+{figure}
 
 ## Serve it
 
@@ -176,27 +204,6 @@ mlflow models serve -m "models:/{name}@{registry.champion_alias}" \\
 Either answers POST requests at http://127.0.0.1:{SERVE_PORT}/invocations (README, "Serve the champion over HTTP").
 """,
     )
-
-
-def summary_grid(checkpoint: str) -> tuple[str, str]:
-    """The final samples as a base64 PNG grid, upscaled for the UI, and how they were drawn."""
-    from PIL import Image
-
-    from ddpm.images import make_grid
-    from ddpm.sampling import load_sampler
-
-    sampler = load_sampler(checkpoint)
-    images = sampler.draw(SUMMARY_SAMPLES, seed=SUMMARY_SEED)
-    sample, train = sampler.config.sample, sampler.config.train
-    how = {"ddim": f"DDIM-{sample.steps}", "dpmpp_2m": f"DPM-Solver++(2M)-{sample.steps}"}.get(
-        sample.sampler, f"DDPM-{sampler.schedule.timesteps}"
-    )
-    weights = "EMA weights" if train.ema_decay > 0 else "raw weights"
-    buffer = io.BytesIO()
-    Image.fromarray(make_grid(images)).resize((SUMMARY_PIXELS, SUMMARY_PIXELS), Image.Resampling.NEAREST).save(
-        buffer, format="PNG"
-    )
-    return base64.b64encode(buffer.getvalue()).decode(), f"{how}, {weights}, seed {SUMMARY_SEED}"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

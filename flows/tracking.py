@@ -212,7 +212,7 @@ def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], re
     run_file = Path(config.train.checkpoint_dir) / RUN_ID_FILE
     run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
     if run_id is None:
-        run = mlflow.start_run(run_name=run_name(config), tags=tags)
+        run = mlflow.start_run(run_name=run_name(config), tags=tags, log_system_metrics=system_metrics())
         mlflow.log_params(flatten(config.to_dict()))
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
@@ -221,6 +221,14 @@ def start_run(config: Config, pipeline: PipelineConfig, tags: dict[str, str], re
         mlflow.set_tags(tags)
     log.info("MLflow run %s in experiment %s", run.info.run_id, pipeline.tracking.experiment)
     return run.info.run_id
+
+
+def system_metrics() -> bool:
+    """MLflow's system metrics (CPU, memory, disk, network, GPU where present) beside a training's,
+    unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING turns them off."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as enabled
+
+    return enabled.get() if enabled.defined else True
 
 
 def end_run_with_failure(run_id: str, error: BaseException) -> None:
@@ -286,7 +294,7 @@ def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.
     client = MlflowClient()
     try:
         previous = client.get_run(run_id)
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics())
     except MlflowException as e:
         raise TrackingError(
             f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {redact(pipeline.tracking_uri)} "

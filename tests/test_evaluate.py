@@ -26,6 +26,12 @@ def test_evaluate_reports_fid_beside_its_floor(tiny_config):
     assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
     assert 0.0 <= metrics["class_kl"] <= math.log(10) and metrics["sample_seconds"] > 0
     assert 0.0 <= metrics["class_kl_floor"] <= math.log(10)
+    # The class histograms behind the two KLs, for the report figure: shares of the 10 classes.
+    for prefix, kl in (("class_frac_", "class_kl"), ("real_class_frac_", "class_kl_floor")):
+        shares = np.array([metrics[f"{prefix}{k}"] for k in range(10)])
+        assert shares.sum() == pytest.approx(1.0) and (shares >= 0).all()
+        seen = shares > 0
+        assert metrics[kl] == pytest.approx(np.sum(shares[seen] * np.log(10 * shares[seen])))
     assert metrics["classifier_accuracy"] == network.test_accuracy
 
     # The raw weights are another model than their EMA: other samples, another FID, same floor.

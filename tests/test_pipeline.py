@@ -3,9 +3,11 @@ worker, and real `dvc` in a temporary git repository with a local remote, on rea
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,12 +87,50 @@ def workspace(tmp_path_factory):
     servers.stop(process)
 
 
+def flow_env(tmp: Path, uri: str) -> dict[str, str]:
+    """The MLflow server, an ephemeral Prefect API with its own database (read again after the run),
+    and system metrics sampled every second so that a short training has some."""
+    return {
+        "MLFLOW_TRACKING_URI": uri,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }
+
+
 @pytest.fixture(scope="module")
 def first_run(workspace):
-    """The main job, `python -m flows.pipeline`, on an ephemeral Prefect API and a real MLflow server."""
-    _, repo, uri = workspace
-    result = run([sys.executable, "-m", "flows.pipeline"], repo, {"MLFLOW_TRACKING_URI": uri})
+    """The main job, `python -m flows.pipeline`, on an ephemeral Prefect API and a real MLflow server;
+    its output, as a file would hold it, in flow.log."""
+    tmp, repo, uri = workspace
+    result = run([sys.executable, "-m", "flows.pipeline"], repo, flow_env(tmp, uri))
+    (tmp / "flow.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PROGRESS_LINE = re.compile(r"sampling ddim: (\d+)/\1 img \(100%\), [\d.]+ img/s")  # the evaluation's samples
+
+
+def flow_run_record(tmp: Path, uri: str, repo: Path, flow_run_id: str) -> dict:
+    """The flow run's name and artifacts, read from its Prefect database through Prefect's client."""
+    code = """
+import asyncio, json, sys
+import flows  # the ephemeral API's start-up timeout
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+async def main(flow_run_id):
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(flow_run_id)
+        mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        artifacts = {a.key: {"type": a.type, "data": a.data, "description": a.description}
+                     for a in await client.read_artifacts(artifact_filter=mine)}
+    print(json.dumps({"name": flow_run.name, "artifacts": artifacts}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+    result = run([sys.executable, "-c", code, flow_run_id], repo, flow_env(tmp, uri))
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -155,10 +195,46 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
         f"- commit: {head}",
     ):
         assert line in card, (line, card)
+    # MLflow's system metrics, sampled while the run was open.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run_.data.metrics)
     classifier = json.loads((repo / "outputs" / "classifier.json").read_text())
     assert classifier["test_accuracy"] > 0.3 and not classifier["reused"]
     assert (repo / classifier["checkpoint"]).is_file()
     assert list(Path(tmp / "dvc-remote").rglob("*.dir")), "the bootstrapped data was pushed to the DVC remote"
+
+
+def test_a_run_is_watchable_in_prefect_and_its_report_pictured(workspace, first_run):
+    tmp, repo, uri = workspace
+    client = MlflowClient(uri)
+    run_ = client.get_run(first_run["run_id"])
+    flow_run = flow_run_record(tmp, uri, repo, run_.data.tags["prefect_flow_run_id"])
+    assert flow_run["name"] == run_.info.run_name  # the Prefect flow run is named as its MLflow run
+    artifacts = flow_run["artifacts"]
+    progress = artifacts["ddpm-training-progress"]
+    assert progress["type"] == "progress" and progress["data"] == 100.0
+    assert progress["description"].startswith("done: 2 epochs, 8 steps, this run trained ")
+    link = artifacts["ddpm-mlflow-run"]
+    assert link["type"] == "markdown" and f"/runs/{run_.info.run_id})" in link["data"]
+    table = {row["metric"]: float(row["value"]) for row in json.loads(artifacts["ddpm-evaluation"]["data"])}
+    assert artifacts["ddpm-evaluation"]["type"] == "table"
+    assert table["fid"] == pytest.approx(run_.data.metrics["fid"], rel=1e-5) and "images_per_second" in table
+
+    # The report figure: a DVC output, the same PNG in the MLflow run, embedded in the flow's summary.
+    report = (repo / "outputs" / "report.png").read_bytes()
+    assert report.startswith(b"\x89PNG")
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=run_.info.run_id, artifact_path="report.png", dst_path=str(tmp), tracking_uri=uri
+    )
+    assert Path(logged).read_bytes() == report
+    summary = artifacts["ddpm-summary"]["data"]
+    embedded = re.search(r"!\[report\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary)
+    assert embedded is not None and base64.b64decode(embedded[1]) == report
+    for prefix in ("class_frac_", "real_class_frac_"):  # the histograms of its class panel, in the run too
+        assert sum(run_.data.metrics[f"{prefix}{k}"] for k in range(10)) == pytest.approx(1.0)
+
+    # Its output in a file: log lines, progress among them, no bar redrawn with carriage returns.
+    output = (tmp / "flow.log").read_text()
+    assert "\r" not in output and PROGRESS_LINE.search(output), output[-3000:]
 
 
 def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, first_run):
@@ -185,6 +261,8 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
         env,
     )
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    # `dvc exp run > log`: progress lines, no carriage returns (the classifier's bar alone wrote 230 KB)
+    assert "\r" not in exp.stdout + exp.stderr and PROGRESS_LINE.search(exp.stdout + exp.stderr), exp.stderr[-3000:]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env)
     assert all(f'"{key}"' in shown.stdout for key in ("eval_loss", "fid", "fid_floor", "fid_ratio", "class_kl"))
     metrics = json.loads((repo / "outputs" / "metrics.json").read_text())
@@ -192,7 +270,9 @@ def test_gate_promotes_then_refuses_a_worse_model_trained_by_dvc(workspace, firs
     plots = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, env)
     assert plots.returncode == 0, plots.stderr
     images = {path: entries for path, entries in json.loads(plots.stdout)["data"].items() if path.endswith(".png")}
-    assert list(images) == ["outputs/samples/epoch_0001.png"]  # its one epoch; the flow's 2-epoch grids are gone
+    # its one epoch's grid (the flow's 2-epoch grids are gone), and the report figure of its evaluation
+    assert sorted(images) == ["outputs/report.png", "outputs/samples/epoch_0001.png"]
+    assert images["outputs/report.png"][0]["type"] == "image" and Path(images["outputs/report.png"][0]["url"]).is_file()
     assert images["outputs/samples/epoch_0001.png"][0]["type"] == "image"
     assert Path(images["outputs/samples/epoch_0001.png"][0]["url"]).is_file()  # dvc_plots/index.html shows it
     assert metrics["fid_floor"] == pytest.approx(first_run["fid_floor"])  # DVC's classifier equals the flow's
@@ -300,7 +380,7 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
             '```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n  --env-manager local -p 5001'
             "\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations"
         ) in summary
-        assert "![samples](data:image/png;base64," in summary  # rendered by both Prefect UIs (checked in Chromium)
+        assert "![report](data:image/png;base64," in summary  # data: images render in both Prefect UIs (Chromium)
     finally:
         if worker is not None:
             servers.stop(worker)

@@ -25,6 +25,9 @@ SAMPLES_DIR = OUTPUTS / "samples"  # DVC image plots: each epoch's preview grid,
 MEASURED_PREFIX = "measured."  # logged model tags: how its evaluation was measured (N, sampler, steps, eta)
 UNRECORDED_STEPS = "unrecorded"  # the steps of a DPM-Solver++(2M) evaluation recorded before they were
 PER_T_PREFIX = "eval_loss_t"  # ddpm.evaluate's per-timestep losses, eval_loss_tNNNN
+# ddpm.evaluate's predicted-class shares of the samples and the real images, class_frac_K, real_class_frac_K
+CLASS_FRACTION, REAL_CLASS_FRACTION = "class_frac_", "real_class_frac_"
+REPORT_PNG = OUTPUTS / "report.png"  # DVC image plot: the figure of a training and its evaluation
 REGISTERED_JSON = OUTPUTS / "registered.json"
 CLASSIFIER_JSON = OUTPUTS / "classifier.json"  # DVC metrics of the FID feature network
 # In the checkpoint dir, beside a finished training: the Prefect flow took it and has not reached its

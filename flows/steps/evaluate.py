@@ -44,6 +44,7 @@ def evaluate(
             return done
         log.info("run %s was evaluated with other settings (%s); scoring it again", trained.run_id, "; ".join(differ))
     from ddpm.evaluate import evaluate_checkpoint
+    from flows.report import write_report
 
     metrics = evaluate_checkpoint(trained.checkpoint, config, progress)
     per_t = {k: v for k, v in metrics.items() if k.startswith(PER_T_PREFIX)}
@@ -55,6 +56,7 @@ def evaluate(
     }
     write_json(repo / METRICS_JSON, summary)
     write_loss_per_t(repo / EVAL_LOSS_CSV, per_t)
+    write_report(repo, trained.run_id, config, trained.checkpoint, metrics)  # so an evaluated run holds its report
     log_evaluation(trained.run_id, trained.model_id, metrics, measurement(config))  # last: then it is evaluated
     return metrics
 

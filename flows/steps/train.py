@@ -81,8 +81,8 @@ def finished_training(directory: Path) -> Trained | None:
 
 
 class LossCsv(Callback):
-    """Appends step,train_loss rows for `dvc plots`; a fresh run starts a fresh file, a resumed one
-    keeps the rows up to its checkpoint (the steps after it run again)."""
+    """Appends step,train_loss,lr rows for `dvc plots` and the report figure; a fresh run starts a
+    fresh file, a resumed one keeps the rows up to its checkpoint (the steps after it run again)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -96,18 +96,19 @@ class LossCsv(Callback):
             with open(self.path, newline="") as f:
                 kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start_step]
         with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerows([["step", "train_loss"], *kept])
+            csv.writer(f).writerows([["step", "train_loss", "lr"], *kept])
 
     def on_step_end(self, global_step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}"])
+            csv.writer(f).writerow([global_step, f"{metrics['train_loss']:.6f}", f"{metrics['lr']:.6g}"])
 
 
-def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> list[Callback]:
-    """MLflow logging (per step, per epoch, sample grids) and the DVC plots (loss, sample grids)."""
+def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path, in_flow: bool = False) -> list[Callback]:
+    """MLflow logging (per step, per epoch, sample grids), the DVC plots (loss, sample grids), and in
+    a Prefect flow run its progress artifact."""
     from flows.logger import MlflowLogger
 
-    return [
+    callbacks: list[Callback] = [
         MlflowLogger(
             pipeline.tracking.log_every,
             config.train.sample_every,
@@ -117,6 +118,11 @@ def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path) -> 
         ),
         LossCsv(repo / LOSS_CSV),
     ]
+    if in_flow:
+        from flows.progress import PrefectProgress
+
+        callbacks.append(PrefectProgress())
+    return callbacks
 
 
 def train(
@@ -234,7 +240,8 @@ def _fit_and_log(
         if config.train.workers > 1:
             result = fit_on_workers(config, pipeline, repo, run_id, resume)
         else:
-            result = fit(config, training_callbacks(config, pipeline, repo), resume=resume, progress=progress)
+            callbacks = training_callbacks(config, pipeline, repo, in_flow=flow_run_id is not None)
+            result = fit(config, callbacks, resume=resume, progress=progress)
     except BaseException as e:
         end_run_with_failure(run_id, e)
         raise

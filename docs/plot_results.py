@@ -1,0 +1,77 @@
+"""Draw docs/images/fid_vs_budget.png from docs/results.csv: FID ratio against training images and
+against training minutes, one marker per evaluation N (ratios compare only at the same N).
+
+    uv run python docs/plot_results.py [--csv docs/results.csv] [--out docs/images/fid_vs_budget.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: a file only
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib import ticker  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent
+MARKERS = {"200": "o", "250": "s", "1000": "^", "2000": "D"}  # evaluation N -> marker
+FIGSIZE = (12, 4.8)  # inches: two panels side by side
+X_MARGIN = (0.8, 6.0)  # log-axis room left of the first point and right of the last, for the labels
+DPI = 110
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def draw(rows: list[dict[str, str]], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
+    panels = (("images", "training images"), ("train_minutes", "training minutes on 2 CPU cores"))
+    for ax, (column, xlabel) in zip(axes, panels):
+        ax.set_xscale("log")
+        for n, marker in MARKERS.items():
+            points = [r for r in rows if r["n"] == n and r[column]]
+            ax.scatter(
+                [float(r[column]) for r in points],
+                [float(r["ratio"]) for r in points],
+                marker=marker,
+                label=f"N = {int(n):,}",
+                alpha=0.8,
+            )
+        seen = set()
+        for r in rows:
+            key = (r["label"], r["n"], r[column])
+            if r[column] and key not in seen:  # one label per recipe, N and x, at its lowest ratio's side
+                seen.add(key)
+                text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
+                ax.annotate(text, (float(r[column]), float(r["ratio"])), fontsize=7, xytext=(5, -3),
+                            textcoords="offset points")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlim(left=ax.get_xlim()[0] * X_MARGIN[0], right=ax.get_xlim()[1] * X_MARGIN[1])
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("FID / floor (1 = as good as real images)")
+    axes[0].legend(title="evaluation N")
+    fig.suptitle("FID ratio against training budget (docs/results.csv)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", type=Path, default=DOCS / "results.csv")
+    parser.add_argument("--out", type=Path, default=DOCS / "images" / "fid_vs_budget.png")
+    args = parser.parse_args()
+    draw(read_rows(args.csv), args.out)
+
+
+if __name__ == "__main__":
+    main()

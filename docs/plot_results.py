@@ -1,13 +1,16 @@
 """Draw docs/images/fid_vs_budget.png from docs/results.csv: FID ratio against training images and
-against training minutes, one marker per evaluation N (ratios compare only at the same N).
+against training minutes, one marker per evaluation N (ratios compare only at the same N). With
+--table, print the markdown table of docs/results.md instead (tests/test_docs.py checks they agree).
 
     uv run python docs/plot_results.py [--csv docs/results.csv] [--out docs/images/fid_vs_budget.png]
+    uv run python docs/plot_results.py --table
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +29,21 @@ DPI = 110
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+TABLE_HEADER = ("recipe", "N", "seed", "images", "train min", "processor", "FID", "floor", "ratio", "class KL", "command")
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """docs/results.md's table: one line per CSV row, numbers as written in the CSV."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    for r in rows:
+        cells = [
+            r["recipe"], f"{int(r['n']):,}", r["seed"], f"{int(r['images']):,}", r["train_minutes"] or "-",
+            r["processor"], r["fid"], r["floor"], f"**{r['ratio']}**", r["class_kl"], f"`{r['command']}`",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def draw(rows: list[dict[str, str]], out: Path) -> Path:
@@ -69,8 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", type=Path, default=DOCS / "results.csv")
     parser.add_argument("--out", type=Path, default=DOCS / "images" / "fid_vs_budget.png")
+    parser.add_argument("--table", action="store_true", help="print the markdown table instead of drawing")
     args = parser.parse_args()
-    draw(read_rows(args.csv), args.out)
+    rows = read_rows(args.csv)
+    if args.table:
+        sys.stdout.write(markdown_table(rows))
+    else:
+        draw(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display: a file only
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from matplotlib import ticker  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 DOCS = Path(__file__).resolve().parent
 MARKERS = {"200": "o", "250": "s", "1000": "^", "2000": "D"}  # evaluation N -> marker
@@ -31,7 +31,19 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-TABLE_HEADER = ("recipe", "N", "seed", "images", "train min", "processor", "FID", "floor", "ratio", "class KL", "command")
+TABLE_HEADER = (
+    "recipe",
+    "N",
+    "seed",
+    "images",
+    "train min",
+    "processor",
+    "FID",
+    "floor",
+    "ratio",
+    "class KL",
+    "command",
+)
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
@@ -49,7 +61,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 def draw(rows: list[dict[str, str]], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
     panels = (("images", "training images"), ("train_minutes", "training minutes on 2 CPU cores"))
-    for ax, (column, xlabel) in zip(axes, panels):
+    for ax, (column, xlabel) in zip(axes, panels, strict=True):
         ax.set_xscale("log")
         for n, marker in MARKERS.items():
             points = [r for r in rows if r["n"] == n and r[column]]
@@ -66,8 +78,9 @@ def draw(rows: list[dict[str, str]], out: Path) -> Path:
             if r[column] and key not in seen:  # one label per recipe, N and x, at its lowest ratio's side
                 seen.add(key)
                 text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
-                ax.annotate(text, (float(r[column]), float(r["ratio"])), fontsize=7, xytext=(5, -3),
-                            textcoords="offset points")
+                ax.annotate(
+                    text, (float(r[column]), float(r["ratio"])), fontsize=7, xytext=(5, -3), textcoords="offset points"
+                )
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlim(left=ax.get_xlim()[0] * X_MARGIN[0], right=ax.get_xlim()[1] * X_MARGIN[1])

@@ -21,7 +21,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a lazy loader, opaque to type checkers
 
-DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/quality.md)
+DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/results.md)
 
 
 def _given(value):

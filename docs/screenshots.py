@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.request
 from pathlib import Path
 
@@ -50,13 +51,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkout: Path, tracking_uri: str, port: int) -> subprocess.Popen:
-    """`mlflow server` on loopback in the checkout (so sqlite:///mlflow.db and ./mlruns resolve there)."""
+def start_server(checkout: Path, tracking_uri: str, port: int, log_file: typing.IO[str]) -> subprocess.Popen:
+    """`mlflow server` on loopback in the checkout (so sqlite:///mlflow.db and ./mlruns resolve there),
+    logging to `log_file`: a pipe nobody reads would fill and stall the server mid-request."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
     # its own session, so that stopping it reaches the workers it starts
     return subprocess.Popen(
-        command, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, cwd=checkout, stdout=log_file, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
 
 
@@ -69,11 +71,11 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def wait_healthy(server: subprocess.Popen, base: str) -> None:
+def wait_healthy(server: subprocess.Popen, base: str, log_path: Path) -> None:
     deadline = time.monotonic() + HEALTH_TIMEOUT
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+            raise RuntimeError(f"mlflow server exited with {server.returncode}: {log_path.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
                 if answer.status == 200:
@@ -112,7 +114,7 @@ def shown_artifact(client: MlflowClient, run_id: str) -> str:
 
 def capture(chromium: str, url: str, out: Path, profile: Path) -> None:
     command = [
-        chromium, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+        chromium, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--disable-crash-reporter",
         f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
         f"--virtual-time-budget={RENDER_BUDGET_MS}", f"--screenshot={out}", url,
     ]  # fmt: skip
@@ -139,16 +141,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(checkout, args.tracking_uri, port)
-    try:
-        wait_healthy(server, base)
-        targets = pages(MlflowClient(tracking_uri=base), args.model_name, base)
-        with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "mlflow-server.log", "w") as server_log:
+        server = start_server(checkout, args.tracking_uri, port, server_log)
+        try:
+            wait_healthy(server, base, Path(server_log.name))
+            targets = pages(MlflowClient(tracking_uri=base), args.model_name, base)
+            profile = Path(tmp) / "chromium"
             for name, url in targets.items():
-                capture(chromium, url, out / name, Path(profile))
+                capture(chromium, url, out / name, profile)
                 log.info("%s <- %s", out / name, url)
-    finally:
-        stop_server(server)
+        finally:
+            stop_server(server)
 
 
 if __name__ == "__main__":

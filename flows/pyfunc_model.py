@@ -33,7 +33,7 @@ from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a lazy loader, opaque 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/quality.md)
+DEFAULT_SAMPLER = "ddim"  # DDIM-50 takes a quarter of the full ddpm chain's time (docs/results.md)
 RATE_ENV = "DDPM_SERVING_EVALS_PER_SECOND"  # the rate the budget assumes, instead of the one measured at load
 # Share of the timeout a request's estimate may fill: the rate is measured on an idle server, and the
 # JSON of the answer takes its time too.

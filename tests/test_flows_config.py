@@ -121,7 +121,7 @@ def test_a_path_setting_outside_the_checkout_is_refused(tmp_path, key):
     assert flatten(inside.to_dict())[key] == "runs/x" and flatten(free.to_dict())[key] == str(outside / "x")
 
 
-# The quick start's budget (docs/quality.md): the keys configs/quickstart.yaml changes.
+# The quick start's budget (docs/results.md): the keys configs/quickstart.yaml changes.
 QUICKSTART_CHANGES = {
     "data.limit",
     "train.epochs",

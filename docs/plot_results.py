@@ -1,0 +1,113 @@
+"""Draw docs/images/fid_vs_budget.png from docs/results.csv: FID ratio against training images and
+against training minutes, one marker per evaluation N (ratios compare only at the same N). With
+--table, print the markdown table of docs/results.md instead (tests/test_docs.py checks they agree).
+
+    uv run python docs/plot_results.py [--csv docs/results.csv] [--out docs/images/fid_vs_budget.png]
+    uv run python docs/plot_results.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: a file only
+import matplotlib.pyplot as plt
+from matplotlib import ticker
+
+DOCS = Path(__file__).resolve().parent
+MARKERS = {"200": "o", "250": "s", "1000": "^", "2000": "D"}  # evaluation N -> marker
+FIGSIZE = (12, 4.8)  # inches: two panels side by side
+X_MARGIN = (0.8, 6.0)  # log-axis room left of the first point and right of the last, for the labels
+DPI = 110
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+TABLE_HEADER = (
+    "recipe",
+    "N",
+    "seed",
+    "images",
+    "train min",
+    "processor",
+    "FID",
+    "floor",
+    "ratio",
+    "class KL",
+    "command",
+)
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """docs/results.md's table: one line per CSV row, numbers as written in the CSV."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    for r in rows:
+        cells = [
+            r["recipe"], f"{int(r['n']):,}", r["seed"], f"{int(r['images']):,}", r["train_minutes"] or "-",
+            r["processor"], r["fid"], r["floor"], f"**{r['ratio']}**", r["class_kl"], f"`{r['command']}`",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(rows: list[dict[str, str]], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
+    panels = (("images", "training images"), ("train_minutes", "training minutes on 2 CPU cores"))
+    for ax, (column, xlabel) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        for n, marker in MARKERS.items():
+            points = [r for r in rows if r["n"] == n and r[column]]
+            ax.scatter(
+                [float(r[column]) for r in points],
+                [float(r["ratio"]) for r in points],
+                marker=marker,
+                label=f"N = {int(n):,}",
+                alpha=0.8,
+            )
+        seen = set()
+        for r in rows:
+            key = (r["label"], r["n"], r[column])
+            if r[column] and key not in seen:  # one label per recipe, N and x, at its lowest ratio's side
+                seen.add(key)
+                text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
+                ax.annotate(
+                    text, (float(r[column]), float(r["ratio"])), fontsize=7, xytext=(5, -3), textcoords="offset points"
+                )
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlim(left=ax.get_xlim()[0] * X_MARGIN[0], right=ax.get_xlim()[1] * X_MARGIN[1])
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("FID / floor (1 = as good as real images)")
+    axes[0].legend(title="evaluation N")
+    fig.suptitle("FID ratio against training budget (docs/results.csv)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", type=Path, default=DOCS / "results.csv")
+    parser.add_argument("--out", type=Path, default=DOCS / "images" / "fid_vs_budget.png")
+    parser.add_argument("--table", action="store_true", help="print the markdown table instead of drawing")
+    args = parser.parse_args()
+    rows = read_rows(args.csv)
+    if args.table:
+        sys.stdout.write(markdown_table(rows))
+    else:
+        draw(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from ddpm.config import read_params
 from ddpm.errors import ConfigError, describe
 from ddpm.interrupt import TrainingInterrupted
 from ddpm.logs import configure_logging
+from ddpm.params_file import read_params
 from flows.config import flatten, load_params
 from flows.steps import TRAIN_JSON, USER_ERRORS, Trained
 from flows.tracking import connect
@@ -76,7 +76,7 @@ def stage_params(repo: Path, stage: str) -> list[str] | None:
 
 def param_values(path: str, keys: list[str] | None) -> dict[str, Any]:
     """The file's values under `keys` (a section or a dotted key), flattened to dotted leaf keys."""
-    values = flatten(read_params(path))
+    values = flatten(read_params(path).sections)
     if keys is None:
         return values
     return {name: value for name, value in values.items() if any(name == k or name.startswith(f"{k}.") for k in keys)}

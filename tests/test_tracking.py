@@ -73,6 +73,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
         first.on_epoch_end(epoch_end(0))
         for step in (5, 6):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
+        assert first.flush()  # steps 5 and 6 reached the store before the kill
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
         second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
@@ -94,6 +95,7 @@ def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
         first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH, "fp32")
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
+        assert first.flush()  # as before the checkpoint of epoch 1
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
         second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")

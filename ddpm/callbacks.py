@@ -38,7 +38,8 @@ class Callback:
 
     def on_checkpoint(self, global_step: int) -> None:
         """A checkpoint after `global_step` is about to be written (mid-epoch or at an epoch's end):
-        store what the steps so far produced, since a resume continues after them."""
+        keep what the steps so far produced where a resume finds it, since it continues after them.
+        Do not wait here for a service that is down: the checkpoint would wait with you."""
 
     def on_epoch_end(self, end: EpochEnd) -> None: ...
 

@@ -51,8 +51,9 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, 9)
 
 
-def start_mlflow(workdir: Path) -> tuple[subprocess.Popen, str]:
-    return start_mlflow_on(workdir, f"sqlite:///{workdir / 'mlflow.db'}")
+def start_mlflow(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with its store in `workdir`; with `port`, on that one (a restart of the same server)."""
+    return start_mlflow_on(workdir, f"sqlite:///{workdir / 'mlflow.db'}", port)
 
 
 def prefect_env(workdir: Path, port: int) -> dict[str, str]:
@@ -63,8 +64,9 @@ def prefect_env(workdir: Path, port: int) -> dict[str, str]:
     }
 
 
-def start_prefect(workdir: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    port = free_port()
+def start_prefect(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`prefect server start` with its database in `workdir`; with `port`, on that one (a restart)."""
+    port = port or free_port()
     env = prefect_env(workdir, port)
     process = start(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -140,9 +142,9 @@ def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Pat
     return process, f"postgresql+psycopg2://{database}@127.0.0.1:{port}/{database}", home
 
 
-def start_mlflow_on(workdir: Path, backend_uri: str) -> tuple[subprocess.Popen, str]:
+def start_mlflow_on(workdir: Path, backend_uri: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """`mlflow server` with the given backend store (e.g. PostgreSQL) and local artifacts."""
-    port = free_port()
+    port = port or free_port()
     process = start(
         [
             str(BIN / "mlflow"),

@@ -13,11 +13,12 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from ddpm.callbacks import EpochEnd
+from ddpm.callbacks import EpochEnd, FitResult
 from ddpm.config import Config, config_from_dict
 from flows import tracking
 from flows.config import params_from_dict
 from flows.logger import MlflowLogger
+from flows.outbox import EPOCH, STEP, UNSENT_FILE, record, save_unsent
 from flows.tracking import (
     FAILURE_TAG,
     RESUMED_TAG,
@@ -73,6 +74,7 @@ def test_a_resumed_run_logs_every_step_and_epoch_once(pipeline):
         first.on_epoch_end(epoch_end(0))
         for step in (5, 6):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
+        assert first.flush()  # steps 5 and 6 reached the store before the kill
     with mlflow.start_run(run_id=run.info.run_id):  # the rerun replays epoch 2 from its checkpoint
         second = MlflowLogger(1, 1, 4, 0)
         second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
@@ -94,6 +96,7 @@ def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
         first.on_train_start(Config(), 0, STEPS_PER_EPOCH, 0 * STEPS_PER_EPOCH, "fp32")
         for step in range(1, 5):
             first.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
+        assert first.flush()  # as before the checkpoint of epoch 1
     with mlflow.start_run(run_id=run.info.run_id):
         second = MlflowLogger(1, 1, 4, 0)
         second.on_train_start(Config(), 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
@@ -103,6 +106,32 @@ def test_an_epoch_checkpointed_but_not_reported_is_reported_on_resume(pipeline):
     assert steps_of(client, run.info.run_id, "train_loss_epoch") == [1]
     assert image_steps(client, run.info.run_id) == [1]
     assert client.get_run(run.info.run_id).data.tags["precision"] == "fp32"  # the same precision once
+
+
+def test_a_resume_logs_what_an_outage_left_unsent_up_to_its_checkpoint_once(pipeline, tmp_path):
+    """mlflow_unsent.json as a training killed during an outage left it: written for the checkpoint
+    after step 8, which never made it (the resume starts after step 4, epoch 1), and the run holding step 1."""
+    config = config_from_dict({"train": {"checkpoint_dir": str(tmp_path)}})
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        mlflow.log_metrics({"train_loss": 0.1, "lr": 1e-3}, step=1)
+    steps = [record(STEP, step, {"train_loss": step / 10, "lr": 1e-3}) for step in range(1, 9)]
+    epochs = [record(EPOCH, epoch, {"epoch": epoch, "train_loss_epoch": 0.5}) for epoch in (1, 2)]
+    save_unsent(tmp_path, run_id, [*steps, *epochs])
+    with mlflow.start_run(run_id=run_id):
+        logger = MlflowLogger(1, 0, 4, 0)
+        logger.on_train_start(config, 1, STEPS_PER_EPOCH, 1 * STEPS_PER_EPOCH, "fp32")
+        assert logger.flush()
+        for step in range(5, 9):  # epoch 2 trained again: its steps are logged as they come
+            logger.on_step_end(step, {"train_loss": step / 10, "lr": 1e-3})
+        logger.on_epoch_end(epoch_end(1))
+        logger.on_train_end(FitResult(Path("x.ckpt"), 2, 8, {}))
+    client = MlflowClient()
+    assert steps_of(client, run_id, "train_loss") == list(range(1, 9))
+    assert steps_of(client, run_id, "train_loss_epoch") == [1, 2]
+    saved = {m.step: m.timestamp for m in client.get_metric_history(run_id, "lr")}
+    assert all(saved[r.step] == r.timestamp for r in steps[1:4])  # logged as measured, not as resent
+    assert not (tmp_path / UNSENT_FILE).exists()
 
 
 def grid_epoch_end(epoch: int, draws: list) -> EpochEnd:

@@ -34,10 +34,11 @@ GIT_COMMITS_TAG = "git_commits"  # every commit a run trained under, "a, then b"
 FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record of a finished training
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # The names a training writes into its checkpoint directory besides ddpm.checkpoint's own files
-# (flows.tracking's run id, flows.parallel's, the markers): the only files the pipeline deletes there.
+# (flows.tracking's run id, flows.outbox's unsent metrics, flows.parallel's, the markers): the only files the
+# pipeline deletes there.
 OWNED_FILES = re.compile(
-    r"^(mlflow_run_id|worker_params\.yaml|\.?fit_result\.json(\.partial)?|\.?finished\.json(\.partial)?"
-    r"|COMPLETE|flow_unfinished)$"
+    r"^(mlflow_run_id|\.?mlflow_unsent\.json(\.partial)?|worker_params\.yaml|\.?fit_result\.json(\.partial)?"
+    r"|\.?finished\.json(\.partial)?|COMPLETE|flow_unfinished)$"
 )
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
@@ -115,6 +116,7 @@ def training_callbacks(config: Config, pipeline: PipelineConfig, repo: Path, in_
             config.train.sample_num,
             config.train.sample_seed,
             repo / SAMPLES_DIR,
+            timeout=pipeline.tracking.connect_timeout,
         ),
         LossCsv(repo / LOSS_CSV),
     ]

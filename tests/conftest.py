@@ -116,6 +116,21 @@ def freezer(tmp_path_factory) -> Freezer:
     return Freezer(tmp_path_factory.mktemp("freezer"))
 
 
+def restored_tracking_uri():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which flows.config reads: a
+    test (or a module's fixture) that points MLflow at its server must not point the next module there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+module_tracking_uri = pytest.fixture(autouse=True, scope="module", name="module_tracking_uri")(restored_tracking_uri)
+per_test_tracking_uri = pytest.fixture(autouse=True, name="per_test_tracking_uri")(restored_tracking_uri)
+
+
 @pytest.fixture
 def mlflow_state(monkeypatch):
     """Leave MLflow's process-wide tracking URI and active experiment (both set by

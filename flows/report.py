@@ -120,8 +120,10 @@ def sample_grid(checkpoint: str, config: Config) -> tuple[np.ndarray, str]:
     from ddpm.sampling import load_sampler
 
     sampler = load_sampler(checkpoint, config.train.device)
-    s = config.sample
-    request = sampler.request(GRID_SAMPLES, GRID_SEED, s.sampler, s.steps, s.eta)
+    # the evaluation's sample section fills in the request, as in ddpm.evaluate: it knows which
+    # settings its sampler takes (dpmpp_2m no eta, ddpm no steps)
+    sampler = dataclasses.replace(sampler, config=dataclasses.replace(sampler.config, sample=config.sample))
+    request = sampler.request(GRID_SAMPLES, GRID_SEED)
     weights = "EMA weights" if sampler.config.train.ema_decay > 0 else "raw weights"
     how = f"{SAMPLER_NAMES[request.sampler]}-{request.steps}, {weights}, seed {GRID_SEED}"
     return make_grid(sampler.sample(request)), how

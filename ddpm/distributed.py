@@ -26,14 +26,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from ddpm.errors import WorkerError
-from ddpm.interrupt import STOP_SIGNALS, WorkersInterrupted
+from ddpm.interrupt import Handler, WorkersInterrupted, put_back, take_stop_signals
 from ddpm.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -141,16 +138,10 @@ class ForwardStop:
         self.msrun = msrun
         self.signum: int | None = None
         self.children: list[int] = []  # pidfds of msrun's processes, opened before they are orphaned
-        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
+        self.previous: dict[int, Handler] = {}
 
     def __enter__(self) -> ForwardStop:
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                handler = signal.getsignal(signum)
-                if handler is None or handler == signal.SIG_IGN:  # None: set outside Python; SIG_IGN: nohup
-                    continue
-                self.previous[signum] = handler
-                signal.signal(signum, self._forward)
+        self.previous = take_stop_signals(self._forward)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,8 +157,7 @@ class ForwardStop:
         self.msrun.send_signal(signal.SIGINT)
 
     def _restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        put_back(self.previous)
         self.previous = {}
 
 

@@ -20,6 +20,29 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+Handler = Callable[[int, FrameType | None], Any] | int
+
+
+def take_stop_signals(handler: Callable[[int, FrameType | None], Any]) -> dict[int, Handler]:
+    """Point SIGTERM and SIGINT at `handler` (from the main thread only, where Python runs handlers);
+    returns the handlers it replaced, for `put_back`."""
+    previous: dict[int, Handler] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        if current is None or current == signal.SIG_IGN:  # None: installed outside Python; SIG_IGN: nohup
+            continue
+        previous[signum] = current
+        signal.signal(signum, handler)
+    return previous
+
+
+def put_back(previous: dict[int, Handler]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 SHELL_SIGNAL_EXIT = 128  # a shell reports death by signal N as exit status 128 + N (130 SIGINT, 143 SIGTERM)
 
 
@@ -61,17 +84,11 @@ class StopRequest:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.signum: int | None = None
-        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
+        self.previous: dict[int, Handler] = {}
 
     def __enter__(self) -> StopRequest:
-        if not self.enabled or threading.current_thread() is not threading.main_thread():
-            return self
-        for signum in STOP_SIGNALS:
-            handler = signal.getsignal(signum)
-            if handler is None or handler == signal.SIG_IGN:  # None: installed outside Python, cannot be put back
-                continue
-            self.previous[signum] = handler
-            signal.signal(signum, self._record)
+        if self.enabled:
+            self.previous = take_stop_signals(self._record)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -90,6 +107,5 @@ class StopRequest:
         )
 
     def _restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        put_back(self.previous)
         self.previous = {}

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 MAX_BATCH = 1000  # metrics per log-batch request (MLflow's limit)
 RETRY_SECONDS = 5.0  # between attempts while the server is unreachable
 TRANSIENT = {429, 500, 502, 503, 504}  # the statuses MLflow's own client retries: not a refusal
+RETRY_LOGGER = "urllib3.connectionpool"  # where MLflow's HTTP retries are logged
 STEP, EPOCH = "step", "epoch"  # what a record's step counts: global steps, or epochs
 
 
@@ -91,10 +93,27 @@ def reason(error: BaseException) -> str:
 
 
 def unreachable(error: BaseException) -> bool:
-    """A server that is down, restarting or overloaded, as opposed to one refusing the request."""
+    """A server that is down, restarting or overloaded, as opposed to one refusing the request. A local
+    file error (a full disk under mlruns/, no permission) is no outage: retrying would wait forever."""
     if isinstance(error, MlflowException):
         return error.get_http_status_code() in TRANSIENT
-    return isinstance(error, (OSError, requests.RequestException))
+    return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError, socket.gaierror))
+
+
+class QuietRetries(logging.Filter):
+    """Demotes urllib3's `Retrying (...)` warnings to debug once a training logs through an outbox: during
+    an outage MLflow's own requests (its system metrics monitor asks for the run every few seconds) retry
+    too, and the outbox's one warning already says the server is down. A request that fails for good
+    still raises."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Retrying"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)  # the level check it passed as a warning
+        return True
+
+
+QUIET_RETRIES = QuietRetries()
 
 
 class Outbox:
@@ -109,6 +128,8 @@ class Outbox:
         self.closed = False
         self.retry_now = False
         self.lock = threading.Condition()
+        # for the rest of the process: MLflow's system metrics thread may still be retrying after close()
+        logging.getLogger(RETRY_LOGGER).addFilter(QUIET_RETRIES)
         self.thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
         self.thread.start()
 

@@ -1,6 +1,8 @@
 """MLflow run handling against a real MLflow store (SQLite): a resumed run logs every step and epoch
 once, stale runs of this workspace are ended, a dead server fails fast."""
 
+import errno
+import logging
 import socket
 import sqlite3
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import requests
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -18,7 +21,7 @@ from ddpm.config import Config, config_from_dict
 from flows import tracking
 from flows.config import params_from_dict
 from flows.logger import MlflowLogger
-from flows.outbox import EPOCH, STEP, UNSENT_FILE, record, save_unsent
+from flows.outbox import EPOCH, RETRY_LOGGER, STEP, UNSENT_FILE, Outbox, record, save_unsent, unreachable
 from flows.tracking import (
     FAILURE_TAG,
     RESUMED_TAG,
@@ -291,3 +294,29 @@ def test_a_store_in_a_read_only_directory_is_one_error_at_once(tmp_path, mlflow_
     finally:
         subprocess.run(["umount", str(directory)], check=True)
     assert time.monotonic() - started < 5 and not list(directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (requests.ConnectionError("connection broken"), True),
+        (TimeoutError("timed out"), True),
+        (OSError(errno.ENOSPC, "No space left on device"), False),  # a full mlruns/: waiting never ends it
+        (PermissionError(errno.EACCES, "Permission denied"), False),
+    ],
+)
+def test_only_a_network_failure_is_an_outage_the_outbox_waits_out(error, outage):
+    assert unreachable(error) is outage
+
+
+def test_mlflows_retry_warnings_are_debug_lines_once_an_outbox_opened(caplog):
+    retries = logging.getLogger(RETRY_LOGGER)
+    with caplog.at_level(logging.INFO, logger=RETRY_LOGGER):
+        Outbox("sqlite:///unused.db", "run", timeout=1.0, image_key="samples").close()
+        retries.warning("Retrying (Retry(total=6)) after connection broken by NewConnectionError: /runs/get")
+    assert caplog.records == []  # the outbox's one warning says the server is down
+    with caplog.at_level(logging.DEBUG, logger=RETRY_LOGGER):
+        retries.warning("Retrying (Retry(total=5)) after connection broken")
+        retries.warning("Connection pool is full, discarding connection")  # any other warning stays one
+    assert [r.levelname for r in caplog.records] == ["DEBUG", "WARNING"]

@@ -40,6 +40,7 @@ RUN_LINK = "The training's MLflow run: metrics per step, sample grids, system me
 EVALUATION = "Held-out loss and sample quality (FID beside its floor, class coverage) of the trained model"
 PARAMS = "params.yaml"  # the flow's default parameters file
 SERVE_PORT = 5001  # the README's `mlflow models serve -p`, beside the MLflow UI's 5000
+SERVE_TIMEOUT = 300  # the README's `-t`, seconds a request may draw (MLflow's 60 s: about 80 DDIM-50 images on 2 cores)
 
 log = logging.getLogger("flows.pipeline")
 
@@ -191,14 +192,14 @@ This version, v{version}:
 
 ```bash
 mlflow models serve -m "models:/{name}/{version}" \\
-  --env-manager local -p {SERVE_PORT}
+  --env-manager local -p {SERVE_PORT} -t {SERVE_TIMEOUT}
 ```
 
 The champion, `@{registry.champion_alias}` ({now}):
 
 ```bash
 mlflow models serve -m "models:/{name}@{registry.champion_alias}" \\
-  --env-manager local -p {SERVE_PORT}
+  --env-manager local -p {SERVE_PORT} -t {SERVE_TIMEOUT}
 ```
 
 Either answers POST requests at http://127.0.0.1:{SERVE_PORT}/invocations (README, "Serve the champion over HTTP").

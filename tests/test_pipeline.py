@@ -373,12 +373,12 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         version, champion = registered.aliases["candidate"], registered.aliases.get("champion")
         assert (
             f'This version, v{version}:\n\n```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist/{version}" '
-            "\\\n  --env-manager local -p 5001\n```" in summary
+            "\\\n  --env-manager local -p 5001 -t 300\n```" in summary
         )
         assert "The champion, `@champion` (" + (f"now v{champion})" if champion else "none yet") in summary
         assert (
-            '```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n  --env-manager local -p 5001'
-            "\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations"
+            '```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n'
+            "  --env-manager local -p 5001 -t 300\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations"
         ) in summary
         assert "![report](data:image/png;base64," in summary  # data: images render in both Prefect UIs (Chromium)
     finally:

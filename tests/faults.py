@@ -61,17 +61,26 @@ def start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen
     )
 
 
-def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
-    """Start `args` in its own process group and SIGKILL the whole group when one of its processes
-    opens a file matching `pattern` (it stops there first: no race with a fast training)."""
-    freezer.arm(pattern)
+def start_frozen(
+    args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str, nth: int = 1
+) -> tuple[subprocess.Popen, int]:
+    """Start `args` (`start`) and wait until one of its processes stops itself at its `nth` open of a
+    file matching `pattern`; the process and the stopped pid. A process that exits first, or never
+    gets there, fails with its log's tail."""
+    freezer.arm(pattern, nth)
     process = start(args, repo, {**env, **freezer.env}, log)
     try:
-        freezer.wait_frozen(alive=lambda: process.poll() is None)
+        return process, freezer.wait_frozen(alive=lambda: process.poll() is None)
     except AssertionError as e:
         raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
     finally:
         freezer.disarm()
+
+
+def kill_at(args: list[str], repo: Path, env: dict, log: Path, freezer: Freezer, pattern: str) -> None:
+    """Start `args` in its own process group and SIGKILL the whole group when one of its processes
+    opens a file matching `pattern` (it stops there first: no race with a fast training)."""
+    process, _ = start_frozen(args, repo, env, log, freezer, pattern)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 

@@ -27,7 +27,7 @@ from tests.faults import (
     kill_after_first_epoch,
     runs_of,
     set_params,
-    start,
+    start_frozen,
     store,
 )
 from tests.test_pipeline import run
@@ -64,15 +64,8 @@ def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_
     ends its MLflow run KILLED, frees the workspace and exits 143; the same command resumes at step 6."""
     set_params(project, train={"epochs": EPOCHS, "checkpoint_minutes": 0})  # no timed checkpoint: the stop's own
     stage = [sys.executable, "-m", "flows.stages", "train"]
-    freezer.arm("outputs/loss.csv", LOSS_CSV_OPENS)
     log = tmp_path / "stopped.log"
-    process = start(stage, project, freezer.env, log)
-    try:
-        pid = freezer.wait_frozen(alive=lambda: process.poll() is None)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
-    finally:
-        freezer.disarm()
+    process, pid = start_frozen(stage, project, {}, log, freezer, "outputs/loss.csv", LOSS_CSV_OPENS)
     assert pid == process.pid
     os.kill(pid, signal.SIGTERM)
     os.kill(pid, signal.SIGCONT)

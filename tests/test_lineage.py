@@ -15,7 +15,7 @@ import yaml
 
 from flows.steps.train import GIT_COMMITS_TAG
 from flows.tracking import git_commit
-from tests.faults import EPOCHS, kill_after_first_epoch, runs_of, set_params, start, store
+from tests.faults import EPOCHS, kill_after_first_epoch, runs_of, set_params, start_frozen, store
 from tests.test_pipeline import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,15 +37,8 @@ def test_params_edited_while_a_stage_runs_fail_it_and_dvc_lock_records_no_new_va
     rerun trains with the new value and records it."""
     trained_with = yaml.safe_load((project / "params.yaml").read_text())["classifier"]["epochs"]
     repro = [sys.executable, "-m", "dvc", "repro", "classifier"]
-    freezer.arm(CLASSIFIER_WRITTEN)
     log = tmp_path / "edited.log"
-    process = start(repro, project, freezer.env, log)
-    try:
-        pid = freezer.wait_frozen(alive=lambda: process.poll() is None)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
-    finally:
-        freezer.disarm()
+    process, pid = start_frozen(repro, project, {}, log, freezer, CLASSIFIER_WRITTEN)
     set_params(project, classifier={"epochs": trained_with + 1})
     os.kill(pid, signal.SIGCONT)
     assert process.wait(timeout=600) != 0, log.read_text()[-3000:]

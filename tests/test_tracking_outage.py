@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from ddpm import checkpoint as ckpt
 from flows.outbox import UNSENT_FILE
 from tests import servers
-from tests.faults import EXPERIMENT, FIRST_EPOCH_DONE, set_params, start
+from tests.faults import EXPERIMENT, FIRST_EPOCH_DONE, set_params, start_frozen
 from tests.freeze import FREEZE_DEADLINE, Freezer
 from tests.test_pipeline import run
 
@@ -38,14 +38,7 @@ def train_through_an_outage(project: Path, tmp: Path, freezer: Freezer) -> tuple
     set_params(project, train={"epochs": EPOCHS, "checkpoint_minutes": 0})
     server, uri = servers.start_mlflow(tmp)
     log = tmp / "stage.log"
-    freezer.arm(FIRST_EPOCH_DONE)
-    stage = start(STAGE, project, {"MLFLOW_TRACKING_URI": uri, **freezer.env}, log)
-    try:
-        pid = freezer.wait_frozen(alive=lambda: stage.poll() is None)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
-    finally:
-        freezer.disarm()
+    stage, pid = start_frozen(STAGE, project, {"MLFLOW_TRACKING_URI": uri}, log, freezer, FIRST_EPOCH_DONE)
     servers.stop(server)
     os.kill(pid, signal.SIGCONT)
     last = project / "checkpoints" / f"epoch_{EPOCHS:04d}.ckpt"

@@ -15,7 +15,7 @@ import pytest
 
 from ddpm import checkpoint as ckpt
 from flows.workspace import LOCK_FILE
-from tests.faults import EPOCHS, FIRST_EPOCH_DONE, runs_of, set_params, start, store
+from tests.faults import EPOCHS, FIRST_EPOCH_DONE, runs_of, set_params, start_frozen, store
 from tests.freeze import _state
 from tests.test_pipeline import run
 
@@ -41,15 +41,9 @@ def training_processes(repo: Path) -> list[int]:
 def test_sigterm_to_a_two_worker_stage_leaves_no_worker_and_a_rerun_resumes(project, tmp_path, freezer):
     set_params(project, train={"epochs": EPOCHS, "workers": 2, "checkpoint_minutes": 0})
     stage = [sys.executable, "-m", "flows.stages", "train"]
-    freezer.arm(FIRST_EPOCH_DONE)  # rank 0 stops as it writes epoch 2's checkpoint: training, epoch 1 on disk
     log = tmp_path / "stopped.log"
-    process = start(stage, project, freezer.env, log)
-    try:
-        frozen = freezer.wait_frozen(alive=lambda: process.poll() is None)
-    except AssertionError as e:
-        raise AssertionError(f"{e}:\n{log.read_text()[-3000:]}") from None
-    finally:
-        freezer.disarm()
+    # rank 0 stops as it writes epoch 2's checkpoint: training, epoch 1 on disk
+    process, frozen = start_frozen(stage, project, {}, log, freezer, FIRST_EPOCH_DONE)
     training = training_processes(project)
     assert frozen in training and len(training) >= 4, training  # msrun, scheduler, 2 workers
 

@@ -151,20 +151,7 @@ def test_two_promotions_at_once_end_on_the_best(client, monkeypatch):
         return real_move(self, name, alias, version)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", move)
-    decisions = {}
-
-    def run(version: str) -> None:
-        try:
-            decisions[version] = promote(REGISTRY, version)
-        finally:
-            if version == v2:
-                v2_finished.set()
-
-    threads = [threading.Thread(target=run, args=(v,), name=f"v{v}") for v in (v2, v3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    decisions = promote_at_once(v2, v3, v2_finished)
     assert champion(client) == v2
     assert decisions[v2].promoted and decisions[v2].previous_champion == str(v1)
     assert not decisions[v3].promoted and decisions[v3].reason.startswith(f"outranked: v{v3} passed the gate")
@@ -234,6 +221,15 @@ def test_a_move_that_lands_after_the_better_promotion_finished_is_undone_by_its_
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", move)
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag)
+    decisions = promote_at_once(v2, v3, v2_finished)
+    v2_name, v3_name = f"v{v2}", f"v{v3}"
+    assert moves == [(v3_name, str(v3)), (v2_name, str(v2)), (v3_name, str(v2))]  # v3's move undone by v3
+    assert champion(client) == v2 and decisions[v2].promoted and not decisions[v3].promoted
+
+
+def promote_at_once(v2: str, v3: str, v2_finished: threading.Event) -> dict:
+    """Promote v2 and v3 from two threads named after them (the patched registry calls tell them
+    apart by name); each one's Decision. `v2_finished` is set when v2's promotion returns."""
     decisions = {}
 
     def run(version: str) -> None:
@@ -248,6 +244,4 @@ def test_a_move_that_lands_after_the_better_promotion_finished_is_undone_by_its_
         thread.start()
     for thread in threads:
         thread.join()
-    v2_name, v3_name = f"v{v2}", f"v{v3}"
-    assert moves == [(v3_name, str(v3)), (v2_name, str(v2)), (v3_name, str(v2))]  # v3's move undone by v3
-    assert champion(client) == v2 and decisions[v2].promoted and not decisions[v3].promoted
+    return decisions

@@ -148,6 +148,23 @@ def prefect(*args: str, repo: Path, env: dict) -> subprocess.CompletedProcess:
     return run([str(servers.BIN / "prefect"), *args], repo, env)
 
 
+def deploy_with_worker(repo: Path, env: dict, freezer: Freezer, log: Path) -> subprocess.Popen:
+    """Create the process work pool, deploy prefect.yaml's deployments and start a worker on the pool,
+    whose flow runs inherit the freezer; the worker (its own session), logging to `log`."""
+    for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        result = prefect(*args, repo=repo, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
+            cwd=repo,
+            env={**os.environ, **env, **freezer.env, "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def flow_run(flow_run_id: str, repo: Path, env: dict) -> dict:
     """The flow run as Prefect's API returns it: from the server's REST API when there is one (cheap
     enough to poll), else through `prefect flow-run inspect` (which starts the ephemeral API)."""

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tests.faults import (
     FIRST_EPOCH_DONE,
     assert_resumed_exactly,
     dead_holder,
+    deploy_with_worker,
     flow_run,
     flow_run_state,
     prefect,
@@ -43,34 +43,15 @@ def deployment(template, tmp_path_factory, freezer):
     mlflow_server, uri = servers.start_mlflow(tmp)
     prefect_server, env = servers.start_prefect(tmp)
     env = {**env, "MLFLOW_TRACKING_URI": uri}
-    with open(tmp / "worker.log", "w") as worker_log:
-        worker = None
-        try:
-            for args in (
-                ["work-pool", "create", "ddpm-process", "--type", "process"],
-                ["--no-prompt", "deploy", "--all"],
-            ):
-                result = prefect(*args, repo=repo, env=env)
-                assert result.returncode == 0, result.stdout + result.stderr
-            worker = subprocess.Popen(
-                [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-                cwd=repo,
-                env={
-                    **os.environ,
-                    **env,
-                    **freezer.env,  # its flow runs inherit the freezer
-                    "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-                },
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            yield repo, env, MlflowClient(uri), tmp, freezer
-        finally:
-            if worker is not None:
-                servers.stop(worker)
-            servers.stop(prefect_server)
-            servers.stop(mlflow_server)
+    worker = None
+    try:
+        worker = deploy_with_worker(repo, env, freezer, tmp / "worker.log")
+        yield repo, env, MlflowClient(uri), tmp, freezer
+    finally:
+        if worker is not None:
+            servers.stop(worker)
+        servers.stop(prefect_server)
+        servers.stop(mlflow_server)
 
 
 def trigger(repo: Path, env: dict, overrides: dict | None = None) -> str:

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests import servers
-from tests.faults import FIRST_EPOCH_DONE, prefect, runs_of, set_params, store
-from tests.freeze import Freezer
+from tests.faults import FIRST_EPOCH_DONE, deploy_with_worker, runs_of, set_params, store
 from tests.test_faults_deployment import trigger, wait_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -22,32 +19,12 @@ EPOCHS = 6  # 5 epochs left when the server goes down: it trains while the serve
 STEPS = EPOCHS * 4  # 64 images in batches of 16
 
 
-def start_worker(repo: Path, env: dict, freezer: Freezer, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [str(servers.BIN / "prefect"), "worker", "start", "--pool", "ddpm-process"],
-            cwd=repo,
-            env={
-                **os.environ,
-                **env,
-                **freezer.env,  # its flow runs inherit the freezer
-                "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
 def test_a_prefect_server_restart_mid_training_leaves_the_flow_run_training_to_completion(project, tmp_path, freezer):
     set_params(project, train={"epochs": EPOCHS})
     server, env = servers.start_prefect(tmp_path)
     worker = None
     try:
-        for args in (["work-pool", "create", "ddpm-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-            result = prefect(*args, repo=project, env=env)
-            assert result.returncode == 0, result.stdout + result.stderr
-        worker = start_worker(project, env, freezer, tmp_path / "worker.log")
+        worker = deploy_with_worker(project, env, freezer, tmp_path / "worker.log")
         freezer.arm(FIRST_EPOCH_DONE)
         try:
             flow_run_id = trigger(project, env)

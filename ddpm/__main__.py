@@ -48,8 +48,8 @@ def sample(args: argparse.Namespace) -> None:
     import dataclasses
 
     from ddpm.arrays import write_arrays
+    from ddpm.checkpoint_sampler import load_sampler
     from ddpm.images import save_grid
-    from ddpm.sampling import load_sampler
 
     sampler = load_sampler(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     request = sampler.request(args.num, args.seed, args.sampler, args.steps, args.eta)  # before any sampling

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import mindspore as ms
 import numpy as np
 
+from ddpm.checkpoint_sampler import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.config import Config
 from ddpm.runtime import effective_isa, runtime_settings, select_device
-from ddpm.sampling import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.train import Trainer
 
 TARGET_SECONDS = 4.0  # each timed repeat runs about this long

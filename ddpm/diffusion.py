@@ -2,7 +2,7 @@
 (epsilon) or v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho, 2022).
 
 The schedule lives in float64 numpy (`ddpm.schedule`); here its arrays become MindSpore tensors
-for the jitted train step. The samplers (the reverse process) live in `ddpm.samplers`.
+for the jitted train step. The samplers (the reverse process) live in `ddpm.reverse_process`.
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ import time
 
 import numpy as np
 
+from ddpm.checkpoint_sampler import CheckpointSampler, load_sampler
 from ddpm.classifier import FeatureNetwork, embed_split, load_classifier
 from ddpm.config import Config
 from ddpm.data import build_dataset, verify_dataset
 from ddpm.fid import GaussianStats, class_histogram, class_kl, fid_of, gaussian_stats
 from ddpm.logs import progress_bar
 from ddpm.runtime import set_cpu_threads
-from ddpm.sampling import CheckpointSampler, load_sampler
 
 log = logging.getLogger(__name__)
 

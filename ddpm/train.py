@@ -21,6 +21,7 @@ from mindspore import nn
 
 from ddpm import checkpoint as ckpt
 from ddpm.callbacks import Callback, EpochEnd, FitResult
+from ddpm.checkpoint_sampler import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion
@@ -31,9 +32,8 @@ from ddpm.layers import network_layers
 from ddpm.loop import epoch_losses, make_train_step
 from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
+from ddpm.reverse_process import NoisePredictor
 from ddpm.runtime import select_device, set_cpu_threads
-from ddpm.samplers import NoisePredictor
-from ddpm.sampling import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)

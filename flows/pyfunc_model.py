@@ -5,7 +5,7 @@
 in [-1, 1]. Each row is one request and the answer concatenates them in row order; every column but
 num is optional: sampler defaults to ddim, seed to 0, steps and eta to the model's own sample config.
 `mlflow models serve` answers the same rows over HTTP (README, "Serve the champion").
-Values are checked by ddpm.sampling before anything is drawn; a bad one is an MlflowException with
+Values are checked by ddpm.checkpoint_sampler before anything is drawn; a bad one is an MlflowException with
 INVALID_PARAMETER_VALUE (HTTP 400) naming every bad value and its range.
 Served (`mlflow models serve`, whose request timeout `-t` is 60 s unless set), a request is also
 refused (400) when its U-Net evaluations (num x steps) cannot be drawn within the timeout at the
@@ -48,7 +48,7 @@ def _given(value):
 class DdpmSampler(PythonModel):
     def load_context(self, context):
         import ddpm  # noqa: F401  (sets MindSpore's environment before it loads)
-        from ddpm.sampling import load_sampler
+        from ddpm.checkpoint_sampler import load_sampler
 
         self.sampler = load_sampler(context.artifacts["checkpoint"], device="auto")
         self.lock = threading.Lock()  # the scoring server predicts in threads; one network, one request at a time
@@ -59,7 +59,7 @@ class DdpmSampler(PythonModel):
         self.budget = self._budget(self.timeout) if self.timeout else None
 
     def _budget(self, timeout: int):
-        from ddpm.sampling import EvaluationBudget
+        from ddpm.checkpoint_sampler import EvaluationBudget
 
         given = os.environ.get(RATE_ENV)
         try:
@@ -77,7 +77,7 @@ class DdpmSampler(PythonModel):
         return budget
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from ddpm.sampling import DrawAbandoned, SampleRequestError
+        from ddpm.checkpoint_sampler import DrawAbandoned, SampleRequestError
 
         deadline = time.monotonic() + self.timeout if self.timeout else None  # when the server answers 504
 

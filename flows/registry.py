@@ -33,7 +33,7 @@ MODEL_REQUIREMENTS = ["mindspore==2.10.0", "numpy<2", "pyyaml", "tqdm", "pillow"
 # One row per request: how many images, which sampler, how many steps, which seed, DDIM's eta (0
 # deterministic, 1 stochastic); the answer concatenates the rows' images, (sum of num, C, H, W). Omitted:
 # sampler ddim, seed 0, steps and eta from the model's config. Columns, not inference params, so each row
-# is a whole request; ddpm.sampling states and checks the ranges.
+# is a whole request; ddpm.checkpoint_sampler states and checks the ranges.
 REQUEST_SCHEMA = Schema(
     [
         ColSpec("long", "num"),

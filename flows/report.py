@@ -116,8 +116,8 @@ def draw_classes(axes: Axes, metrics: dict[str, float]) -> None:
 
 def sample_grid(checkpoint: str, config: Config) -> tuple[np.ndarray, str]:
     """Final samples of the checkpoint drawn as the evaluation draws them (its sample section), and how."""
+    from ddpm.checkpoint_sampler import load_sampler
     from ddpm.images import make_grid
-    from ddpm.sampling import load_sampler
 
     sampler = load_sampler(checkpoint, config.train.device)
     # the evaluation's sample section fills in the request, as in ddpm.evaluate: it knows which

@@ -32,7 +32,7 @@ DDPM_LIGHT = [
     "ddpm.distributed",
     "ddpm.logs",
     "ddpm.lr_schedules",
-    "ddpm.samplers",
+    "ddpm.reverse_process",
 ]
 CHECKED = [m for m in FLOWS_MODULES if m not in TRAINS_AT_IMPORT] + DDPM_LIGHT
 

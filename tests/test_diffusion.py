@@ -2,10 +2,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ddpm import samplers
+from ddpm import reverse_process
+from ddpm.checkpoint_sampler import make_noise_predictor
 from ddpm.config import ConfigError, DiffusionConfig, config_from_dict
 from ddpm.diffusion import GaussianDiffusion, min_snr_weights
-from ddpm.sampling import make_noise_predictor
 from ddpm.schedule import NoiseSchedule, make_betas
 from ddpm.unet import Unet
 
@@ -53,7 +53,7 @@ def test_ddpm_step_without_clipping_is_the_tutorials_formula(diffusion):
         np.sqrt(1 / s.alphas[t]) * (x_t - s.betas[t] * eps / s.sqrt_one_minus_alphas_cumprod[t])
         + np.sqrt(s.posterior_variance[t]) * z
     )
-    np.testing.assert_allclose(samplers.ddpm_step(s, x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
+    np.testing.assert_allclose(reverse_process.ddpm_step(s, x_t, t, eps, z, clip_x0=False), tutorial, rtol=1e-10)
 
 
 def test_ddim_with_exact_noise_recovers_x0(diffusion):
@@ -64,16 +64,16 @@ def test_ddim_with_exact_noise_recovers_x0(diffusion):
     t = 150
     x_t = diffusion.schedule.sqrt_alphas_cumprod[t] * x0 + diffusion.schedule.sqrt_one_minus_alphas_cumprod[t] * noise
     np.testing.assert_allclose(
-        samplers.ddim_step(diffusion.schedule, x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0, atol=1e-10
+        reverse_process.ddim_step(diffusion.schedule, x_t, t, -1, noise, 0.0, 0.0, clip_x0=True), x0, atol=1e-10
     )
 
 
 def test_ddim_timesteps():
-    ts = samplers.ddim_timesteps(200, 50)
+    ts = reverse_process.ddim_timesteps(200, 50)
     assert len(ts) == 50 and ts[0] == 199 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
-    assert samplers.ddim_timesteps(200, 200) == samplers.ddpm_timesteps(200)
+    assert reverse_process.ddim_timesteps(200, 200) == reverse_process.ddpm_timesteps(200)
     with pytest.raises(ValueError):
-        samplers.ddim_timesteps(200, 201)
+        reverse_process.ddim_timesteps(200, 201)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
     schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=20))
 
     def draw(seed):
-        return samplers.sample(tiny_predictor, schedule, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)
+        return reverse_process.sample(tiny_predictor, schedule, (3, 1, 28, 28), seed, sampler, steps or 20, eta, True)
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (3, 1, 28, 28) and a.dtype == np.float32
@@ -94,7 +94,7 @@ def test_sampling_shape_range_and_seed(tiny_predictor, sampler, steps, eta):
 
 def test_unknown_sampler(tiny_predictor):
     with pytest.raises(ValueError, match="unknown sampler"):
-        samplers.sample(
+        reverse_process.sample(
             tiny_predictor, NoiseSchedule.from_config(DiffusionConfig(timesteps=5)), (1, 1, 28, 28), 0, "euler"
         )
 
@@ -152,7 +152,7 @@ def test_dpm_solver_pp_2m_converges_at_second_order_to_the_exact_ode_solution(di
     predict = gaussian_data_predictor(s, std)
 
     def error(sampler, steps):
-        x = samplers.sample(predict, s, shape, 0, sampler, steps, 0.0, clip_x0=False)
+        x = reverse_process.sample(predict, s, shape, 0, sampler, steps, 0.0, clip_x0=False)
         return float(np.abs(x - exact).max() / np.abs(exact).max())
 
     dpm = {steps: error("dpmpp_2m", steps) for steps in (50, 100, 200)}
@@ -172,7 +172,7 @@ def test_dpm_solver_pp_2m_lands_exactly_on_a_point_mass():
         return ((x_t - np.sqrt(abar) * c) / np.sqrt(1 - abar)).astype(np.float32)
 
     for steps in (1, 2, 7, 50):
-        x = samplers.sample(predict, s, (2, 1, 3, 3), 1, "dpmpp_2m", steps, clip_x0=False)
+        x = reverse_process.sample(predict, s, (2, 1, 3, 3), 1, "dpmpp_2m", steps, clip_x0=False)
         np.testing.assert_allclose(x, c, atol=1e-5)
 
 
@@ -208,7 +208,9 @@ def test_the_noise_a_v_prediction_implies_is_the_noise_that_made_x_t(diffusion):
     t = np.array([0, 1, 100, 198, 199])
     a, sigma = s.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1), s.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
     x_t = a * x0 + sigma * noise
-    np.testing.assert_allclose(samplers.eps_from_v(s, x_t, t, v_of(s, x0, t, noise)), noise, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        reverse_process.eps_from_v(s, x_t, t, v_of(s, x0, t, noise)), noise, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
@@ -223,11 +225,11 @@ def test_every_sampler_draws_the_same_images_from_the_v_of_a_noise_predictor(dif
         x0 = (x_t - sigma * eps) / a
         return (a * eps - sigma * x0).astype(np.float32)
 
-    told_as_v = samplers.as_noise_predictor(predict_v, s, "v")
-    a = samplers.sample(predict_eps, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
-    b = samplers.sample(told_as_v, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
+    told_as_v = reverse_process.as_noise_predictor(predict_v, s, "v")
+    a = reverse_process.sample(predict_eps, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
+    b = reverse_process.sample(told_as_v, s, (4, 1, 3, 3), 7, sampler, 20, 1.0)
     np.testing.assert_allclose(a, b, atol=1e-5)
-    assert samplers.as_noise_predictor(predict_eps, s, "eps") is predict_eps
+    assert reverse_process.as_noise_predictor(predict_eps, s, "eps") is predict_eps
 
 
 def test_min_snr_weights_for_v_are_min_snr_gamma_over_snr_plus_one(diffusion):
@@ -246,7 +248,7 @@ def test_a_v_network_is_sampled_through_the_noise_its_output_implies(diffusion):
     as_v = make_noise_predictor(net, diffusion.schedule, "v")
     x_t = np.random.default_rng(6).standard_normal((2, 1, 28, 28)).astype(np.float32)
     t = np.array([150, 150], np.int32)
-    expected = samplers.eps_from_v(diffusion.schedule, x_t.astype(np.float64), t, raw(x_t, t).astype(np.float64))
+    expected = reverse_process.eps_from_v(diffusion.schedule, x_t.astype(np.float64), t, raw(x_t, t).astype(np.float64))
     np.testing.assert_allclose(as_v(x_t, t), expected, rtol=1e-5, atol=1e-5)
 
 

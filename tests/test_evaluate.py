@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
+from ddpm.checkpoint_sampler import load_sampler
 from ddpm.classifier import embed_split, train_classifier
 from ddpm.data import build_dataset
 from ddpm.evaluate import evaluate_checkpoint, fid_reference, sample_quality
 from ddpm.fid import class_kl, fid_of, gaussian_stats
-from ddpm.sampling import load_sampler
 from ddpm.train import fit
 
 QUALITY_KEYS = {"fid", "fid_floor", "fid_ratio", "class_kl", "class_kl_floor", "sample_seconds", "classifier_accuracy"}

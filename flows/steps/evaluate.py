@@ -72,7 +72,7 @@ def write_loss_per_t(path: Path, per_t: dict[str, float]) -> None:
 def measurement(config: Config) -> dict[str, str]:
     """How the scores were measured: FIDs compare only when these agree (the promotion gate checks).
     The sampler with the steps it walks (DDPM the whole chain, T); eta only for DDIM, the one sampler
-    it acts on (ddpm/samplers.py)."""
+    it acts on (ddpm/reverse_process.py)."""
     sample = config.sample
     steps = config.diffusion.timesteps if sample.sampler == "ddpm" else sample.steps
     how = {

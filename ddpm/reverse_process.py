@@ -2,7 +2,7 @@
 around a noise predictor.
 
 No MindSpore here: a sampler takes the schedule's arrays and a function that predicts the noise,
-so each step reads like the paper's equations. `ddpm.sampling` checks requests and batches them.
+so each step reads like the paper's equations. `ddpm.checkpoint_sampler` checks requests and batches them.
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ddpm import samplers
+from ddpm import reverse_process
 from ddpm.checkpoint import CheckpointError, load_checkpoint, sampling_weights
 from ddpm.config import Config, ModelConfig
 from ddpm.errors import SampleRequestError
 from ddpm.logs import progress_bar
+from ddpm.reverse_process import SAMPLERS, NoisePredictor
 from ddpm.runtime import select_device
-from ddpm.samplers import SAMPLERS, NoisePredictor
 from ddpm.schedule import NoiseSchedule
 from ddpm.unet import build_unet
 
@@ -255,7 +255,7 @@ def make_noise_predictor(net: nn.Cell, schedule: NoiseSchedule, prediction: str)
     def predict(x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         return forward(ms.Tensor(x_t), ms.Tensor(t)).asnumpy()
 
-    return samplers.as_noise_predictor(predict, schedule, prediction)
+    return reverse_process.as_noise_predictor(predict, schedule, prediction)
 
 
 def sample_batches(
@@ -281,7 +281,7 @@ def sample_batches(
             bar = functools.partial(
                 progress_bar, desc=desc, total=None, unit="step", enabled=progress, inner=True, leave=False
             )
-            x0 = samplers.sample(
+            x0 = reverse_process.sample(
                 predict,
                 schedule,
                 (size, model.channels, model.image_size, model.image_size),

@@ -1,4 +1,4 @@
-"""Checking sampling requests (ddpm.sampling), the one place `ddpm sample` and the registered model share."""
+"""Checking sampling requests (ddpm.checkpoint_sampler), the one place `ddpm sample` and the registered model share."""
 
 import dataclasses
 import re
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from ddpm.sampling import (
+from ddpm.checkpoint_sampler import (
     MAX_REQUEST_IMAGES,
     CheckpointSampler,
     DrawAbandoned,

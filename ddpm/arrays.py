@@ -6,13 +6,14 @@ settings that drew them, one small array each (`np.load(path)["sampler"]`); a .n
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ddpm.files import atomic_path
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 IMAGES_KEY = "images"  # the images' name inside a .npz
@@ -26,18 +27,11 @@ def write_arrays(
     if path.suffix not in ARRAY_SUFFIXES:
         raise ValueError(f"{path}: array files end in {' or '.join(ARRAY_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "wb") as out:
+    with atomic_path(path, durable=True) as tmp:  # an interrupted write leaves nothing behind
+        with open(tmp, "wb") as out:
             written = (_write_npy if path.suffix == ".npy" else _write_npz)(out, batches, shape, settings or {})
-            out.flush()
-            os.fsync(out.fileno())
         if written != shape[0]:
             raise ValueError(f"{path}: got {written} images, expected {shape[0]}")
-    except BaseException:
-        partial.unlink(missing_ok=True)  # an interrupted write leaves nothing behind
-        raise
-    os.replace(partial, path)
     return path
 
 

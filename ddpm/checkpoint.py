@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -22,13 +21,14 @@ import yaml
 
 from ddpm.config import Config, config_from_dict
 from ddpm.errors import CheckpointError, CheckpointWriteError
+from ddpm.files import atomic_path, final_name, remove_leftover
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.ckpt$")
 MID_EPOCH_FILE = re.compile(r"^epoch_(\d{4,})_step_(\d{6,})\.ckpt$")
-WRITTEN_FILE = re.compile(r"^\.?epoch_\d{4,}(_step_\d{6,})?(\.partial)?\.(ckpt|tmp)$")  # either, or a temporary of one
+CHECKPOINT_FILE = re.compile(r"^epoch_\d{4,}(_step_\d{6,})?\.ckpt$")  # either
 META_PREFIX = "meta."  # keeps metadata apart from tensor names such as Adam's "global_step"
 META_KEYS = ("format_version", "config_yaml", "epoch", "global_step")
 METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoints still load
@@ -37,6 +37,7 @@ PRECISION_KEY = "precision"  # fp32 | bf16: what train.precision resolved to on 
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
+CHECKPOINT_SUFFIX = ".ckpt"
 MINDSPORE_TMP_SUFFIX = ".tmp"  # ms.save_checkpoint writes x.tmp, then renames it to x.ckpt
 
 OPTIMIZER_SCALARS = {"global_step", "beta1_power", "beta2_power", "learning_rate"}
@@ -123,7 +124,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def written_here(name: str) -> bool:
     """Whether a file of this name in a checkpoint directory is one this module writes: a checkpoint,
     its temporary files (ours and MindSpore's), or the writability probe."""
-    return name == WRITE_PROBE or bool(WRITTEN_FILE.match(name))
+    if name.endswith(MINDSPORE_TMP_SUFFIX):  # MindSpore's temporary of the .ckpt it writes
+        name = name.removesuffix(MINDSPORE_TMP_SUFFIX) + CHECKPOINT_SUFFIX
+    return name == WRITE_PROBE or bool(CHECKPOINT_FILE.match(final_name(name)))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -182,26 +185,23 @@ def write_ckpt(path: str | Path, weights, meta: dict) -> Path:
     import mindspore as ms  # here, not at the top: the pipeline reads checkpoint names without loading MindSpore
 
     path = Path(path)
-    tmp = path.parent / f".{path.stem}.partial.ckpt"  # MindSpore insists on the .ckpt suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _mindspore_log_off():  # its "Failed to save ..." line would precede our one clear error
-            ms.save_checkpoint(
-                weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True
-            )
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
-        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        with atomic_path(path, durable=True) as tmp:  # tmp keeps .ckpt, the suffix MindSpore insists on
+            try:
+                with _mindspore_log_off():  # its "Failed to save ..." line would precede our one clear error
+                    ms.save_checkpoint(
+                        weights, str(tmp), append_dict={META_PREFIX + k: v for k, v in meta.items()}, crc_check=True
+                    )
+            except BaseException:
+                remove_leftover(tmp.with_suffix(MINDSPORE_TMP_SUFFIX))  # MindSpore's own temporary of ours
+                raise
     except (OSError, RuntimeError) as e:  # MindSpore reports a failed write as a RuntimeError
-        _remove_partial(tmp)
         raise CheckpointWriteError(
             f"could not write checkpoint {path} ({_reason(e, path.parent)}); the previous checkpoints are intact. "
             f"Free space on {path.parent} or make it writable (or set train.checkpoint_dir elsewhere), then rerun "
             "with --resume"
         ) from None
-    except BaseException:  # e.g. a second Ctrl-C while writing
-        _remove_partial(tmp)
-        raise
     return path
 
 
@@ -215,23 +215,6 @@ def _mindspore_log_off():
         yield
     finally:
         logger.disabled = disabled
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_partial(tmp: Path) -> None:
-    """Delete our temporary file and MindSpore's own (it writes <stem>.tmp, then renames it to tmp)."""
-    for partial in (tmp, tmp.with_suffix(MINDSPORE_TMP_SUFFIX)):
-        try:
-            partial.unlink(missing_ok=True)
-        except OSError as e:  # e.g. the directory is not one: nothing was left there
-            log.debug("could not remove %s: %s", partial, e)
 
 
 def _reason(error: BaseException, directory: Path) -> str:

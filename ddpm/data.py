@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm.errors import DataError
+from ddpm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +74,13 @@ def install_dataset(source: str, root: str | Path) -> None:
     `root`, decompressing, and verify them before they replace anything already there."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    staged = []
-    for name, expected in FILES.items():
-        tmp = root / f".{name}.partial"
-        _fetch_one(source, name, tmp)
-        actual = sha256_of(tmp)
-        if actual != expected:
-            tmp.unlink()
-            raise DataError(f"{source}: {name} has sha256 {actual}, expected {expected}; not installed")
-        staged.append((tmp, root / name))
-    for tmp, final in staged:
-        tmp.replace(final)
+    with contextlib.ExitStack() as staged:  # renamed into place only once all four are verified
+        for name, expected in FILES.items():
+            tmp = staged.enter_context(atomic_path(root / name))
+            _fetch_one(source, name, tmp)
+            actual = sha256_of(tmp)
+            if actual != expected:
+                raise DataError(f"{source}: {name} has sha256 {actual}, expected {expected}; not installed")
     log.info("installed Fashion-MNIST from %s into %s", source, root)
 
 

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from ddpm.callbacks import Callback, EpochEnd, FitResult
 from ddpm.config import Config
+from ddpm.files import atomic_path, final_name, is_partial
 from ddpm.images import make_grid
 from flows.errors import TrackingError
 from flows.outbox import EPOCH, STEP, Outbox, load_unsent, record, save_unsent, shown
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 
 SAMPLES_KEY = "samples"  # the image key of the per-epoch sample grids
 GRID_FILE = re.compile(r"epoch_(\d+)\.png")  # a preview grid's file, named by its epoch (1-based)
-PARTIAL_GRID = re.compile(r"\.epoch_\d+\.png\.partial")  # one a killed training left half written
 END_PATIENCE = 600.0  # seconds the end of a training waits for a tracking server that is down
 PRECISION_TAG = "precision"  # what train.precision resolved to; "bf16, then fp32" if a resume ran elsewhere
 
@@ -56,9 +56,8 @@ def write_grid(grid: np.ndarray, path: Path) -> None:
     """A PNG, written atomically: a reader (DVC) sees the previous file or the whole new one."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
 
 
 def read_grid(path: Path) -> np.ndarray:
@@ -130,8 +129,8 @@ class MlflowLogger(Callback):
         if self.grid_dir is not None:
             self.grid_dir.mkdir(parents=True, exist_ok=True)
             for path in self.grid_dir.iterdir():  # another training's grids, or half of one
-                grid = GRID_FILE.fullmatch(path.name)
-                if (grid and int(grid[1]) > start_epoch) or PARTIAL_GRID.fullmatch(path.name):
+                grid = GRID_FILE.fullmatch(final_name(path.name))
+                if grid and (is_partial(path.name) or int(grid[1]) > start_epoch):
                     path.unlink()
 
     def queue_unsent(self, start_epoch: int, start_step: int) -> None:

@@ -16,6 +16,7 @@ import yaml
 from ddpm.callbacks import FitResult
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS, launch_workers
+from ddpm.files import atomic_path
 from flows.config import PipelineConfig
 
 WORKER_PARAMS = "worker_params.yaml"  # in train.checkpoint_dir: the params every worker reads
@@ -36,9 +37,8 @@ def fit_on_workers(config: Config, pipeline: PipelineConfig, repo: Path, run_id:
 
 
 def save_fit_result(result: FitResult, directory: Path) -> None:
-    tmp = directory / f".{FIT_RESULT}.partial"
-    tmp.write_text(json.dumps({**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}))
-    tmp.replace(directory / FIT_RESULT)
+    with atomic_path(directory / FIT_RESULT) as tmp:
+        tmp.write_text(json.dumps({**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}))
 
 
 def load_fit_result(directory: Path) -> FitResult:

@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
 
 from ddpm.config import Config
+from ddpm.files import atomic_path
 from flows.steps import CLASS_FRACTION, EVAL_LOSS_CSV, LOSS_CSV, REAL_CLASS_FRACTION, REPORT_PNG
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,8 @@ def write_report(repo: Path, run_id: str, config: Config, checkpoint: str, metri
     grid, how = sample_grid(checkpoint, config)
     data = ReportData(read_columns(repo / LOSS_CSV), read_columns(repo / EVAL_LOSS_CSV), metrics, grid, how)
     path = repo / REPORT_PNG
-    tmp = path.with_name(f".{path.name}.partial")  # DVC and readers see the old figure or the new one
-    draw_report(data).savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # DVC and readers see the old figure or the new one
+        draw_report(data).savefig(tmp, format="png")
     MlflowClient().log_artifact(run_id, str(path))
     log.info("report figure %s, logged to run %s", path, run_id)
     return path

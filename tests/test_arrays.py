@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ddpm.arrays import write_arrays
+from ddpm.files import partial_path
 
 SHAPE = (10, 1, 28, 28)
 BATCH = 4
@@ -15,8 +16,7 @@ def batches(images, written_before=None, path=None):
     """Yield `images` in batches of BATCH; with `path`, record the partial file's size before each batch."""
     for start in range(0, len(images), BATCH):
         if path is not None:
-            partial = path.with_name(path.name + ".partial")
-            written_before.append(partial.stat().st_size)
+            written_before.append(partial_path(path).stat().st_size)
         yield images[start : start + BATCH]
 
 
@@ -30,7 +30,7 @@ def test_arrays_round_trip_and_stream_to_disk(tmp_path, images, suffix):
     path = tmp_path / f"samples{suffix}"
     sizes: list[int] = []
     assert write_arrays(path, batches(images, sizes, path), SHAPE, {"sampler": "ddim", "steps": 5}) == path
-    assert not (tmp_path / f"samples{suffix}.partial").exists()
+    assert not partial_path(path).exists()
     # Each batch reached the file before the next was drawn: memory holds one batch, not the array.
     batch_bytes = BATCH * 28 * 28 * 4
     assert all(later - earlier >= batch_bytes for earlier, later in itertools.pairwise(sizes)), sizes

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ddpm.callbacks import EpochEnd, FitResult
 from ddpm.config import Config, config_from_dict
+from ddpm.files import partial_path
 from flows import tracking
 from flows.config import params_from_dict
 from flows.logger import MlflowLogger
@@ -159,7 +160,7 @@ def test_the_grids_for_dvc_plots_come_from_the_same_draw_and_survive_a_resume(pi
         assert sorted(p.name for p in grids.iterdir()) == ["notes.txt"]  # a new training starts without grids
         first.on_epoch_end(grid_epoch_end(0, draws))
         first.on_epoch_end(grid_epoch_end(1, draws))
-        (grids / ".epoch_0003.png.partial").write_bytes(b"half")
+        partial_path(grids / "epoch_0003.png").write_bytes(b"half")
     assert draws == [0, 1]  # one draw per epoch serves MLflow and the PNG
     epoch_1 = (grids / "epoch_0001.png").read_bytes()
     with mlflow.start_run(run_id=run.info.run_id):  # resumed after epoch 2's checkpoint

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpm.files import atomic_path
 from ddpm.runtime import NATIVE_KERNELS_ENV, lower_isa_cap, native_kernels_allowed
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,10 @@ def build(toolchain: Toolchain) -> Path:
 
 
 def compile_library(toolchain: Toolchain, directory: Path, target: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+    # atomic: readers see no file or a whole one; build()'s lock keeps other processes off the temporary
+    with tempfile.TemporaryDirectory(dir=directory) as scratch, atomic_path(target) as output:
         config_dir = Path(scratch) / "include"
         write_runtime_config(toolchain.include_dir, config_dir)
-        output = Path(scratch) / target.name
         lib_dir = toolchain.libdnnl.parent
         command = [
             toolchain.compiler,
@@ -191,7 +192,6 @@ def compile_library(toolchain: Toolchain, directory: Path, target: Path) -> None
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelUnavailable(f"compiling {LIBRARY_STEM} failed:\n{result.stderr[-2000:]}")
-        os.replace(output, target)  # atomic: readers see no file or a whole one
 
 
 def write_runtime_config(include_dir: Path, config_dir: Path) -> None:

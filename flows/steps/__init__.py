@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.errors import USER_ERRORS as DDPM_USER_ERRORS
+from ddpm.files import atomic_path
 from flows.errors import RegistrationError, TrackingError
 from flows.workspace import WorkspaceBusy
 
@@ -86,6 +87,5 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def write_json(path: Path, data: dict) -> None:
     """Write atomically: a reader sees the old record or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -25,6 +25,7 @@ from ddpm.callbacks import Callback
 from ddpm.checkpoint import written_here
 from ddpm.config import Config
 from ddpm.distributed import WORKER_LOGS
+from ddpm.files import final_name
 from flows.config import PipelineConfig
 from flows.steps import FLOW_UNFINISHED, LOSS_CSV, SAMPLES_DIR, TRAIN_JSON, Trained, read_json, write_json
 
@@ -34,11 +35,10 @@ GIT_COMMITS_TAG = "git_commits"  # every commit a run trained under, "a, then b"
 FINISHED_MARKER = "finished.json"  # in the checkpoint dir: the Trained record of a finished training
 LEGACY_MARKER = "COMPLETE"  # what earlier versions wrote there instead
 # The names a training writes into its checkpoint directory besides ddpm.checkpoint's own files
-# (flows.tracking's run id, flows.outbox's unsent metrics, flows.parallel's, the markers): the only files the
-# pipeline deletes there.
+# (flows.tracking's run id, flows.outbox's unsent metrics, flows.parallel's, the markers), and their temporaries
+# (ddpm.files): the only files the pipeline deletes there.
 OWNED_FILES = re.compile(
-    r"^(mlflow_run_id|\.?mlflow_unsent\.json(\.partial)?|worker_params\.yaml|\.?fit_result\.json(\.partial)?"
-    r"|\.?finished\.json(\.partial)?|COMPLETE|flow_unfinished)$"
+    r"^(mlflow_run_id|mlflow_unsent\.json|worker_params\.yaml|fit_result\.json|finished\.json|COMPLETE|flow_unfinished)$"
 )
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
@@ -51,7 +51,7 @@ def foreign_files(directory: Path) -> list[Path]:
     return sorted(
         p
         for p in directory.iterdir()
-        if not (written_here(p.name) or OWNED_FILES.match(p.name) or (p.name in OWNED_DIRS and p.is_dir()))
+        if not (written_here(p.name) or OWNED_FILES.match(final_name(p.name)) or (p.name in OWNED_DIRS and p.is_dir()))
     )
 
 

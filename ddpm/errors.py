@@ -1,11 +1,15 @@
 """The errors ddpm raises for bad input or a bad environment: each says what is wrong and how to fix
-it, and the entry points (the ddpm CLI, the pipeline) report them as one line, exit 2. No MindSpore
-here, so that anything can name them."""
+it, and how every entry point (the ddpm CLI, the DVC stages, the pipeline, promote) turns an error
+into an exit code: `run_entry_point` reports a user error as one line, exit 2. No MindSpore here, so
+that anything can name them."""
 
 import errno
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from ddpm.interrupt import TrainingInterrupted
 from ddpm.logs import redact
 
 
@@ -59,6 +63,27 @@ USER_ERRORS = (
 )
 
 
+USER_ERROR_EXIT = 2  # as argparse exits on a bad command line: the input or the machine, not the code
+
+Errors = tuple[type[BaseException], ...]
+
+
+def run_entry_point(
+    body: Callable[[], int], log: logging.Logger, errors: Errors = USER_ERRORS, resume: str = "rerun to continue"
+) -> int:
+    """Run an entry point's `body` and return its exit code: a user error (one of `errors`) is one line
+    on `log`, exit 2; a training stopped by a signal exits as a shell reports it (130 SIGINT, 143
+    SIGTERM), saying how to `resume`; a bug raises."""
+    try:
+        return body()
+    except errors as e:
+        log.error("%s", describe(e))
+        return USER_ERROR_EXIT
+    except TrainingInterrupted as e:  # checkpointed at the step; a caller's run ended KILLED
+        log.warning("%s; %s", e, resume)
+        return e.exit_code
+
+
 def describe(e: BaseException) -> str:
     """The one line an entry point reports for a user error: an OS error on a path names the path and
     what to do about it; our own errors already say both. A URL's credentials are never in it."""
@@ -67,10 +92,7 @@ def describe(e: BaseException) -> str:
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in DISK_FULL:
-        return (
-            f"no space left on device ({DISK_FULL[e.errno]}: {e.strerror}) writing {written(e)}: free space on its "
-            f"file system, or point that directory elsewhere, then rerun (a training resumes from its last checkpoint)"
-        )
+        return no_space(f"{DISK_FULL[e.errno]}: {e.strerror}", written(e))
     if isinstance(e, OSError) and e.filename is not None:
         fix = (
             "check the path"
@@ -81,14 +103,25 @@ def _describe(e: BaseException) -> str:
     return str(e)
 
 
+def no_space(reason: str, where: str) -> str:
+    return (
+        f"no space left on device ({reason}) writing {where}: free space on its file system, or point that "
+        f"directory elsewhere, then rerun (a training resumes from its last checkpoint)"
+    )
+
+
 def written(e: OSError) -> str:
     """The file a failed write went to: the error's (a copy names the source, then the destination),
     else the full file systems here; a write to an open file carries no path."""
     path = e.filename2 or e.filename
     if path is not None:
         return str(path)
+    return "a file" + on_full_here()
+
+
+def on_full_here() -> str:
     full = full_here()
-    return "a file on " + " and ".join(full) if full else "a file"
+    return " on " + " and ".join(full) if full else ""
 
 
 def full_here() -> list[str]:

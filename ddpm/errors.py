@@ -6,7 +6,8 @@ that anything can name them."""
 import errno
 import logging
 import os
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ddpm.interrupt import TrainingInterrupted
@@ -48,6 +49,9 @@ class NonFiniteLossError(FloatingPointError):
 # An OS error whose errno says the disk is full: the file system, or the user's quota on it
 DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
 
+# SQLite's full disk (or a database at its page limit): its error carries no path and no errno
+SQLITE_FULL = "SQLITE_FULL"
+
 FULL_BYTES = 2**20  # less free than this counts as full: the failed write's partial file may be gone by now
 
 # What an entry point reports as one clear line rather than a traceback (flows adds its own).
@@ -71,9 +75,9 @@ Errors = tuple[type[BaseException], ...]
 def run_entry_point(
     body: Callable[[], int], log: logging.Logger, errors: Errors = USER_ERRORS, resume: str = "rerun to continue"
 ) -> int:
-    """Run an entry point's `body` and return its exit code: a user error (one of `errors`) is one line
-    on `log`, exit 2; a training stopped by a signal exits as a shell reports it (130 SIGINT, 143
-    SIGTERM), saying how to `resume`; a bug raises."""
+    """Run an entry point's `body` and return its exit code: a user error (one of `errors`, or a full
+    disk behind a library's own error) is one line on `log`, exit 2; a training stopped by a signal
+    exits as a shell reports it (130 SIGINT, 143 SIGTERM), saying how to `resume`; a bug raises."""
     try:
         return body()
     except errors as e:
@@ -82,6 +86,34 @@ def run_entry_point(
     except TrainingInterrupted as e:  # checkpointed at the step; a caller's run ended KILLED
         log.warning("%s; %s", e, resume)
         return e.exit_code
+    except Exception as e:
+        if full_disk(e) is None:
+            raise
+        log.error("%s", describe(e))
+        return USER_ERROR_EXIT
+
+
+def full_disk(e: BaseException) -> BaseException | None:
+    """The full-disk error behind `e`, if any: an OS error with ENOSPC or EDQUOT, or SQLite's SQLITE_FULL,
+    which SQLAlchemy and then MLflow wrap in errors of their own (their text holds the query)."""
+    for cause in causes(e):
+        if (isinstance(cause, OSError) and cause.errno in DISK_FULL) or sqlite_full(cause):
+            return cause
+    return None
+
+
+def sqlite_full(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == sqlite3.SQLITE_FULL
+
+
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the errors behind it, as Python's traceback shows them (a context raised `from None` is not)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
 
 
 def describe(e: BaseException) -> str:
@@ -91,8 +123,12 @@ def describe(e: BaseException) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    if not isinstance(e, USER_ERRORS) and (full := full_disk(e)) is not None:
+        e = full  # a library's error (MLflow's, SQLAlchemy's) around a full disk: the disk is the news
     if isinstance(e, OSError) and e.errno in DISK_FULL:
         return no_space(f"{DISK_FULL[e.errno]}: {e.strerror}", written(e))
+    if sqlite_full(e):  # its own text only: the wrappers' hold the query and its parameters
+        return no_space(f"{SQLITE_FULL}: {e}", "a SQLite database" + on_full_here())
     if isinstance(e, OSError) and e.filename is not None:
         fix = (
             "check the path"

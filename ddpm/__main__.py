@@ -21,25 +21,19 @@ log = logging.getLogger("ddpm")
 def train(args: argparse.Namespace) -> None:
     from ddpm.config import load_config, parse_sets
     from ddpm.distributed import WORKER_LOGS, in_msrun, init_world, launch_workers
-    from ddpm.interrupt import TrainingInterrupted
     from ddpm.train import fit
 
     config = load_config(args.params, parse_sets(args.set))
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
-    try:
-        if config.train.workers > 1 and not in_msrun():
-            command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
-            launch_workers(
-                config.train.workers,
-                command + (["--resume"] if args.resume else []),
-                Path(config.train.checkpoint_dir) / WORKER_LOGS,
-            )
-            return
-        result = fit(config, resume=args.resume)
-    except TrainingInterrupted as e:  # exit as a shell reports the signal: 130 for SIGINT, 143 for SIGTERM
-        resume = ["ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set), "--resume"]
-        log.warning("%s; continue with `%s`", e, shlex.join(resume))
-        raise SystemExit(e.exit_code) from None
+    if config.train.workers > 1 and not in_msrun():
+        command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
+        launch_workers(
+            config.train.workers,
+            command + (["--resume"] if args.resume else []),
+            Path(config.train.checkpoint_dir) / WORKER_LOGS,
+        )
+        return
+    result = fit(config, resume=args.resume)
     if world.is_main:
         log.info("trained %d epochs (%d steps); checkpoint %s", result.epochs, result.global_step, result.checkpoint)
 
@@ -224,20 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """What continues a training stopped by a signal: the same `ddpm train` with --resume."""
+    if args.func is not train:
+        return "rerun to continue"
+    resume = ["ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set), "--resume"]
+    return f"continue with `{shlex.join(resume)}`"
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ddpm.errors import USER_ERRORS, describe
+    from ddpm.errors import run_entry_point
 
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
+
+    def body() -> int:
         with logging_redirect_tqdm():
             args.func(args)
-    except USER_ERRORS as e:
-        log.error("%s", describe(e))
-        return 2
-    return 0
+        return 0
+
+    return run_entry_point(body, log, resume=resume_hint(args))
 
 
 if __name__ == "__main__":

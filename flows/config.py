@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 
 from ddpm import config as ddpm_config
 from ddpm.config import Config, ConfigError, Overrides, apply_overrides, build_section, config_from_dict
-from ddpm.errors import USER_ERRORS, describe
+from ddpm.errors import run_entry_point
 from ddpm.logs import configure_logging
 from ddpm.params_file import is_inside, read_params
 
@@ -241,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("params", help="the params file, e.g. an overlay of params.yaml")
     args = parser.parse_args(argv)
     configure_logging()
-    try:
-        load_params(args.params, repo=Path.cwd())  # the stages validate it too: fail here, before DVC starts
-        sets = dvc_set_params(args.params)
-    except USER_ERRORS as e:
-        log.error("%s", describe(e))
-        return 2
-    log.info("%s: %d keys differ from params.yaml%s", args.params, len(sets), "" if sets else ": run `dvc repro`")
+    return run_entry_point(lambda: print_dvc_options(args.params), log)
+
+
+def print_dvc_options(params: str) -> int:
+    load_params(params, repo=Path.cwd())  # the stages validate it too: fail here, before DVC starts
+    sets = dvc_set_params(params)
+    log.info("%s: %d keys differ from params.yaml%s", params, len(sets), "" if sets else ": run `dvc repro`")
     sys.stdout.write("".join(f"{option}\n" for option in sets))
     return 0
 

@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 from ddpm.data import FILES, DataError, dataset_problems, file_hash, install_dataset
-from ddpm.errors import USER_ERRORS, describe
+from ddpm.errors import run_entry_point
 from ddpm.logs import configure_logging
 from flows.config import load_params
+from flows.steps import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     configure_logging()
-    try:
-        config, pipeline = load_params(args.params)
-        origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
-    except USER_ERRORS as e:
-        log.error("%s", describe(e))
-        return 2
+    return run_entry_point(lambda: fetch(args.params), log, USER_ERRORS)
+
+
+def fetch(params: str) -> int:
+    config, pipeline = load_params(params)
+    origin = fetch_data(Path.cwd(), config.data.root, pipeline.fetch.sources, pipeline.dvc_remote)
     log.info("Fashion-MNIST ready in %s (from %s)", config.data.root, origin)
     return 0
 

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from ddpm.errors import full_disk
 from flows.steps import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ def reason(error: BaseException) -> str:
 def unreachable(error: BaseException) -> bool:
     """A server that is down, restarting or overloaded, as opposed to one refusing the request. A local
     file error (a full disk under mlruns/, no permission) is no outage: retrying would wait forever."""
-    if isinstance(error, MlflowException):
-        return error.get_http_status_code() in TRANSIENT
+    if isinstance(error, MlflowException):  # a full SQLite store is MLflow's 503 too, yet no outage
+        return error.get_http_status_code() in TRANSIENT and full_disk(error) is None
     return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError, socket.gaierror))
 
 

@@ -24,8 +24,7 @@ from prefect.runtime import flow_run
 from ddpm.__main__ import Parser
 from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
-from ddpm.errors import describe
-from ddpm.interrupt import TrainingInterrupted
+from ddpm.errors import run_entry_point
 from flows import PROJECT_LOGGERS
 from flows.config import PipelineConfig, RegistryConfig, load_params
 from flows.data import fetch_data
@@ -219,17 +218,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        overrides = parse_sets(args.set)
-        _, pipeline = load_params(args.params, overrides, repo=os.getcwd())  # before Prefect starts anything
-        connect(pipeline)
-        result = ddpm_pipeline(overrides, args.params)
-    except USER_ERRORS as e:
-        log.error("%s", describe(e))
-        return 2
-    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
-        log.warning("%s; the same command continues from there", e)
-        return e.exit_code
+    return run_entry_point(
+        lambda: run_pipeline(args.set, args.params), log, USER_ERRORS, "the same command continues from there"
+    )
+
+
+def run_pipeline(sets: list[str], params: str) -> int:
+    """Check the settings and the tracking store, run the flow, print its result as JSON."""
+    overrides = parse_sets(sets)
+    _, pipeline = load_params(params, overrides, repo=os.getcwd())  # before Prefect starts anything
+    connect(pipeline)
+    result = ddpm_pipeline(overrides, params)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

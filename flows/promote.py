@@ -11,7 +11,7 @@ import sys
 from mlflow.exceptions import MlflowException
 
 from ddpm.__main__ import Parser
-from ddpm.errors import describe
+from ddpm.errors import run_entry_point
 from ddpm.logs import configure_logging
 from flows.config import load_params
 from flows.gate import promote
@@ -34,13 +34,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     configure_logging()
-    try:
-        _, pipeline = load_params(args.params)
-        connect(pipeline)
-        decision = promote(pipeline.registry, args.version)
-    except (*USER_ERRORS, MlflowException) as e:  # a version without the metric is MLflow's error
-        log.error("%s", describe(e))
-        return 2
+    # a version without the metric is MLflow's error
+    return run_entry_point(lambda: promote_version(args.params, args.version), log, (*USER_ERRORS, MlflowException))
+
+
+def promote_version(params: str, version: str | None) -> int:
+    _, pipeline = load_params(params)
+    connect(pipeline)
+    decision = promote(pipeline.registry, version)
     log.info("%s", decision.reason)
     return 0 if decision.promoted else 1
 

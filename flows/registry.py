@@ -17,6 +17,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from ddpm.config import ConfigError, ModelConfig
+from ddpm.errors import full_disk
 from flows.config import RegistryConfig
 from flows.errors import RegistrationError, TrackingError
 from flows.steps import MEASURED_PREFIX, upgrade_measurement
@@ -84,6 +85,8 @@ def log_sampler_model(checkpoint: str, model: ModelConfig) -> str:
                 input_example=INPUT_EXAMPLE,
             )
     except (MlflowException, OSError) as e:
+        if full_disk(e) is not None:
+            raise  # the entry point's one line names the full disk (and no query text)
         raise TrackingError(
             f"logging the model of run {run_id} failed ({e}). The training and its checkpoint "
             f"{checkpoint} are intact: rerun to log, evaluate and register it."
@@ -114,6 +117,8 @@ def register_model(run_id: str, model_id: str, registry: RegistryConfig) -> Regi
         )
         client.set_registered_model_alias(registry.model_name, registry.candidate_alias, version)
     except MlflowException as e:
+        if full_disk(e) is not None:
+            raise
         raise RegistrationError(
             f"registering model {model_id} of run {run_id} as {registry.model_name} failed ({e.message}). The "
             f"training run and its evaluation are intact: rerun the pipeline (or `dvc repro register`) to "

@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from ddpm.errors import ConfigError, describe
-from ddpm.interrupt import TrainingInterrupted
+from ddpm.errors import ConfigError, run_entry_point
 from ddpm.logs import configure_logging
 from ddpm.params_file import read_params
 from flows.config import flatten, load_params
@@ -39,29 +38,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     configure_logging()
+    return run_entry_point(
+        lambda: run_stage(args.stage, args.params), log, USER_ERRORS, "`dvc repro` continues from there"
+    )
+
+
+def run_stage(stage: str, params: str) -> int:
     repo = Path.cwd()
-    try:
-        keys = stage_params(repo, args.stage)
-        started_with = param_values(args.params, keys)  # before the stage reads them
-        config, pipeline = load_params(args.params, repo=repo)
-        connect(pipeline)  # every stage: taking the workspace ends this checkout's stale MLflow runs
-        step = importlib.import_module(f"flows.steps.{args.stage}")
-        with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
-            if args.stage == "classifier":
-                step.classifier(config, repo)
-            elif args.stage == "train":
-                step.train(config, pipeline, repo)  # DVC runs it because an input changed: train anew
-            elif args.stage == "evaluate":
-                step.evaluate(config, pipeline, repo, Trained.load(repo / TRAIN_JSON))
-            else:
-                step.register(pipeline, repo, Trained.load(repo / TRAIN_JSON))
-        refuse_changed_params(args.stage, args.params, started_with, param_values(args.params, keys))
-    except USER_ERRORS as e:
-        log.error("%s", describe(e))
-        return 2
-    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed at the step, run ended KILLED
-        log.warning("%s; `dvc repro` continues from there", e)
-        return e.exit_code
+    keys = stage_params(repo, stage)
+    started_with = param_values(params, keys)  # before the stage reads them
+    config, pipeline = load_params(params, repo=repo)
+    connect(pipeline)  # every stage: taking the workspace ends this checkout's stale MLflow runs
+    step = importlib.import_module(f"flows.steps.{stage}")
+    with hold_workspace(repo, pipeline):  # a Prefect run of the pipeline in this checkout waits, or we do
+        if stage == "classifier":
+            step.classifier(config, repo)
+        elif stage == "train":
+            step.train(config, pipeline, repo)  # DVC runs it because an input changed: train anew
+        elif stage == "evaluate":
+            step.evaluate(config, pipeline, repo, Trained.load(repo / TRAIN_JSON))
+        else:
+            step.register(pipeline, repo, Trained.load(repo / TRAIN_JSON))
+    refuse_changed_params(stage, params, started_with, param_values(params, keys))
     return 0
 
 

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
 from ddpm.config import Config
+from ddpm.errors import describe, full_disk
 from ddpm.logs import redact
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
@@ -44,6 +45,7 @@ TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split, what data.limit=0 means
 ARTIFACTS_DIR = "mlruns"  # beside a local SQLite store: each experiment's artifacts in mlruns/<experiment>
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # read by MLflow's client
+STORE_LOGGER = "mlflow.store.db.utils"  # logs a traceback for each SQLAlchemy error it then raises as its own
 
 
 def connect(pipeline: PipelineConfig) -> str:
@@ -62,8 +64,23 @@ def connect(pipeline: PipelineConfig) -> str:
                 f"use the local default {redact(pipeline.tracking.uri)}."
             ) from None
     mlflow.set_tracking_uri(uri)
+    logging.getLogger(STORE_LOGGER).addFilter(QUIET_FULL_STORE)
     use_experiment(uri, pipeline.tracking.experiment)
     return uri
+
+
+class QuietFullStore(logging.Filter):
+    """Demotes to debug MLflow's traceback of a full SQLite store ("database or disk is full", with the
+    query and its values): the error is raised on, and the entry point reports it as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and full_disk(record.exc_info[1]) is not None:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+QUIET_FULL_STORE = QuietFullStore()  # one instance: connect adds it once however often it runs
 
 
 def use_credentials(uri: str) -> str:
@@ -101,6 +118,8 @@ def use_experiment(uri: str, name: str) -> None:
             client.create_experiment(name, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(name)
     except MlflowException as e:  # a basic-auth server answers /health to anyone, so this is its first word
+        if full_disk(e) is not None:
+            raise  # not a damaged store: the entry point names the full disk
         status = e.get_http_status_code()
         if status in (http.HTTPStatus.UNAUTHORIZED, http.HTTPStatus.FORBIDDEN):
             raise TrackingError(refused_message(uri, name, status)) from None
@@ -108,6 +127,8 @@ def use_experiment(uri: str, name: str) -> None:
             raise store_error(uri, e.__cause__) from None
         raise
     except sqlalchemy.exc.DatabaseError as e:
+        if full_disk(e) is not None:
+            raise
         raise store_error(uri, e) from None
 
 
@@ -237,7 +258,7 @@ def end_run_with_failure(run_id: str, error: BaseException) -> None:
     try:
         mlflow.set_tag(FAILURE_TAG, redact(f"{type(error).__name__}: {error}")[:MAX_TAG_LENGTH])
     except MlflowException as tag_error:  # keep the training's error the one raised
-        log.warning("could not tag run %s with the failure: %s", run_id, tag_error)
+        log.warning("could not tag run %s with the failure: %s", run_id, describe(tag_error))  # no query text
     finally:
         mlflow.end_run(status)
 
@@ -296,6 +317,8 @@ def reopen_run(run_id: str, run_file: Path, pipeline: PipelineConfig) -> mlflow.
         previous = client.get_run(run_id)
         run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics())
     except MlflowException as e:
+        if full_disk(e) is not None:
+            raise  # the entry point names the full disk, not a run it cannot reopen
         raise TrackingError(
             f"the checkpoints beside {run_file} belong to MLflow run {run_id}, which {redact(pipeline.tracking_uri)} "
             f"cannot reopen ({e.message}). Point MLFLOW_TRACKING_URI at the store that holds it, or delete "

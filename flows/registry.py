@@ -206,8 +206,9 @@ def champion_version(registry: RegistryConfig) -> str | None:
     try:
         aliases = MlflowClient().get_registered_model(name).aliases
     except MlflowException as e:
+        reason = e.message.strip().partition("\n")[0]  # SQLAlchemy's text goes on with the query and its values
         raise RegistrationError(
-            f"reading @{alias} of {name} failed ({e.error_code}: {e.message}); the gate does not promote without "
+            f"reading @{alias} of {name} failed ({e.error_code}: {reason}); the gate does not promote without "
             "knowing the champion: rerun when the registry answers (a permission error: as a user with EDIT on "
             "the model)"
         ) from None

@@ -12,6 +12,7 @@ import http.client
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.parse
@@ -25,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
 from ddpm.config import Config
-from ddpm.errors import describe, full_disk
+from ddpm.errors import causes, describe, full_disk
 from ddpm.logs import redact
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
@@ -64,23 +65,31 @@ def connect(pipeline: PipelineConfig) -> str:
                 f"use the local default {redact(pipeline.tracking.uri)}."
             ) from None
     mlflow.set_tracking_uri(uri)
-    logging.getLogger(STORE_LOGGER).addFilter(QUIET_FULL_STORE)
+    logging.getLogger(STORE_LOGGER).addFilter(QUIET_STORE_ERRORS)
     use_experiment(uri, pipeline.tracking.experiment)
     return uri
 
 
-class QuietFullStore(logging.Filter):
-    """Demotes to debug MLflow's traceback of a full SQLite store ("database or disk is full", with the
-    query and its values): the error is raised on, and the entry point reports it as one line."""
+class QuietStoreErrors(logging.Filter):
+    """Demotes to debug MLflow's traceback of a full or a locked SQLite store ("database or disk is full",
+    "database is locked", with the query and its values): the error is raised on, and the entry point
+    reports it as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and full_disk(record.exc_info[1]) is not None:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (full_disk(error) is not None or sqlite_busy(error)):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
-QUIET_FULL_STORE = QuietFullStore()  # one instance: connect adds it once however often it runs
+def sqlite_busy(e: BaseException) -> bool:
+    """SQLite's "database is locked" behind `e`: another connection held the store past the busy timeout."""
+    busy = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return any(isinstance(c, sqlite3.OperationalError) and c.sqlite_errorcode in busy for c in causes(e))
+
+
+QUIET_STORE_ERRORS = QuietStoreErrors()  # one instance: connect adds it once however often it runs
 
 
 def use_credentials(uri: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,13 +107,26 @@ def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Pat
         capture_output=True,
     )
     port = free_port()
-    with open(home / "postgres.log", "w") as out:
+    process = run_postgres(home, port)
+    subprocess.run(
+        [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", database, database],
+        check=True,
+        capture_output=True,
+    )
+    return process, f"postgresql+psycopg2://{database}@127.0.0.1:{port}/{database}", home
+
+
+def run_postgres(home: Path, port: int) -> subprocess.Popen:
+    """The PostgreSQL server of the cluster in `home` (start_postgres's), on `port`, once it accepts connections."""
+    bin_dir = postgres_bin()
+    as_user = ["runuser", "-u", POSTGRES_USER, "--"] if os.geteuid() == 0 else []
+    with open(home / "postgres.log", "a") as out:
         process = subprocess.Popen(
             [
                 *as_user,
                 str(bin_dir / "postgres"),
                 "-D",
-                str(data),
+                str(home / "data"),
                 "-p",
                 str(port),
                 "-k",
@@ -134,12 +148,13 @@ def start_postgres(database: str = "mlflow") -> tuple[subprocess.Popen, str, Pat
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"PostgreSQL did not start:\n{(home / 'postgres.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    subprocess.run(
-        [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", database, database],
-        check=True,
-        capture_output=True,
-    )
-    return process, f"postgresql+psycopg2://{database}@127.0.0.1:{port}/{database}", home
+    return process
+
+
+def stop_postgres(process: subprocess.Popen) -> None:
+    """PostgreSQL's fast shutdown (SIGINT): it ends its sessions, where SIGTERM waits for clients to leave."""
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=SERVER_START_TIMEOUT)
 
 
 def start_mlflow_on(workdir: Path, backend_uri: str, port: int | None = None) -> tuple[subprocess.Popen, str]:

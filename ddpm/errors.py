@@ -67,6 +67,8 @@ USER_ERRORS = (
 )
 
 
+OUR_PACKAGES = {"ddpm", "flows"}
+
 USER_ERROR_EXIT = 2  # as argparse exits on a bad command line: the input or the machine, not the code
 
 Errors = tuple[type[BaseException], ...]
@@ -136,7 +138,14 @@ def _describe(e: BaseException) -> str:
             else "make it writable here, or clear what is in its way"
         )
         return f"{e.filename}: {e.strerror}; {fix}, then rerun"
+    if not is_ours(e):  # a library's (MLflow's): SQLAlchemy's query and its parameters follow the first line
+        return str(e).split("\n", 1)[0]
     return str(e)
+
+
+def is_ours(e: BaseException) -> bool:
+    """Raised by ddpm or flows, whose messages are written to be shown whole (a config error lists its fields)."""
+    return type(e).__module__.split(".", 1)[0] in OUR_PACKAGES
 
 
 def no_space(reason: str, where: str) -> str:

@@ -204,3 +204,14 @@ def test_a_full_disk_under_the_sqlite_store_is_one_line_and_a_rerun_trains(proje
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     with contextlib.closing(sqlite3.connect(project / "store" / "mlflow.db")) as db:  # MLflow's would stay open
         assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+
+
+def test_a_librarys_error_is_its_first_line_without_the_query_behind_it():
+    locked = MlflowException(
+        "(sqlite3.OperationalError) database is locked\n"
+        "[SQL: SELECT registered_models.name FROM registered_models WHERE registered_models.name = ?]\n"
+        "[parameters: ('gate-test',)]"
+    )
+    assert describe(locked) == "(sqlite3.OperationalError) database is locked"
+    ours = ConfigError("invalid configuration:\n  train.lr: must be > 0")
+    assert describe(ours) == str(ours)  # written to be shown whole: each bad field on its line

@@ -1,5 +1,6 @@
 """The training skeleton both networks use (the U-Net in `ddpm.train`, the FID classifier in
-`ddpm.classifier`): a jitted step factory and the loop over one epoch's batches.
+`ddpm.classifier`): a jitted step factory, the check every step's loss passes, and the
+classifier's loop over one epoch's batches (the U-Net's loop is `ddpm.train.fit`).
 
 The caller owns what is particular to its network: what a step's inputs are, the learning-rate
 schedule, checkpoints and callbacks; here is what every training shares.
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import mindspore as ms
 from mindspore import nn, ops
+from tqdm import tqdm
 
 from ddpm.distributed import ONE_PROCESS, World
 from ddpm.errors import NonFiniteLossError
@@ -44,6 +46,40 @@ def make_train_step(
     return train_step
 
 
+def check_loss(loss: float, epoch: int, number: int, fix: str, name: str = "") -> float:
+    """`loss` of step `number` (1-based, of the whole training) in epoch `epoch` (0-based) if finite;
+    else NonFiniteLossError naming the step and `fix`."""
+    if not math.isfinite(loss):
+        label = f"{name} " if name else ""
+        raise NonFiniteLossError(f"{label}loss is {loss} at epoch {epoch + 1}, step {number}; {fix}")
+    return loss
+
+
+def epoch_bar(
+    epoch: int,
+    epochs: int,
+    steps: int,
+    done: int,
+    progress: bool,
+    batch_size: int,
+    name: str = "",
+    batches: Iterable | None = None,
+) -> tqdm:
+    """The progress bar of an epoch (`done` of its `steps` already run), over `batches` or counted by
+    hand; images/s with the global `batch_size`."""
+    label = f"{name} " if name else ""
+    return progress_bar(
+        batches,
+        total=steps,
+        initial=done,
+        desc=f"{label}epoch {epoch + 1}/{epochs}",
+        unit="step",
+        enabled=progress,
+        images_per_unit=batch_size,
+        leave=False,
+    )
+
+
 def epoch_losses(
     batches: Iterable,
     step: Callable[..., float],
@@ -62,22 +98,10 @@ def epoch_losses(
     `global_step` of the whole training) behind a progress bar (images/s with the global
     `batch_size`), yielding each loss. A non-finite loss raises NonFiniteLossError naming the step
     and `fix`, before anything after the step sees it."""
-    label = f"{name} " if name else ""
-    bar = progress_bar(
-        batches,
-        total=steps,
-        initial=done,
-        desc=f"{label}epoch {epoch + 1}/{epochs}",
-        unit="step",
-        enabled=progress,
-        images_per_unit=batch_size,
-        leave=False,
-    )
+    bar = epoch_bar(epoch, epochs, steps, done, progress, batch_size, name, batches)
     try:
         for number, batch in enumerate(bar, start=global_step + 1):
-            loss = step(*batch)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(f"{label}loss is {loss} at epoch {epoch + 1}, step {number}; {fix}")
+            loss = check_loss(step(*batch), epoch, number, fix, name)
             bar.set_postfix(loss=f"{loss:.4f}")
             yield loss
     finally:

@@ -1,8 +1,9 @@
 """Where a training starts, and when it writes its checkpoints.
 
-`resume_point` restores the newest checkpoint (a mid-epoch one included) into a Trainer;
-`Checkpointer` writes one at every epoch's end, every `train.checkpoint_minutes` within an epoch,
-and at the step boundary after a SIGTERM or SIGINT, after which it raises TrainingInterrupted.
+`resume_point` restores the newest checkpoint (a mid-epoch one included) into a training;
+`Checkpointer.save_if_due` is the one place checkpoints are written: at every epoch's end, every
+`train.checkpoint_minutes` within an epoch, and at the step boundary after a SIGTERM or SIGINT
+(after which `fit` raises TrainingInterrupted).
 """
 
 from __future__ import annotations
@@ -12,19 +13,33 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ddpm import checkpoint as ckpt
-from ddpm.interrupt import StopRequest, TrainingInterrupted
-
-if TYPE_CHECKING:
-    from ddpm.callbacks import Callback
-    from ddpm.train import Trainer
+from ddpm.callbacks import Callback
+from ddpm.config import Config
+from ddpm.distributed import World
+from ddpm.interrupt import StopRequest
 
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2  # complete epochs' checkpoints kept on disk (the newest), besides one newer mid-epoch one
 SECONDS_PER_MINUTE = 60
+
+
+class Training(Protocol):
+    """What resuming and checkpointing need of a training (`ddpm.train.Trainer`)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def world(self) -> World: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+    def parameters(self) -> list: ...
+    def restore(self, state: ckpt.Checkpoint) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +51,7 @@ class ResumePoint:
     progress: ckpt.EpochProgress | None  # into epoch `epoch + 1`, for a mid-epoch checkpoint
 
 
-def resume_point(trainer: Trainer, directory: Path, resume: bool) -> ResumePoint:
+def resume_point(trainer: Training, directory: Path, resume: bool) -> ResumePoint:
     """Where training starts: nothing done, or the newest checkpoint restored into `trainer`."""
     latest = ckpt.latest_checkpoint(directory)
     if latest is None:
@@ -60,12 +75,12 @@ def resume_point(trainer: Trainer, directory: Path, resume: bool) -> ResumePoint
 
 
 class Checkpointer:
-    """Writes a run's checkpoints (rank 0 alone): at every epoch's end, mid-epoch when
-    `train.checkpoint_minutes` have passed since the last one or a stop was requested."""
+    """Writes a run's checkpoints (rank 0 alone; every worker gets the path): at every epoch's end,
+    mid-epoch when `train.checkpoint_minutes` have passed since the last one or a stop was requested."""
 
     def __init__(
         self,
-        trainer: Trainer,
+        trainer: Training,
         directory: Path,
         callbacks: Sequence[Callback],
         stop: StopRequest,
@@ -76,23 +91,24 @@ class Checkpointer:
         self.last = time.monotonic()
         self.metrics = metrics  # of the last complete epoch, carried by mid-epoch checkpoints
 
-    def due(self) -> bool:
-        """A mid-epoch checkpoint is wanted now."""
-        return self.stop.requested or (self.interval > 0 and time.monotonic() - self.last >= self.interval)
-
-    def save(
+    def save_if_due(
         self,
         epoch: int,
         global_step: int,
-        metrics: dict[str, float] | None = None,
-        progress: ckpt.EpochProgress | None = None,
-    ) -> Path:
-        """Checkpoint epoch `epoch` (0-based) at its end (`metrics`), or `progress` into it."""
+        progress: ckpt.EpochProgress,
+        metrics: dict[str, float] | None,
+    ) -> Path | None:
+        """Checkpoint epoch `epoch` (0-based) at its end (given its `metrics`), or `progress` into it if
+        a mid-epoch checkpoint is due; returns the path written, None if none was due."""
+        at_end = metrics is not None
+        mid_epoch_due = self.stop.requested or (self.interval > 0 and time.monotonic() - self.last >= self.interval)
+        if not (at_end or mid_epoch_due):
+            return None
         for cb in self.callbacks:
             cb.on_checkpoint(global_step)
         if metrics is not None:
             self.metrics = metrics
-        done = epoch + 1 if progress is None else epoch
+        done, partial = (epoch + 1, None) if at_end else (epoch, progress)
         if self.trainer.world.is_main:
             path = ckpt.save_checkpoint(
                 self.directory,
@@ -102,19 +118,14 @@ class Checkpointer:
                 global_step,
                 KEEP_CHECKPOINTS,
                 self.metrics,
-                progress,
+                partial,
                 self.trainer.precision,
             )
         else:
             path = (
                 ckpt.epoch_path(self.directory, done)
-                if progress is None
+                if at_end
                 else ckpt.mid_epoch_path(self.directory, epoch + 1, progress.step)
             )
         self.last = time.monotonic()
         return path
-
-    def stop_if_requested(self, path: Path, global_step: int, where: str) -> None:
-        if self.stop.requested:
-            assert self.stop.signum is not None  # a request names its signal
-            raise TrainingInterrupted(self.stop.signum, path, global_step, where)

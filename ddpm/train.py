@@ -1,8 +1,8 @@
 """Training the diffusion model: `fit(config, callbacks)`, used by the CLI, the DVC stage and the
-Prefect flow alike, on the skeleton the classifier shares (`ddpm.loop`).
+Prefect flow alike: one loop over the epochs' steps, on the jitted step the classifier shares (`ddpm.loop`).
 
-Side effects (tracking, progress, early stopping) enter through callbacks; checkpointing and
-resume live here because they decide which steps run. A checkpoint is written at the end of every
+Side effects (tracking, progress, early stopping) enter through callbacks; where a training starts
+and when a checkpoint is due are `ddpm.resume`'s. A checkpoint is written at the end of every
 epoch, every `train.checkpoint_minutes` within one, and at the step boundary after a SIGTERM or
 SIGINT (`ddpm.interrupt`); a resume continues at the exact step, replaying the data order and the
 draws of the steps it skips, so it ends with the weights of an uninterrupted run.
@@ -11,8 +11,9 @@ draws of the steps it skips, so it ends with the weights of an uninterrupted run
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mindspore as ms
@@ -27,9 +28,9 @@ from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import ONE_PROCESS, World, init_world
 from ddpm.ema import EMA, ema_decay_at
-from ddpm.interrupt import StopRequest
+from ddpm.interrupt import StopRequest, TrainingInterrupted
 from ddpm.layers import network_layers
-from ddpm.loop import epoch_losses, make_train_step
+from ddpm.loop import check_loss, epoch_bar, make_train_step
 from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
 from ddpm.reverse_process import NoisePredictor
@@ -144,18 +145,19 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     finish the step, checkpoint and raise TrainingInterrupted. Under msrun (`ddpm.distributed`),
     every worker calls this; rank 0 alone checkpoints and runs the callbacks, and signals act as
     without fit (msrun kills its workers on Ctrl-C)."""
-    select_device(config.train.device)
-    set_cpu_threads(config.train.threads)
-    world = init_world(config.train.device)
+    train = config.train
+    select_device(train.device)
+    set_cpu_threads(train.threads)
+    world = init_world(train.device)
     verify_dataset(config.data.root)
-    directory = Path(config.train.checkpoint_dir)
+    directory = Path(train.checkpoint_dir)
     if world.is_main:
         ckpt.check_writable(directory)
     trainer = Trainer(config, world)
     if not world.is_main:
         callbacks, progress = (), False
     start = resume_point(trainer, directory, resume)
-    log.info("precision %s (train.precision: %s)", trainer.precision, config.train.precision)
+    log.info("precision %s (train.precision: %s)", trainer.precision, train.precision)
     for cb in callbacks:
         cb.on_train_start(config, start.epoch, trainer.steps_per_epoch, start.global_step, trainer.precision)
     if start.epoch and start.progress is None:
@@ -164,24 +166,39 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
         for cb in callbacks:
             cb.on_resume(last)
 
-    global_step, metrics, partial = start.global_step, start.metrics, start.progress
+    mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
+    global_step, metrics = start.global_step, start.metrics
     with StopRequest(enabled=world.size == 1) as stop:
         saver = Checkpointer(trainer, directory, callbacks, stop, start.metrics)
-        for epoch in range(start.epoch, config.train.epochs):
-            metrics, global_step = run_epoch(trainer, epoch, global_step, callbacks, progress, saver, partial)
-            partial = None
-            # Checkpoint before the callbacks report the epoch: a crash while they do loses no training.
-            path = saver.save(epoch, global_step, metrics)
-            where = f"end of epoch {epoch + 1}"
-            saver.stop_if_requested(path, global_step, where)  # the resume reports it (on_resume)
-            end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
-            for cb in callbacks:
-                cb.on_epoch_end(end)
-            saver.stop_if_requested(path, global_step, where)
+        for epoch in range(start.epoch, train.epochs):
+            run = Epoch(trainer, epoch, start.progress if epoch == start.epoch else None, progress)
+            for x0 in run.batches():
+                flips, t, noise = draw_step(run.rng, trainer)
+                x0 = flip_horizontally(x0, flips[mine])
+                decay = ema_decay_at(global_step, train.ema_decay)
+                loss = trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]), decay)
+                lr = float(trainer.lr[global_step])  # the rate this step used
+                global_step += 1
+                run.record(loss, global_step)  # a non-finite loss raises here, before anything sees it
+                for cb in callbacks:
+                    cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
+                finished = run.metrics() if run.finished else None
+                path = saver.save_if_due(epoch, global_step, run.progress(), finished)
+                if finished is not None:
+                    assert path is not None  # an epoch's end is always checkpointed
+                    metrics = finished
+                    # Checkpointed before the callbacks report the epoch: a crash while they do loses no
+                    # training. A run that is stopping leaves the report to its resume (on_resume).
+                    if not stop.requested:
+                        end = EpochEnd(epoch, global_step, metrics, path, make_sampler(trainer))
+                        for cb in callbacks:
+                            cb.on_epoch_end(end)
+                if path is not None and stop.signum is not None:  # a signal, and this step is checkpointed
+                    raise TrainingInterrupted(stop.signum, path, global_step, run.where)
     final = ckpt.latest_epoch_checkpoint(directory)
     if final is None:
-        raise ValueError(f"nothing to train: train.epochs={config.train.epochs} and no checkpoint in {directory}")
-    result = FitResult(final, config.train.epochs, global_step, metrics)
+        raise ValueError(f"nothing to train: train.epochs={train.epochs} and no checkpoint in {directory}")
+    result = FitResult(final, train.epochs, global_step, metrics)
     for cb in callbacks:
         cb.on_train_end(result)
     return result
@@ -198,93 +215,89 @@ def draw_step(rng: np.random.Generator, trainer: Trainer) -> tuple[np.ndarray, n
     return flips, t, noise
 
 
-def run_epoch(
-    trainer: Trainer,
-    epoch: int,
-    global_step: int,
-    callbacks: Sequence[Callback],
-    progress: bool,
-    saver: Checkpointer,
-    resumed: ckpt.EpochProgress | None = None,
-) -> tuple[dict[str, float], int]:
-    """One pass over the data (from `resumed.step` on, if given); returns the epoch's metrics and the
-    new global step. Checkpoints mid-epoch when `saver` says so, and stops after one on a signal."""
-    config = trainer.config
-    data, train = config.data, config.train
-    done = resumed.step if resumed else 0
-    rng = np.random.default_rng([train.seed, epoch, 1])  # flips, t and noise, replayable per epoch
-    for _ in range(done):  # replay the draws of the steps the checkpoint holds
-        draw_step(rng, trainer)
-    world = trainer.world
-    dataset = build_dataset(
-        data.root,
-        train.batch_size,
-        train.seed,
-        epoch,
-        data.limit,
-        num_workers=data.num_workers,
-        rank=world.rank,
-        world=world.size,
-    )
-    if done:
-        dataset = dataset.skip(done)  # batches, in the epoch's fixed order
-    mine = world.local(train.batch_size)  # every worker draws for the global batch and keeps its part
-    trainer.net.set_train(True)
-    losses = list(resumed.losses) if resumed else []
-    spent = resumed.seconds if resumed else 0.0
-    started = time.perf_counter()
+class Epoch:
+    """One pass over the data, from `resumed.step` on if given: its batches in the epoch's fixed
+    order, the generator of its draws (the skipped steps' replayed), its losses and its clock."""
 
-    def step(x0: np.ndarray) -> float:
-        flips, t, noise = draw_step(rng, trainer)
-        x0 = flip_horizontally(x0, flips[mine])
-        return trainer.train_step(
-            ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]), ema_decay_at(global_step, train.ema_decay)
+    def __init__(self, trainer: Trainer, epoch: int, resumed: ckpt.EpochProgress | None, progress: bool):
+        data, train, world = trainer.config.data, trainer.config.train, trainer.world
+        self.epoch, self.epochs, self.steps = epoch, train.epochs, trainer.steps_per_epoch
+        self.images_per_step = train.batch_size
+        self.fix = (
+            f"no checkpoint was written for this step. Lower train.lr (now {train.lr}) or check the data, "
+            "then rerun with --resume."
         )
+        done = resumed.step if resumed else 0
+        self.rng = np.random.default_rng([train.seed, epoch, 1])  # flips, t and noise, replayable per epoch
+        for _ in range(done):  # replay the draws of the steps the checkpoint holds
+            draw_step(self.rng, trainer)
+        self.dataset = build_dataset(
+            data.root,
+            train.batch_size,
+            train.seed,
+            epoch,
+            data.limit,
+            num_workers=data.num_workers,
+            rank=world.rank,
+            world=world.size,
+        )
+        if done:
+            self.dataset = self.dataset.skip(done)  # batches, in the epoch's fixed order
+        trainer.net.set_train(True)  # sampling a preview may have switched it off
+        self.losses = list(resumed.losses) if resumed else []
+        self.spent = resumed.seconds if resumed else 0.0
+        self.started = time.perf_counter()
+        self.bar = epoch_bar(self.epoch, self.epochs, self.steps, done, progress, train.batch_size)
 
-    fix = (
-        f"no checkpoint was written for this step. Lower train.lr (now {train.lr}) or check the data, "
-        "then rerun with --resume."
-    )
-    batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
-    for loss in epoch_losses(
-        batches,
-        step,
-        epoch=epoch,
-        epochs=train.epochs,
-        steps=trainer.steps_per_epoch,
-        done=done,
-        global_step=global_step,
-        fix=fix,
-        progress=progress,
-        batch_size=train.batch_size,
-    ):
-        lr = float(trainer.lr[global_step])  # the rate this step used
-        global_step += 1
-        losses.append(loss)
-        for cb in callbacks:
-            cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
-        if len(losses) < trainer.steps_per_epoch and saver.due():
-            state = ckpt.EpochProgress(len(losses), tuple(losses), spent + time.perf_counter() - started)
-            path = saver.save(epoch, global_step, progress=state)
-            saver.stop_if_requested(
-                path, global_step, f"{state.step} of {trainer.steps_per_epoch} steps into epoch {epoch + 1}"
-            )
-    seconds = spent + time.perf_counter() - started
-    images = len(losses) * train.batch_size
-    metrics = {
-        "train_loss_epoch": float(np.mean(losses)),
-        "epoch_seconds": seconds,
-        "images_per_second": images / seconds,
-    }
-    log.info(
-        "epoch %d/%d: loss %.4f, %.0f s, %.1f img/s",
-        epoch + 1,
-        train.epochs,
-        metrics["train_loss_epoch"],
-        seconds,
-        metrics["images_per_second"],
-    )
-    return metrics, global_step
+    def batches(self) -> Iterator[np.ndarray]:
+        """The epoch's remaining x0 batches (B, C, H, W)."""
+        for (x0,) in self.dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+            yield x0
+
+    def record(self, loss: float, global_step: int) -> None:
+        """Count the step's loss into the epoch; a non-finite one raises NonFiniteLossError."""
+        if not math.isfinite(loss):
+            self.bar.close()  # before the error reaches the terminal
+        self.losses.append(check_loss(loss, self.epoch, global_step, self.fix))
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.bar.update()
+
+    @property
+    def finished(self) -> bool:
+        return len(self.losses) == self.steps
+
+    @property
+    def where(self) -> str:
+        """Where in the training this epoch is, for a stop's message."""
+        if self.finished:
+            return f"end of epoch {self.epoch + 1}"
+        return f"{len(self.losses)} of {self.steps} steps into epoch {self.epoch + 1}"
+
+    def seconds(self) -> float:
+        return self.spent + time.perf_counter() - self.started
+
+    def progress(self) -> ckpt.EpochProgress:
+        """The state a mid-epoch checkpoint holds."""
+        return ckpt.EpochProgress(len(self.losses), tuple(self.losses), self.seconds())
+
+    def metrics(self) -> dict[str, float]:
+        """The finished epoch's metrics, logged."""
+        self.bar.close()
+        seconds = self.seconds()
+        metrics = {
+            "train_loss_epoch": float(np.mean(self.losses)),
+            "epoch_seconds": seconds,
+            "images_per_second": len(self.losses) * self.images_per_step / seconds,
+        }
+        log.info(
+            "epoch %d/%d: loss %.4f, %.0f s, %.1f img/s",
+            self.epoch + 1,
+            self.epochs,
+            metrics["train_loss_epoch"],
+            seconds,
+            metrics["images_per_second"],
+        )
+        return metrics
 
 
 def make_sampler(trainer: Trainer) -> Callable[..., np.ndarray]:

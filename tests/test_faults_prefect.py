@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from ddpm.files import partial_path
 from tests.faults import (
     EPOCHS,
     assert_resumed_exactly,
@@ -79,7 +80,8 @@ def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_trainin
     takes up the finished training (one MLflow run, no new epoch) and registers it once."""
     env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     job = [sys.executable, "-m", "flows.pipeline"]
-    kill_at(job, project, env, tmp_path / "killed.log", freezer, "outputs/.metrics.json")  # scored, not recorded
+    metrics_written = str(partial_path("outputs/metrics.json"))  # scored, not recorded yet
+    kill_at(job, project, env, tmp_path / "killed.log", freezer, metrics_written)
     client = store(project)
     [trained] = runs_of(client)
     assert trained.info.status == "FINISHED" and client.search_model_versions() == []

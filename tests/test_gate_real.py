@@ -31,6 +31,7 @@ from mlflow.server.auth.client import AuthServiceClient
 from flows.errors import RegistrationError
 from flows.gate import promote
 from tests import servers
+from tests.test_auth import CREDENTIAL_VARS, credentials
 from tests.test_registry import REGISTRY, ROOT, add_evaluated_model, champion
 
 HOLDER_TIMEOUT = 30  # seconds to start or stop the lock-holding process; only a hang reaches it
@@ -47,7 +48,6 @@ db.execute("ROLLBACK")
 """
 OUTSIDER = ("outsider", "outsider-password")  # denied the registered model from the start
 REVOKED = ("revoked", "revoked-password")  # denied it after the gate read the candidate, as it reads the champion
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def record(client: MlflowClient, version: str) -> dict[str, str]:
@@ -116,19 +116,6 @@ def test_a_store_locked_at_the_champion_read_refuses_in_one_line(mlflow_state, t
         "reading @champion of gate-test failed (TEMPORARILY_UNAVAILABLE: (sqlite3.OperationalError) database is locked)"
     )
     assert champion(client) == v1 and record(client, v2) == {}
-
-
-@contextmanager
-def credentials(user: tuple[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in CREDENTIAL_VARS}
-    os.environ.update(zip(CREDENTIAL_VARS, user, strict=True))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None)
-            if value is not None:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 180  # mlflow server takes 15-60 s to start on a 2-core machine
@@ -155,6 +160,38 @@ def stop_postgres(process: subprocess.Popen) -> None:
     """PostgreSQL's fast shutdown (SIGINT): it ends its sessions, where SIGTERM waits for clients to leave."""
     os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=SERVER_START_TIMEOUT)
+
+
+@dataclasses.dataclass
+class MlflowOnPostgres:
+    uri: str  # the MLflow server's
+    backend: str  # PostgreSQL's, as SQLAlchemy takes it
+    postgres: subprocess.Popen  # a test that restarts PostgreSQL (run_postgres) puts the new one here
+    home: Path
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.backend).port
+        assert port is not None
+        return port
+
+
+@contextlib.contextmanager
+def mlflow_on_postgres(workdir: Path) -> Iterator[MlflowOnPostgres]:
+    """`mlflow server` on a throwaway PostgreSQL cluster; both stopped and the cluster removed after."""
+    postgres, backend, home = start_postgres()
+    mlflow_server = running = None
+    try:
+        mlflow_server, uri = start_mlflow_on(workdir, backend)
+        running = MlflowOnPostgres(uri, backend, postgres, home)
+        yield running
+    finally:
+        if mlflow_server is not None:
+            stop(mlflow_server)
+        postgres = running.postgres if running is not None else postgres
+        if postgres.poll() is None:  # the test may have stopped it
+            stop_postgres(postgres)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def start_mlflow_on(workdir: Path, backend_uri: str, port: int | None = None) -> tuple[subprocess.Popen, str]:

@@ -12,9 +12,7 @@ to the real store or server."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import sqlalchemy
 import yaml
 from mlflow import MlflowClient
 from mlflow.server.auth.client import AuthServiceClient
@@ -194,40 +191,22 @@ def test_a_403_on_the_champion_read_refuses_and_keeps_it(auth_server, mlflow_sta
     as_admin_unmoved(uri)
 
 
-@dataclasses.dataclass
-class Postgres:
-    process: subprocess.Popen
-    home: Path
-    port: int
-
-
 @pytest.fixture
-def mlflow_on_postgres(tmp_path) -> Iterator[tuple[str, Postgres]]:
-    """`mlflow server` on PostgreSQL with v1 (fid 30, @champion) and v2 (fid 99, @candidate); its URI
-    and PostgreSQL's process, directory and port (the test stops and restarts it)."""
+def mlflow_on_postgres(tmp_path) -> Iterator[servers.MlflowOnPostgres]:
+    """`mlflow server` on PostgreSQL (the test stops and restarts PostgreSQL)."""
     try:
         servers.postgres_bin()
     except RuntimeError as e:
         pytest.skip(str(e))
-    postgres, backend, home = servers.start_postgres()
-    port = sqlalchemy.engine.make_url(backend).port
-    assert port is not None
-    database = Postgres(postgres, home, port)
-    mlflow_server = None
-    try:
-        mlflow_server, uri = servers.start_mlflow_on(tmp_path, backend)
-        yield uri, database
-    finally:
-        if mlflow_server is not None:
-            servers.stop(mlflow_server)
-        servers.stop_postgres(database.process)
-        shutil.rmtree(home, ignore_errors=True)
+    with servers.mlflow_on_postgres(tmp_path) as running:
+        yield running
 
 
 @pytest.mark.integration
 @pytest.mark.slow  # two servers
 def test_a_5xx_on_the_champion_read_refuses_and_keeps_it(mlflow_on_postgres, mlflow_state, monkeypatch):
-    uri, database = mlflow_on_postgres
+    database = mlflow_on_postgres
+    uri = database.uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's client retries a 503 for minutes
     mlflow.set_tracking_uri(uri)
@@ -238,7 +217,7 @@ def test_a_5xx_on_the_champion_read_refuses_and_keeps_it(mlflow_on_postgres, mlf
 
     @contextmanager
     def database_stopped() -> Iterator[None]:
-        servers.stop_postgres(database.process)
+        servers.stop_postgres(database.postgres)
         yield
 
     stopped = start_at_the_champion_read(monkeypatch, database_stopped)
@@ -247,5 +226,5 @@ def test_a_5xx_on_the_champion_read_refuses_and_keeps_it(mlflow_on_postgres, mlf
     assert stopped == [REGISTRY.model_name]
     assert str(refused.value).startswith("reading @champion of gate-test failed (") and "\n" not in str(refused.value)
     assert "registered-models/get" in str(refused.value) and "too many 503 error responses" in str(refused.value)
-    database.process = servers.run_postgres(database.home, database.port)
+    database.postgres = servers.run_postgres(database.home, database.port)
     assert champion(client) == v1 and record(client, v2) == {}

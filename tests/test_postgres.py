@@ -1,7 +1,6 @@
 """Integration: the pipeline against `mlflow server` on a real PostgreSQL backend store (loopback)."""
 
 import json
-import shutil
 import sys
 
 import pytest
@@ -16,16 +15,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture
 def mlflow_on_postgres(tmp_path):
-    postgres, backend, home = servers.start_postgres()
-    mlflow_server = None
-    try:
-        mlflow_server, uri = servers.start_mlflow_on(tmp_path, backend)
-        yield uri, backend
-    finally:
-        if mlflow_server is not None:
-            servers.stop(mlflow_server)
-        servers.stop(postgres)
-        shutil.rmtree(home, ignore_errors=True)
+    with servers.mlflow_on_postgres(tmp_path) as running:
+        yield running.uri, running.backend
 
 
 def test_pipeline_tracks_and_registers_on_postgresql(mlflow_on_postgres, tmp_path):

@@ -11,7 +11,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -118,3 +118,18 @@ class ProgressLines(tqdm):
         if total and n >= total:
             parts.append(f"done in {tqdm.format_interval(info['elapsed'])}")
         return f"{self.desc}: " + ", ".join(parts)
+
+
+class DemoteToDebug(logging.Filter):
+    """A logger filter that logs the records `matches` picks at debug level: a library's warning or
+    traceback about something our own one line already reports."""
+
+    def __init__(self, matches: Callable[[logging.LogRecord], bool]):
+        super().__init__()
+        self.matches = matches
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and self.matches(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)  # it passed the check at its level
+        return True

@@ -29,6 +29,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from ddpm.errors import full_disk
+from ddpm.logs import DemoteToDebug
 from flows.steps import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -101,20 +102,15 @@ def unreachable(error: BaseException) -> bool:
     return isinstance(error, (requests.RequestException, ConnectionError, TimeoutError, socket.gaierror))
 
 
-class QuietRetries(logging.Filter):
-    """Demotes urllib3's `Retrying (...)` warnings to debug once a training logs through an outbox: during
-    an outage MLflow's own requests (its system metrics monitor asks for the run every few seconds) retry
-    too, and the outbox's one warning already says the server is down. A request that fails for good
-    still raises."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and str(record.msg).startswith("Retrying"):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)  # the level check it passed as a warning
-        return True
+def mlflow_retry(record: logging.LogRecord) -> bool:
+    """urllib3's `Retrying (...)` warning. Once a training logs through an outbox these are debug lines:
+    during an outage MLflow's own requests (its system metrics monitor asks for the run every few
+    seconds) retry too, and the outbox's one warning already says the server is down. A request that
+    fails for good still raises."""
+    return record.levelno == logging.WARNING and str(record.msg).startswith("Retrying")
 
 
-QUIET_RETRIES = QuietRetries()
+QUIET_RETRIES = DemoteToDebug(mlflow_retry)
 
 
 class Outbox:

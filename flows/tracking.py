@@ -27,7 +27,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 
 from ddpm.config import Config
 from ddpm.errors import causes, describe, full_disk
-from ddpm.logs import redact
+from ddpm.logs import DemoteToDebug, redact
 from flows.config import SQLITE_PREFIX, PipelineConfig, flatten
 from flows.errors import TrackingError
 from flows.steps import MEASURED_PREFIX, PER_T_PREFIX
@@ -70,17 +70,12 @@ def connect(pipeline: PipelineConfig) -> str:
     return uri
 
 
-class QuietStoreErrors(logging.Filter):
-    """Demotes to debug MLflow's traceback of a full or a locked SQLite store ("database or disk is full",
-    "database is locked", with the query and its values): the error is raised on, and the entry point
+def failed_store_traceback(record: logging.LogRecord) -> bool:
+    """MLflow's traceback of a full or a locked SQLite store ("database or disk is full", "database is
+    locked", with the query and its values), a debug line: the error is raised on, and the entry point
     reports it as one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is not None and (full_disk(error) is not None or sqlite_busy(error)):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return error is not None and (full_disk(error) is not None or sqlite_busy(error))
 
 
 def sqlite_busy(e: BaseException) -> bool:
@@ -89,7 +84,7 @@ def sqlite_busy(e: BaseException) -> bool:
     return any(isinstance(c, sqlite3.OperationalError) and c.sqlite_errorcode in busy for c in causes(e))
 
 
-QUIET_STORE_ERRORS = QuietStoreErrors()  # one instance: connect adds it once however often it runs
+QUIET_STORE_ERRORS = DemoteToDebug(failed_store_traceback)  # one instance: connect adds it once however often it runs
 
 
 def use_credentials(uri: str) -> str:

@@ -1,7 +1,8 @@
 """The `ddpm` command users run: ddpm's own subcommands (train, sample, evaluate, ...: `python -m ddpm`),
-and beside them `pipeline` (the Prefect flow, flows/pipeline.py) and `promote` (the registry's gate,
-flows/promote.py). Those two load Prefect and MLflow, so their modules are imported only when they run,
-and each keeps its own parser: `ddpm pipeline --help` is `python -m flows.pipeline --help`."""
+and beside them `pipeline` (the Prefect flow, flows/pipeline.py), `promote` (the registry's gate,
+flows/promote.py) and `serve` (a registered model over HTTP, flows/serve.py). Those load Prefect and MLflow,
+so their modules are imported only when they run, and each keeps its own parser: `ddpm pipeline --help` is
+`python -m flows.pipeline --help`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ddpm import __main__ as ddpm_cli
 FLOW_COMMANDS = {
     "pipeline": ("flows.pipeline", "fetch -> classifier -> train -> evaluate -> register, as one Prefect flow"),
     "promote": ("flows.promote", "move @champion to a registered version that passes the gate"),
+    "serve": ("flows.serve", "serve a registered model (default @champion) over HTTP on loopback"),
 }
 
 

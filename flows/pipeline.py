@@ -25,7 +25,7 @@ from ddpm.__main__ import Parser
 from ddpm.config import Config, parse_sets
 from ddpm.data import DataError
 from ddpm.errors import run_entry_point
-from flows import PROJECT_LOGGERS
+from flows import PROJECT_LOGGERS, serve
 from flows.config import PipelineConfig, RegistryConfig, load_params
 from flows.data import fetch_data
 from flows.steps import REPORT_PNG, USER_ERRORS, Trained, flow_finished
@@ -38,8 +38,6 @@ TRAINING_METRICS = ("train_loss_epoch", "images_per_second", "epoch_seconds")  #
 RUN_LINK = "The training's MLflow run: metrics per step, sample grids, system metrics, report figure, model"
 EVALUATION = "Held-out loss and sample quality (FID beside its floor, class coverage) of the trained model"
 PARAMS = "params.yaml"  # the flow's default parameters file
-SERVE_PORT = 5001  # the README's `mlflow models serve -p`, beside the MLflow UI's 5000
-SERVE_TIMEOUT = 300  # the README's `-t`, seconds a request may draw (MLflow's 60 s: about 80 DDIM-50 images on 2 cores)
 
 log = logging.getLogger("flows.pipeline")
 
@@ -190,18 +188,16 @@ checkout `{REPORT_PNG}`, shown by `dvc plots show`):
 This version, v{version}:
 
 ```bash
-mlflow models serve -m "models:/{name}/{version}" \\
-  --env-manager local -p {SERVE_PORT} -t {SERVE_TIMEOUT}
+uv run ddpm serve -m "models:/{name}/{version}"
 ```
 
 The champion, `@{registry.champion_alias}` ({now}):
 
 ```bash
-mlflow models serve -m "models:/{name}@{registry.champion_alias}" \\
-  --env-manager local -p {SERVE_PORT} -t {SERVE_TIMEOUT}
+uv run ddpm serve -m "models:/{name}@{registry.champion_alias}"
 ```
 
-Either answers POST requests at http://127.0.0.1:{SERVE_PORT}/invocations (README, "Serve the champion over HTTP").
+Either answers POST requests at http://127.0.0.1:{serve.PORT}/invocations (README, "Serve the champion over HTTP").
 """,
     )
 

@@ -4,12 +4,13 @@
 "sampler": ["ddim"], "steps": [50], "seed": [0], "eta": [1.0]}))` returns (16, 1, 28, 28) float32 images
 in [-1, 1]. Each row is one request and the answer concatenates them in row order; every column but
 num is optional: sampler defaults to ddim, seed to 0, steps and eta to the model's own sample config.
-`mlflow models serve` answers the same rows over HTTP (README, "Serve the champion").
+`ddpm serve` (flows/serve.py) and `mlflow models serve` answer the same rows over HTTP (README, "Serve the
+champion").
 Values are checked by ddpm.checkpoint_sampler before anything is drawn; a bad one is an MlflowException with
 INVALID_PARAMETER_VALUE (HTTP 400) naming every bad value and its range.
-Served (`mlflow models serve`, whose request timeout `-t` is 60 s unless set), a request is also
-refused (400) when its U-Net evaluations (num x steps) cannot be drawn within the timeout at the
-rate measured when the model loads (DDPM_SERVING_EVALS_PER_SECOND overrides it); and a draw still
+Served (`ddpm serve`, whose request timeout `-t` is 300 s unless set; `mlflow models serve`'s is 60 s), a
+request is also refused (400) when its U-Net evaluations (num x steps) cannot be drawn within the timeout
+at the rate measured when the model loads (DDPM_SERVING_EVALS_PER_SECOND overrides it); and a draw still
 running at the timeout, which the server has already answered 504, abandons itself at its next step,
 so that it never holds the network from the requests after it.
 The `ddpm` package travels with the model (code_paths), so loading needs only its dependencies.
@@ -71,7 +72,7 @@ class DdpmSampler(PythonModel):
         budget = EvaluationBudget(
             int(rate * timeout * TIMEOUT_SHARE),
             f"this server draws within its {timeout} s request timeout at {rate:,.0f} evaluations/s "
-            "(`mlflow models serve -t SECONDS` sets a longer one)",
+            "(`ddpm serve -t SECONDS` sets a longer one)",
         )
         log.info("at most %s U-Net evaluations per request: %s", f"{budget.evaluations:,}", budget.why)
         return budget

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SERVER_START_TIMEOUT = 180  # mlflow server takes 15-60 s to start on a 2-core machine
 
 
@@ -50,11 +51,15 @@ def start(args: list[str], health: str, log: Path, env: dict | None = None) -> s
 
 
 def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL after 20 s; a server already gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
-        os.killpg(process.pid, 15)
         process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(process.pid, 9)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def start_mlflow(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
@@ -276,32 +281,27 @@ def start_prefect_with_auth(workdir: Path, auth_string: str) -> tuple[subprocess
 
 
 def start_model_server(
-    model_uri: str, workdir: Path, tracking_uri: str, options: tuple[str, ...] = (), env: dict | None = None
+    model_uri: str,
+    workdir: Path,
+    tracking_uri: str,
+    options: tuple[str, ...] = (),
+    env: dict | None = None,
+    mlflow_serve: bool = False,
 ) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` of a registered model in the local environment, as the README serves @champion;
-    `options` (e.g. ("-t", "3")) and `env` are added to its command and environment."""
+    """`ddpm serve` of a registered model, as the README serves @champion, or with `mlflow_serve` MLflow's
+    own `mlflow models serve` in the local environment; `options` (e.g. ("-t", "3")) and `env` are added to
+    its command and environment."""
     port = free_port()
+    if mlflow_serve:
+        command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--workers", "1"]
+    else:
+        command = ["ddpm", "serve", "-m", model_uri, "--params", str(ROOT / "params.yaml")]
     process = start(
-        [
-            str(BIN / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--workers",
-            "1",
-            *options,
-        ],
+        [str(BIN / command[0]), *command[1:], "--host", "127.0.0.1", "-p", str(port), *options],
         f"http://127.0.0.1:{port}/ping",
         workdir / "model-server.log",
         {
-            "MLFLOW_TRACKING_URI": tracking_uri,  # it runs `uvicorn`, found on PATH as under `uv run`
+            "MLFLOW_TRACKING_URI": tracking_uri,  # mlflow runs `uvicorn`, found on PATH as under `uv run`
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             **(env or {}),
         },

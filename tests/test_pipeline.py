@@ -372,13 +372,13 @@ def test_prefect_deployment_runs_to_completed(workspace, first_run):
         registered = MlflowClient(uri).get_registered_model("ddpm-fashion-mnist")
         version, champion = registered.aliases["candidate"], registered.aliases.get("champion")
         assert (
-            f'This version, v{version}:\n\n```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist/{version}" '
-            "\\\n  --env-manager local -p 5001 -t 300\n```" in summary
+            f'This version, v{version}:\n\n```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist/{version}"\n```'
+            in summary
         )
         assert "The champion, `@champion` (" + (f"now v{champion})" if champion else "none yet") in summary
         assert (
-            '```bash\nmlflow models serve -m "models:/ddpm-fashion-mnist@champion" \\\n'
-            "  --env-manager local -p 5001 -t 300\n```\n\nEither answers POST requests at http://127.0.0.1:5001/invocations"
+            '```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist@champion"\n```\n\n'
+            "Either answers POST requests at http://127.0.0.1:5001/invocations"
         ) in summary
         assert "![report](data:image/png;base64," in summary  # data: images render in both Prefect UIs (Chromium)
     finally:

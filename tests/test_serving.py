@@ -1,9 +1,11 @@
-"""Integration: the registered model served by the real `mlflow models serve` on loopback, asked over HTTP
-as the README asks it: good requests answer images, bad ones a 400 naming every bad value."""
+"""Integration: the registered model served on loopback by `ddpm serve` (as the README serves it) and by
+MLflow's own `mlflow models serve`, asked over HTTP as the README asks it: good requests answer images,
+bad ones a 400 naming every bad value, a body over the limit a 413."""
 
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -24,6 +27,7 @@ from ddpm.config import ModelConfig
 from flows.config import RegistryConfig
 from flows.pyfunc_model import RATE_ENV
 from flows.registry import log_sampler_model, register_model
+from flows.serve import MAX_BODY_BYTES
 from tests import servers
 from tests.test_cli import ROOT, ddpm, train_tiny
 
@@ -33,7 +37,7 @@ REGISTRY = RegistryConfig(model_name="serving-test")
 CHAMPION = f"models:/{REGISTRY.model_name}@{REGISTRY.champion_alias}"
 TIMESTEPS = 20
 LONG_TIMESTEPS = 1000
-# Seconds: `mlflow models serve -t 30`. Room for a small request's first draw, which compiles the network
+# Seconds: `-t 30`. Room for a small request's first draw, which compiles the network
 # for its batch shape (5-8 s on 2 busy cores), while 256 x 1,000 evaluations take tens of minutes.
 SHORT_TIMEOUT = 30
 LONGEST = {"num": 256, "sampler": "ddpm"}  # the largest legal request: 256 x T U-Net evaluations
@@ -60,16 +64,16 @@ def register_tiny(fashion_root: Path, tmp: Path, timesteps: int) -> str:
     return tracking_uri
 
 
-def serve(workdir: Path, tracking_uri: str, options: tuple[str, ...] = (), env: dict | None = None):
+def serve(workdir: Path, tracking_uri: str, options: tuple[str, ...] = (), env: dict | None = None, mlflow_serve=False):
     workdir.mkdir(exist_ok=True)
-    process, url = servers.start_model_server(CHAMPION, workdir, tracking_uri, options, env)
+    process, url = servers.start_model_server(CHAMPION, workdir, tracking_uri, options, env, mlflow_serve)
     yield Served(url, tracking_uri)
     servers.stop(process)
 
 
 @pytest.fixture(scope="module")
 def server(fashion_root, tmp_path_factory):
-    """The tiny model (T = 20), served as the README serves @champion."""
+    """The tiny model (T = 20), served as the README serves @champion (`ddpm serve`)."""
     tmp = tmp_path_factory.mktemp("serving")
     yield from serve(tmp, register_tiny(fashion_root, tmp, TIMESTEPS))
 
@@ -83,9 +87,10 @@ def long_chain(fashion_root, tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def timed_server(long_chain):
-    """The long-chain model behind a SHORT_TIMEOUT, its budget from the rate it measures when it loads."""
+    """The long-chain model behind a SHORT_TIMEOUT, its budget from the rate it measures when it loads; served
+    by `mlflow models serve`, whose scoring app `ddpm serve` runs too."""
     tmp, tracking_uri = long_chain
-    yield from serve(tmp / "timed", tracking_uri, ("-t", str(SHORT_TIMEOUT)))
+    yield from serve(tmp / "timed", tracking_uri, ("-t", str(SHORT_TIMEOUT)), mlflow_serve=True)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,9 @@ def misjudging_server(long_chain):
     """The same, told a rate far above what it draws (as a server sharing its cores misjudges its own):
     its budget admits a request that runs past the timeout."""
     tmp, tracking_uri = long_chain
-    yield from serve(tmp / "misjudging", tracking_uri, ("-t", str(SHORT_TIMEOUT)), {RATE_ENV: str(10**12)})
+    yield from serve(
+        tmp / "misjudging", tracking_uri, ("-t", str(SHORT_TIMEOUT)), {RATE_ENV: str(10**12)}, mlflow_serve=True
+    )
 
 
 def post(server: Served, records: list[dict]) -> tuple[int, dict]:
@@ -168,6 +175,41 @@ def test_more_rows_than_images_per_request_are_refused_whole(server):
     status, answer = post(server, [{"num": 1}] * 300)
     assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
     assert "300 rows, more than 256 per request" in answer["message"] and "row 0" not in answer["message"]
+
+
+def post_body(server: Served, body: bytes, chunked: bool = False) -> tuple[int, dict]:
+    """POST `body` as is: with its Content-Length, or `chunked` in 8 KiB chunks and no length declared."""
+    connection = http.client.HTTPConnection(urlsplit(server.url).netloc, timeout=120)
+    headers = {"Content-Type": "application/json"}
+    try:
+        if chunked:
+            chunks = (body[i : i + 8192] for i in range(0, len(body), 8192))
+            connection.request("POST", "/invocations", chunks, headers, encode_chunked=True)
+        else:
+            connection.request("POST", "/invocations", body, headers)
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, {"message": text}
+
+
+def padded(size: int) -> bytes:
+    """A legal request of one image, padded with JSON whitespace to `size` bytes: only its size can be wrong."""
+    body = json.dumps({"dataframe_records": [{"num": 1, "steps": 2, "seed": 3}]})
+    return (body[:-1] + " " * (size - len(body)) + "}").encode()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_answers_413_and_a_body_within_it_is_drawn(server, chunked):
+    status, answer = post_body(server, padded(MAX_BODY_BYTES + 100), chunked)
+    assert status == 413, answer
+    assert f"over this server's limit of {MAX_BODY_BYTES:,} bytes" in answer["message"]
+    status, answer = post_body(server, padded(MAX_BODY_BYTES), chunked)  # handed on whole, however it came
+    assert status == 200 and np.asarray(answer["predictions"]).shape == (1, 1, 28, 28), answer
 
 
 def test_a_request_the_server_cannot_draw_within_its_timeout_is_refused_naming_the_limit(timed_server):

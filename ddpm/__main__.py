@@ -20,18 +20,14 @@ log = logging.getLogger("ddpm")
 
 def train(args: argparse.Namespace) -> None:
     from ddpm.config import load_config, parse_sets
-    from ddpm.distributed import WORKER_LOGS, in_msrun, init_world, launch_workers
+    from ddpm.distributed import in_msrun, init_world, launch_workers
     from ddpm.train import fit
 
     config = load_config(args.params, parse_sets(args.set))
     world = init_world(config.train.device)  # before any side effect: msrun's scheduler runs this command too
     if config.train.workers > 1 and not in_msrun():
-        command = ["-m", "ddpm", "train", "--params", args.params, *(f"--set={s}" for s in args.set)]
-        launch_workers(
-            config.train.workers,
-            command + (["--resume"] if args.resume else []),
-            Path(config.train.checkpoint_dir) / WORKER_LOGS,
-        )
+        command = ["-m", "ddpm", "train", *(["--resume"] if args.resume else [])]
+        launch_workers(config, command, Path(config.train.checkpoint_dir))  # each worker: --params <this config>
         return
     result = fit(config, resume=args.resume)
     if world.is_main:

@@ -240,9 +240,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe data (tuples become lists)."""
-        return dataclasses.asdict(
-            self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
-        )
+        return params_data(self)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -294,28 +292,74 @@ def config_from_dict(
     origins: typing.Mapping[str, str] | None = None,
 ) -> Config:
     """Validate `raw` with the overrides applied; `origins` (ParamsFile's) names the file of an unknown key."""
+    errors, config = build_config(Config, raw, overrides, origins, extra_sections)
+    if config is None:
+        raise invalid(errors)
+    return config
+
+
+class Sections(typing.Protocol):
+    """A schema: a frozen dataclass whose fields are section dataclasses (Config, flows' PipelineConfig)."""
+
+    def check(self) -> list[str]:
+        """Constraints across its sections; each section checks its own."""
+        ...
+
+
+S = typing.TypeVar("S", bound=Sections)
+
+
+def build_config(
+    schema: type[S],
+    raw: typing.Mapping[str, Any],
+    overrides: Overrides | None = None,
+    origins: typing.Mapping[str, str] | None = None,
+    extra_sections: typing.Collection[str] = (),
+) -> tuple[list[str], S | None]:
+    """Validate the sections of `schema` in `raw` with the overrides applied: every error, and the
+    built schema (None when there is any error). Sections in `extra_sections` belong to another
+    schema and are left to it; any other section `schema` lacks is an error. `origins` (ParamsFile's)
+    names the file of an unknown key."""
     origins = origins or {}
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     errors = apply_overrides(raw, overrides or {})
-    sections = {}
+    classes = typing.get_type_hints(schema)  # each section's dataclass, by section name
     for name, value in raw.items():
         if name in extra_sections:
             continue
-        if name not in SECTIONS:
-            errors.append(f"{name}: unknown section{in_file(origins, name)} (known: {', '.join(SECTIONS)})")
+        if name not in classes:
+            errors.append(f"{name}: unknown section{in_file(origins, name)} (known: {', '.join(classes)})")
         elif not isinstance(value, dict):
             errors.append(not_a_mapping(name, value))
-    for name, cls in typing.get_type_hints(Config).items():  # each section's dataclass
+    sections = {}
+    for name, cls in classes.items():
         values = raw.get(name)
         section_errors, section = build_section(name, cls, values if isinstance(values, dict) else {}, origins)
         errors += section_errors + section.check()  # ranges of the values that parsed
         sections[name] = section
-    if not errors:
-        config = Config(**sections)
-        errors = config.check()
-        if not errors:
-            return config
-    raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    if errors:
+        return errors, None
+    built = schema(**sections)
+    errors = built.check()
+    return errors, None if errors else built
+
+
+def invalid(errors: list[str]) -> ConfigError:
+    """The one error that lists every bad field, one a line."""
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def params_data(*schemas: Any) -> dict[str, Any]:
+    """Built schemas (Config, PipelineConfig) as the plain data of one params file: YAML/JSON-safe,
+    tuples as lists, so that `build_config` reads it back to equal objects."""
+    data: dict[str, Any] = {}
+    for built in schemas:
+        data.update(
+            dataclasses.asdict(
+                built, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+            )
+        )
+    return data
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> list[str]:

@@ -26,10 +26,16 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+import yaml
+
+from ddpm.config import Config, params_data
 from ddpm.errors import WorkerError
+from ddpm.files import atomic_path
 from ddpm.interrupt import Handler, WorkersInterrupted, put_back, take_stop_signals
 from ddpm.runtime import select_device
 
@@ -39,6 +45,9 @@ ROLE_ENV = "MS_ROLE"  # msrun sets it in the scheduler and every worker it start
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 30  # of a failed worker's log, in the error
 WORKER_LOGS = "worker_logs"  # msrun's logs of the workers, inside train.checkpoint_dir
+WORKER_PARAMS = "worker_params.yaml"  # inside train.checkpoint_dir: the resolved params every worker reads
+# Owner only: the params may hold what a --set gave, a tracking URI with its credentials among them.
+PRIVATE_MODE = 0o600
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 INIT_PID = 1  # an orphan's parent (with no subreaper): its own parent died before it could ask
 # Seconds msrun gets to stop its workers (it SIGKILLs them at once), and they to be gone, before we kill.
@@ -89,14 +98,21 @@ def init_world(device: str = "auto") -> World:
     return world
 
 
-def launch_workers(workers: int, command: list[str], log_dir: str | Path) -> None:
-    """Run `python <command...>` in `workers` processes under msrun and wait; rank 0's log is shown.
+def launch_workers(config: Config, command: list[str], directory: str | Path, also: Sequence[Any] = ()) -> None:
+    """Run `python <command...> --params FILE` in train.workers processes under msrun and wait; rank 0's
+    log is shown.
 
-    `command` is what follows `python`, e.g. ["-m", "ddpm", "train", ...]; each worker calls
-    `init_world()` before anything else.
+    FILE (write_worker_params) holds `config` as this process validated it, with the sections of
+    each schema in `also` (the pipeline's): every worker trains with exactly these settings, whatever
+    overrides made them. `command` is what follows `python`, e.g. ["-m", "ddpm", "train"]; each worker
+    calls `init_world()` before anything else. `directory` is train.checkpoint_dir, as the caller
+    resolves it; msrun's logs go to its worker_logs/.
     """
-    log_dir = Path(log_dir)
+    directory = Path(directory)
+    params = write_worker_params(directory, config, also)
+    log_dir = directory / WORKER_LOGS
     log_dir.mkdir(parents=True, exist_ok=True)
+    workers = config.train.workers
     args = [
         sys.executable,
         "-m",
@@ -110,6 +126,8 @@ def launch_workers(workers: int, command: list[str], log_dir: str | Path) -> Non
         "--tail_worker_log=0",
         "python",
         *command,
+        "--params",
+        str(params),
     ]
     # msrun starts "python" from PATH: make it this interpreter (the project's environment).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -120,12 +138,27 @@ def launch_workers(workers: int, command: list[str], log_dir: str | Path) -> Non
     with msrun, ForwardStop(msrun) as forward:
         returncode = msrun.wait()
     if forward.signum is not None:
-        raise WorkersInterrupted(forward.signum, workers, log_dir.parent)
+        raise WorkersInterrupted(forward.signum, workers, directory)
     if returncode != 0:
         raise WorkerError(
             f"data-parallel training failed (msrun exit {returncode}).\n"
             f"{failure_report(log_dir)}\nWorker logs: {log_dir}"
         )
+
+
+def write_worker_params(directory: Path, config: Config, also: Sequence[Any] = ()) -> Path:
+    """Write `config` and the sections of each schema in `also` as one params file in `directory`,
+    atomically and readable by its owner only; return its path. It reads back (load_config,
+    flows.config.load_params) to objects equal to those given."""
+    path = directory / WORKER_PARAMS
+    directory.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(params_data(config, *also), sort_keys=False)
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+        os.fchmod(fd, PRIVATE_MODE)  # a leftover temporary keeps its old mode through O_CREAT
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return path
 
 
 class ForwardStop:

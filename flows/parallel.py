@@ -2,7 +2,8 @@
 
 The pipeline's process owns the MLflow run (params, tags, final status) and waits; msrun's workers
 run `python -m flows.worker`, and rank 0 reopens that run for the per-step and per-epoch logging.
-They read the resolved params from a file, so CLI, DVC and deployment overrides reach them all.
+They read the params as the pipeline resolved them (ddpm.distributed.launch_workers writes both halves),
+so CLI, DVC and deployment overrides reach them all.
 """
 
 from __future__ import annotations
@@ -11,28 +12,21 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
 from ddpm.callbacks import FitResult
 from ddpm.config import Config
-from ddpm.distributed import WORKER_LOGS, launch_workers
+from ddpm.distributed import launch_workers
 from ddpm.files import atomic_path
 from flows.config import PipelineConfig
 
-WORKER_PARAMS = "worker_params.yaml"  # in train.checkpoint_dir: the params every worker reads
 FIT_RESULT = "fit_result.json"  # written by rank 0 when fit() returns
 
 
 def fit_on_workers(config: Config, pipeline: PipelineConfig, repo: Path, run_id: str, resume: bool) -> FitResult:
     """Run fit() on `train.workers` processes under msrun; return rank 0's result."""
     directory = repo / config.train.checkpoint_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    params = directory / WORKER_PARAMS
-    sections = {**config.to_dict(), **json.loads(json.dumps(dataclasses.asdict(pipeline)))}  # tuples -> lists
-    params.write_text(yaml.safe_dump(sections, sort_keys=False))
     (directory / FIT_RESULT).unlink(missing_ok=True)
-    command = ["-m", "flows.worker", "--params", str(params), "--run-id", run_id, "--repo", str(repo)]
-    launch_workers(config.train.workers, command + (["--resume"] if resume else []), directory / WORKER_LOGS)
+    command = ["-m", "flows.worker", "--run-id", run_id, "--repo", str(repo), *(["--resume"] if resume else [])]
+    launch_workers(config, command, directory, also=[pipeline])  # each worker: --params <both halves>
     return load_fit_result(directory)
 
 

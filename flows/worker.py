@@ -1,6 +1,6 @@
 """One msrun worker of a data-parallel pipeline training (started by flows.parallel, not by hand).
 
-python -m flows.worker --params CHECKPOINT_DIR/worker_params.yaml --run-id RUN_ID --repo REPO [--resume]
+python -m flows.worker --run-id RUN_ID --repo REPO [--resume] --params CHECKPOINT_DIR/worker_params.yaml
 """
 
 from __future__ import annotations

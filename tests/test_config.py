@@ -7,6 +7,8 @@ from ddpm.config import (
     ClassifierConfig,
     Config,
     ConfigError,
+    TrainConfig,
+    build_config,
     config_from_dict,
     load_config,
     parse_sets,
@@ -91,6 +93,17 @@ def test_each_malformed_set_is_named_in_one_error_with_the_other_bad_values():
     for key in ("'trainepochs'", "'train.epochs'", "''"):
         assert f"override {key}: expected section.key=value" in text
     assert "train.lr: must be in (0, 1)" in text and "model.dim" not in text
+
+
+def test_build_config_returns_the_errors_as_data_and_no_config():
+    errors, config = build_config(Config, {"train": {"lr": "fast"}, "nosuch": {}}, {"x": 1}, {"nosuch": "a.yaml"})
+    assert config is None
+    assert errors[0] == "override 'x': expected section.key=value"
+    assert errors[1].startswith("nosuch: unknown section in a.yaml (known: data, model,")
+    assert errors[2:] == ["train.lr: expected float, got 'fast'"]
+    assert build_config(Config, {"train": {"epochs": 2}}) == ([], Config(train=TrainConfig(epochs=2)))
+    errors, config = build_config(Config, {"sample": {"steps": 500}})  # across sections, once each section is valid
+    assert config is None and errors == ["sample.steps: 500 exceeds diffusion.timesteps 200"]
 
 
 def test_extra_sections_are_left_to_their_reader():

@@ -2,6 +2,7 @@
 global batch, flips, t and noise included."""
 
 import json
+import stat
 import subprocess
 import sys
 
@@ -10,6 +11,12 @@ import pytest
 import yaml
 
 from ddpm import checkpoint as ckpt
+from ddpm import distributed
+from ddpm.__main__ import main as ddpm_main
+from ddpm.config import config_from_dict, load_config
+from ddpm.distributed import PRIVATE_MODE, WORKER_PARAMS, write_worker_params
+from ddpm.files import partial_path
+from flows.config import load_params, params_from_dict
 
 # Float32 sums in another order (the all-reduce, half-batch means), amplified a little by Adam's
 # normalisation over 8 steps; a real difference (a missed batch, other noise, no mean) is far larger.
@@ -83,3 +90,74 @@ def test_pipeline_trains_on_two_workers_into_one_mlflow_run(tmp_path):
     assert any("samples+step+2+" in p for p in images)
     assert client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate").run_id == run_.info.run_id
     assert len(client.search_runs([run_.info.experiment_id])) == 1
+
+
+# Tuples, an exponent PyYAML reads as a string, a URL with credentials: what must survive the file.
+RESOLVED = {
+    "model": {"dim": 8, "dim_mults": [1, 2]},
+    "classifier": {"channels": [8, 16], "checkpoint": "models/c.ckpt"},
+    "train": {"lr": 1e-7, "min_lr": 0.0, "workers": 2, "batch_size": 4},
+}
+
+
+def test_the_worker_params_read_back_to_what_the_launcher_validated(tmp_path):
+    config = config_from_dict(RESOLVED)
+    _, pipeline = params_from_dict(
+        {"fetch": {"sources": ["/srv/fashion", "http://mirror"]}, "tracking": {"uri": "http://u:secret@host:5000"}}
+    )
+    path = write_worker_params(tmp_path / "ckpt", config, [pipeline])
+    assert path == tmp_path / "ckpt" / WORKER_PARAMS
+    assert load_params(path) == (config, pipeline)  # what flows.worker reads
+    alone = write_worker_params(tmp_path / "cli", config)
+    assert load_config(alone) == config  # what `ddpm train` under msrun reads
+
+
+def test_the_worker_params_are_the_owners_alone_even_over_a_readable_file(tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    for leftover in (directory / WORKER_PARAMS, partial_path(directory / WORKER_PARAMS)):
+        leftover.write_text("train: {epochs: 99}\n")
+        leftover.chmod(0o644)
+    path = write_worker_params(directory, config_from_dict({}))
+    assert stat.S_IMODE(path.stat().st_mode) == PRIVATE_MODE
+    assert load_config(path).train.epochs != 99
+    assert [p.name for p in directory.iterdir()] == [WORKER_PARAMS]  # the temporary renamed onto it
+
+
+MSRUN = "mindspore.parallel.cluster.run"
+
+
+class FakeMsrun:
+    """Stands in for msrun's process: exits 0 at once."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def wait(self):
+        return 0
+
+
+def test_ddpm_train_hands_its_workers_the_config_it_validated_not_the_users_flags(tmp_path, monkeypatch):
+    launched, popen = [], subprocess.Popen
+
+    def start(args, **kwargs):  # msrun's command line is recorded; anything else (lscpu) runs
+        if MSRUN not in args:
+            return popen(args, **kwargs)
+        launched.append(list(args))
+        return FakeMsrun()
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", start)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(RESOLVED))
+    directory = tmp_path / "ckpt"
+    sets = [f"--set=train.checkpoint_dir={directory}", "--set=model.dim_mults=[1, 2]", "--set=train.epochs=3"]
+    assert ddpm_main(["train", "--params", str(params), *sets, "--resume"]) == 0
+    [args] = launched
+    worker = args[args.index("python") + 1 :]
+    assert worker == ["-m", "ddpm", "train", "--resume", "--params", str(directory / WORKER_PARAMS)]
+    assert load_config(directory / WORKER_PARAMS) == load_config(
+        params, {"train.checkpoint_dir": str(directory), "model.dim_mults": [1, 2], "train.epochs": 3}
+    )

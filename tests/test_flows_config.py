@@ -49,6 +49,25 @@ def test_one_error_lists_bad_fields_of_both_halves():
         assert fragment in text
 
 
+def test_an_error_of_either_half_is_named_once_with_its_file():
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(
+            {"nosuch": {}, "tracking": {"colour": "red"}, "fetch": None},
+            {"trainepochs": 2, "workspace": 1},
+            {"nosuch": "a.yaml", "tracking.colour": "b.yaml"},
+        )
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    for line in (
+        "override 'workspace': expected section.key=value",
+        "fetch: must be a mapping of keys, got a NoneType",  # as for an ML section: an overlay's would drop its base's
+        "tracking.colour: unknown key in b.yaml (known: connect_timeout, experiment, log_every, uri)",
+        "override 'trainepochs': expected section.key=value",
+    ):
+        assert lines.count(f"  {line}") == 1, line
+    assert sum(line.startswith("  nosuch: unknown section in a.yaml") for line in lines) == 1
+
+
 def test_environment_overrides_service_addresses(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)

@@ -1,15 +1,16 @@
-"""Every layer the U-Net uses, built in one place: `Layers` decides native or reference, and the precision.
+"""Every layer the U-Net uses, built in one place: one layer factory per implementation.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
 it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
-has the profile). `Layers(native=True)` builds each layer on ddpm/kernels' C++ operators (or,
-where those cannot be built, on the faster MindSpore formulations below); `Layers(native=False)`
-builds MindSpore's own cells, the reference the others are tested against. `precision="bf16"`
-runs the convolutions' products in bfloat16 on the native kernels (f32 in and out, f32
-accumulation). Parameter names, shapes and initialisation are the same whichever is built, so
-checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs and
-gradients to the reference. `network_layers` builds what this process's backend says
-(`ddpm.runtime.resolve_backend`): native on the CPU, MindSpore's own cells on a GPU or Ascend.
+has the profile). The three implementations (`ddpm.runtime.IMPLEMENTATIONS`) are three factories:
+`Layers` builds MindSpore's own cells ("mindspore": the reference the others are tested against,
+and the GPU's and Ascend's layers), `FallbackLayers` the faster MindSpore formulations below
+("fallback": the CPU where ddpm/kernels cannot be built), `NativeLayers` ddpm/kernels' C++
+operators ("native"), where `precision="bf16"` runs the convolutions' products in bfloat16 (f32 in
+and out, f32 accumulation). Parameter names, shapes and initialisation are the same whichever is
+built, so checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs
+and gradients to the reference. `network_layers` builds the factory of this process's backend
+(`ddpm.runtime.resolve_backend`, decided once per process), `make_layers` any other.
 """
 
 from __future__ import annotations

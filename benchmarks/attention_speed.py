@@ -22,8 +22,8 @@ import numpy as np
 from mindspore import nn
 
 from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
-from ddpm.kernels.build import native_library
 from ddpm.layers import _ChannelNorm, _FullAttention, _LinearAttention
+from ddpm.runtime import native_library
 from ddpm.unet import NORM_EPS
 
 HEADS, DIM_HEAD = 4, 32  # every attention of the U-Net

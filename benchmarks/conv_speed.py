@@ -20,9 +20,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import NativeConv2d
 from ddpm.layers import _DepthwiseConv
+from ddpm.runtime import native_library
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,24 @@
-"""Every layer the U-Net uses, built in one place: `Layers` decides native or reference, and the precision.
+"""Every layer the U-Net uses, built in one place: one layer factory per implementation.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
 it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
-has the profile). `Layers(native=True)` builds each layer on ddpm/kernels' C++ operators (or,
-where those cannot be built, on the faster MindSpore formulations below); `Layers(native=False)`
-builds MindSpore's own cells, the reference the others are tested against. `precision="bf16"`
-runs the convolutions' products in bfloat16 on the native kernels (f32 in and out, f32
-accumulation). Parameter names, shapes and initialisation are the same whichever is built, so
-checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs and
-gradients to the reference. `network_layers` builds what this process's backend says
-(`ddpm.runtime.resolve_backend`): native on the CPU, MindSpore's own cells on a GPU or Ascend.
+has the profile). The three implementations (`ddpm.runtime.IMPLEMENTATIONS`) are three factories:
+`Layers` builds MindSpore's own cells ("mindspore": the reference the others are tested against,
+and the GPU's and Ascend's layers), `FallbackLayers` the faster MindSpore formulations below
+("fallback": the CPU where ddpm/kernels cannot be built), `NativeLayers` ddpm/kernels' C++
+operators ("native"), where `precision="bf16"` runs the convolutions' products in bfloat16 (f32 in
+and out, f32 accumulation). Parameter names, shapes and initialisation are the same whichever is
+built, so checkpoints load into any; tests/test_layers.py and tests/test_kernels.py hold outputs
+and gradients to the reference. `network_layers` builds the factory of this process's backend
+(`ddpm.runtime.resolve_backend`, decided once per process), `make_layers` any other.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -26,10 +27,10 @@ from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter
 
 from ddpm import runtime
 from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
-from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.kernels.pool import NativeMaxPool2x2
+from ddpm.runtime import Implementation
 
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
 GELU_CUBIC = 0.044715  # Hendrycks & Gimpel (2016), tanh approximation
@@ -207,40 +208,116 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class Layers:
-    """The U-Net's layer factory: the one place that picks an implementation for each layer.
+    """The U-Net's layer factory, one per implementation: each method builds its layer with no choice
+    left to make. This base builds MindSpore's own cells ("mindspore"): the reference the others are
+    tested against, and the GPU's and Ascend's layers. `make_layers` builds the implementation asked for,
+    `network_layers` this process's.
 
-    `native`: ddpm/kernels' operators where the library builds (else the faster MindSpore
-    formulations above), CPU only; False: MindSpore's own cells, the reference and the GPU's and
-    Ascend's layers. `network_layers` picks both for this device. `precision`: "bf16" runs
-    every dense convolution's products in bfloat16 (f32 tensors in and out, f32 accumulation, f32
-    weight gradients; the weights stay f32); the depthwise convs, norms, GELU, attention and all
-    else stay f32.
+    `precision`: "bf16" (NativeLayers only) runs every dense convolution's products in bfloat16 (f32
+    tensors in and out, f32 accumulation, f32 weight gradients; the weights stay f32); the depthwise
+    convs, norms, GELU, attention and all else stay f32.
     """
 
-    native: bool = True
+    implementation: ClassVar[Implementation] = "mindspore"
     precision: Precision = "fp32"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "bf16" and not self.native:
-            raise ValueError("precision 'bf16' runs on the native kernels: use native=True or precision 'fp32'")
-
-    @property
-    def library(self) -> Path | None:
-        return native_library() if self.native else None
+        if self.precision == "bf16" and self.implementation != "native":
+            raise ValueError(f"precision 'bf16' runs on the native kernels, not on {self.implementation!r}")
 
     @property
     def bf16(self) -> bool:
-        return self.precision == "bf16" and self.library is not None
+        return self.precision == "bf16"
+
+    def conv2d(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        has_bias: bool = False,
+    ) -> nn.Cell:
+        """nn.Conv2d with symmetric padding."""
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding, has_bias=has_bias
+        )
+
+    def conv_transpose2d(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0
+    ) -> nn.Cell:
+        """nn.Conv2dTranspose with symmetric padding."""
+        return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
+
+    def depthwise_conv(self, channels: int, kernel_size: int) -> nn.Cell:
+        """A depthwise conv with 'same' padding."""
+        return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=channels)
+
+    def group_norm(self, num_channels: int, eps: float) -> nn.Cell:
+        """GroupNorm(1, C)."""
+        return nn.GroupNorm(1, num_channels, eps=eps)
+
+    def gelu(self) -> nn.Cell:
+        """Tanh-approximated GELU."""
+        return nn.GELU()
+
+    def max_pool2x2(self) -> nn.Cell:
+        """2x2 max-pooling with stride 2 (the classifier's)."""
+        return nn.MaxPool2d(2, 2)
+
+    def channel_norm(self, eps: float) -> nn.Cell:
+        """(x, g) -> the tutorial's channel LayerNorm, (x - mean_c) / sqrt(var_c + eps) g."""
+        return _ChannelNorm(eps)
+
+    def linear_attention(self, heads: int, scale: float) -> nn.Cell:
+        """The core of linear attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
+        return _LinearAttention(heads, scale)
+
+    def full_attention(self, heads: int, scale: float) -> nn.Cell:
+        """The core of softmax attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
+        return _FullAttention(heads, scale)
+
+
+@dataclass(frozen=True)
+class FallbackLayers(Layers):
+    """The "fallback" implementation, the CPU's without ddpm/kernels: the layers whose MindSpore CPU kernels
+    are slow in the faster MindSpore formulations above, the rest as the reference's."""
+
+    implementation: ClassVar[Implementation] = "fallback"
+
+    def depthwise_conv(self, channels: int, kernel_size: int) -> nn.Cell:
+        return DepthwiseConv2d(channels, kernel_size)
+
+    def group_norm(self, num_channels: int, eps: float) -> nn.Cell:
+        return LayerGroupNorm(num_channels, eps)
+
+    def gelu(self) -> nn.Cell:
+        return GELU()
+
+
+def built_library() -> Path:
+    """The library NativeLayers runs on: ddpm/kernels' as this process resolved it (runtime.native_library)."""
+    library = runtime.native_library()
+    if library is None:
+        raise RuntimeError("the native layers need ddpm/kernels, which are unavailable here (the warning says why)")
+    return library
+
+
+@dataclass(frozen=True)
+class NativeLayers(Layers):
+    """The "native" implementation: every layer on ddpm/kernels' C++ operators (CPU only: they read host
+    memory), but for the small dense convs `_mindspore_conv` leaves to MindSpore."""
+
+    implementation: ClassVar[Implementation] = "native"
+    library: Path = field(default_factory=built_library)
 
     def _mindspore_conv(self, in_channels: int, kernel_size: int) -> bool:
-        """Whether a dense conv stays MindSpore's: always without the library; for the 1x1 convs and the
-        one-channel input conv also while oneDNN runs at AVX2 in fp32, where MindSpore's own is as fast
-        (docs/native-kernels.md) and fp32 results stay those of before. Above AVX2 MindSpore's convs fall to
-        slow kernels, and bf16 needs ours, so every conv is native then."""
-        if self.library is None:
-            return True
+        """Whether a dense conv stays MindSpore's: the 1x1 convs and the one-channel input conv while
+        oneDNN runs at AVX2 in fp32, where MindSpore's own is as fast (docs/native-kernels.md) and fp32
+        results stay those of before. Above AVX2 MindSpore's convs fall to slow kernels, and bf16 needs
+        ours, so every conv is native then."""
         small = kernel_size == 1 or in_channels == 1
         return small and not self.bf16 and runtime.mindspore_convs_are_fast()
 
@@ -253,59 +330,43 @@ class Layers:
         padding: int = 0,
         has_bias: bool = False,
     ) -> nn.Cell:
-        """nn.Conv2d with symmetric padding."""
-        library = self.library
-        if library is None or self._mindspore_conv(in_channels, kernel_size):
-            return nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding, has_bias=has_bias
-            )
-        return Conv2d(library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
+        if self._mindspore_conv(in_channels, kernel_size):
+            return super().conv2d(in_channels, out_channels, kernel_size, stride, padding, has_bias)
+        return Conv2d(self.library, in_channels, out_channels, kernel_size, stride, padding, has_bias, self.bf16)
 
     def conv_transpose2d(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0
     ) -> nn.Cell:
-        """nn.Conv2dTranspose with symmetric padding."""
-        if self.library is None:
-            return nn.Conv2dTranspose(in_channels, out_channels, kernel_size, stride, pad_mode="pad", padding=padding)
         return Conv2dTranspose(self.library, in_channels, out_channels, kernel_size, stride, padding, bf16=self.bf16)
 
     def depthwise_conv(self, channels: int, kernel_size: int) -> nn.Cell:
-        """A depthwise conv with 'same' padding."""
-        if not self.native:
-            return nn.Conv2d(channels, channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=channels)
         return DepthwiseConv2d(channels, kernel_size, self.library)
 
     def group_norm(self, num_channels: int, eps: float) -> nn.Cell:
-        """GroupNorm(1, C)."""
-        if not self.native:
-            return nn.GroupNorm(1, num_channels, eps=eps)
         return LayerGroupNorm(num_channels, eps, self.library)
 
     def gelu(self) -> nn.Cell:
-        """Tanh-approximated GELU."""
-        if not self.native:
-            return nn.GELU()
-        return NativeGELU(self.library) if self.library is not None else GELU()
+        return NativeGELU(self.library)
 
     def max_pool2x2(self) -> nn.Cell:
-        """2x2 max-pooling with stride 2 (the classifier's)."""
-        library = self.library
-        return NativeMaxPool2x2(library) if library is not None else nn.MaxPool2d(2, 2)
+        return NativeMaxPool2x2(self.library)
 
     def channel_norm(self, eps: float) -> nn.Cell:
-        """(x, g) -> the tutorial's channel LayerNorm, (x - mean_c) / sqrt(var_c + eps) g."""
-        library = self.library
-        return NativeChannelLayerNorm(library, eps) if library is not None else _ChannelNorm(eps)
+        return NativeChannelLayerNorm(self.library, eps)
 
     def linear_attention(self, heads: int, scale: float) -> nn.Cell:
-        """The core of linear attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
-        library = self.library
-        return linear_attention_core(library, heads, scale) if library is not None else _LinearAttention(heads, scale)
+        return linear_attention_core(self.library, heads, scale)
 
     def full_attention(self, heads: int, scale: float) -> nn.Cell:
-        """The core of softmax attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
-        library = self.library
-        return full_attention_core(library, heads, scale) if library is not None else _FullAttention(heads, scale)
+        return full_attention_core(self.library, heads, scale)
+
+
+LAYERS: dict[Implementation, type[Layers]] = {"mindspore": Layers, "fallback": FallbackLayers, "native": NativeLayers}
+
+
+def make_layers(implementation: Implementation, precision: Precision = "fp32") -> Layers:
+    """The layer factory of `implementation` (runtime.IMPLEMENTATIONS) in the resolved `precision`."""
+    return LAYERS[implementation](precision)
 
 
 def network_layers(precision: str = "auto") -> Layers:
@@ -313,4 +374,4 @@ def network_layers(precision: str = "auto") -> Layers:
     backend (native on the CPU, MindSpore's own cells elsewhere), in the precision `precision`
     (auto | fp32 | bf16, train.precision) resolves to there."""
     backend = runtime.backend(precision)
-    return Layers(native=backend.implementation != "mindspore", precision=backend.precision)
+    return make_layers(backend.implementation, backend.precision)

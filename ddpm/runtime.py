@@ -6,7 +6,9 @@ variable the user has already set wins. oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) is
 processor (`isa_cap`), and `resolve_precision` turns `train.precision: auto` into fp32 or bf16;
 both read the processor's flags through `cpu_flags`, the one place that detects them. `backend`
 decides, once per device and precision setting, what the networks are built from: ddpm/kernels'
-C++ operators on the CPU only, MindSpore's own cells on a GPU or Ascend.
+C++ operators on the CPU only, MindSpore's own cells on a GPU or Ascend. This module alone reads
+DDPM_NATIVE_KERNELS, asks ddpm/kernels/build.py for the compiled library (`native_library`) and
+lowers the ISA cap when it cannot be built; build.py only compiles, and imports nothing from here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from ddpm.errors import DeviceError
+from ddpm.kernels import build
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ FALLBACK_ISA = "AVX2"
 # cap that reaches them (measured: docs/performance.md).
 BF16_ISAS = (("amx_bf16", "AVX512_CORE_AMX"), ("avx512_bf16", "AVX512_CORE_BF16"))
 CPUINFO = Path("/proc/cpuinfo")
-NATIVE_KERNELS_ENV = "DDPM_NATIVE_KERNELS"  # "0": MindSpore's own operators (ddpm/kernels/build.py)
+NATIVE_KERNELS_ENV = "DDPM_NATIVE_KERNELS"  # "0": MindSpore's own operators, for comparisons
 PRECISION_SETTINGS = ("auto", "fp32", "bf16")
 DEV = Path("/dev")
 NVIDIA_NODES = "nvidia[0-9]*"  # /dev/nvidia0, ...: one per GPU, once the NVIDIA driver is loaded
@@ -137,9 +140,7 @@ def effective_isa() -> str:
     from MindSpore's own libdnnl; "" where that library is missing. Fixes the cap if nothing has yet."""
     import ctypes
 
-    from ddpm.kernels.build import libdnnl_path
-
-    path = libdnnl_path()
+    path = build.libdnnl_path()
     if path is None:
         return ""
     value = ctypes.CDLL(str(path)).dnnl_get_effective_cpu_isa()
@@ -249,13 +250,30 @@ def resolve_backend(device: str, precision: str) -> Backend:
 def resolve_implementation(device: str) -> Implementation:
     """The one place that picks native kernels or MindSpore's operators: the kernels are CPU code behind
     MindSpore's Custom aot interface, which a GPU or Ascend would call with device pointers."""
-    from ddpm.kernels.build import native_library  # here: it imports this module
-
     implementation: Implementation = "mindspore"
     if device == "CPU":  # None where DDPM_NATIVE_KERNELS=0 or they cannot be built (warned)
         implementation = "native" if native_library() is not None else "fallback"
     log.info("networks on %s: %s", device, IMPLEMENTATIONS[implementation])
     return implementation
+
+
+@functools.cache  # once per process: compiled (or found in the cache) once, a failure warned once
+def native_library() -> Path | None:
+    """ddpm/kernels' compiled operator library, or None when MindSpore's own operators must do: the user
+    forbids the kernels (DDPM_NATIVE_KERNELS=0), or they cannot be built (warned, and the ISA cap lowered)."""
+    if not native_kernels_allowed():
+        log.info("%s=0: using MindSpore's own operators", NATIVE_KERNELS_ENV)
+        return None
+    try:
+        return build.build(build.find_toolchain())
+    except build.KernelUnavailable as err:
+        log.warning(
+            "native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
+            "slower training): %s",
+            err,
+        )
+        lower_isa_cap()
+        return None
 
 
 def set_cpu_threads(threads: int) -> None:

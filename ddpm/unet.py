@@ -14,7 +14,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ddpm.layers import Layers, Precision, network_layers
+from ddpm import runtime
+from ddpm.layers import Layers, Precision, make_layers
+from ddpm.runtime import Implementation
 
 NORM_EPS = 1e-5  # the tutorial's LayerNorm and GroupNorm epsilon
 POSITION_SCALE = 10000.0  # Transformer sinusoid base (Vaswani et al., 2017)
@@ -145,9 +147,9 @@ class Level(nn.Cell):
 class Unet(nn.Cell):
     """Predicts the noise in x_t: (B, C, H, W), (B,) -> (B, C, H, W).
 
-    `native` builds every layer on ddpm/kernels' operators (False: MindSpore's own cells, the
-    reference they are tested against); `precision` "bf16" runs the convolutions in bfloat16
-    (ddpm/layers.py's `Layers` decides both). Same parameters, names and order either way.
+    `implementation` ("native", "fallback" or "mindspore", ddpm.runtime.IMPLEMENTATIONS; None: this
+    process's backend) picks the layer factory of ddpm/layers.py, built once here; `precision` "bf16"
+    runs the convolutions in bfloat16 (native only). Same parameters, names and order whichever.
     """
 
     def __init__(
@@ -156,11 +158,11 @@ class Unet(nn.Cell):
         channels: int = 1,
         dim_mults: tuple[int, ...] = (1, 2, 4),
         convnext_mult: int = 2,
-        native: bool = True,
+        implementation: Implementation | None = None,
         precision: Precision = "fp32",
     ):
         super().__init__()
-        layers = Layers(native, precision)
+        layers = make_layers(implementation or runtime.backend("fp32").implementation, precision)
         init_dim = dim // 3 * 2
         self.init_conv = layers.conv2d(channels, init_dim, 7, padding=3, has_bias=True)
         dims = [init_dim, *(dim * m for m in dim_mults)]
@@ -214,16 +216,16 @@ class Unet(nn.Cell):
 
 
 def build_unet(model_config, precision: str = "auto") -> Unet:
-    """The network of `model_config` on the native layers, in the precision `precision` (train.precision:
-    auto | fp32 | bf16) resolves to here."""
-    layers = network_layers(precision)
+    """The network of `model_config` on this process's backend (native layers on the CPU), in the precision
+    `precision` (train.precision: auto | fp32 | bf16) resolves to there."""
+    backend = runtime.backend(precision)
     return Unet(
         model_config.dim,
         model_config.channels,
         tuple(model_config.dim_mults),
         model_config.convnext_mult,
-        layers.native,
-        layers.precision,
+        backend.implementation,
+        backend.precision,
     )
 
 

@@ -11,7 +11,6 @@ from ddpm import runtime
 from ddpm.classifier import FashionClassifier
 from ddpm.config import ClassifierConfig, ModelConfig
 from ddpm.errors import DeviceError
-from ddpm.kernels.build import native_library
 from ddpm.unet import build_unet
 
 
@@ -60,7 +59,7 @@ def test_a_gpu_or_ascend_gets_mindspores_own_operators_in_fp32(device, target, c
 
 def test_the_cpu_gets_the_native_kernels_where_they_build(device):
     device("CPU")
-    if native_library() is None:
+    if runtime.native_library() is None:
         pytest.skip("ddpm/kernels cannot be built here (the warning names why)")
     assert runtime.backend("fp32") == runtime.Backend("CPU", "native", "fp32")
     for name, net in networks().items():

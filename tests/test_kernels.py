@@ -16,22 +16,22 @@ from mindspore import nn
 from ddpm import runtime
 from ddpm.classifier import FashionClassifier
 from ddpm.config import ModelConfig
-from ddpm.kernels import build
 from ddpm.kernels.attention import (
     NativeAttentionCore,
     NativeChannelLayerNorm,
     full_attention_core,
     linear_attention_core,
 )
-from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.kernels.pool import NativeMaxPool2x2
 from ddpm.layers import (
     GELU,
     DepthwiseConv2d,
+    FallbackLayers,
     LayerGroupNorm,
     Layers,
+    NativeLayers,
     _ChannelNorm,
     _DepthwiseConv,
     _FullAttention,
@@ -39,12 +39,12 @@ from ddpm.layers import (
     _Normalize,
     network_layers,
 )
-from ddpm.runtime import ISA_ENV
+from ddpm.runtime import ISA_ENV, native_library
 from ddpm.unet import Attention, ChannelLayerNorm, LinearAttention, build_unet
 
 RTOL, ATOL = 1e-4, 1e-5
 BATCH = 4
-NATIVE, REFERENCE = Layers(native=True), Layers(native=False)
+REFERENCE = Layers()  # MindSpore's own cells
 
 # (channels, size) of every depthwise conv in Unet(dim=28, dim_mults=(1, 2, 4)), the trained net
 NETWORK_DEPTHWISE = [(18, 28), (28, 28), (28, 14), (56, 14), (56, 7), (112, 7), (224, 7), (112, 14)]
@@ -117,7 +117,7 @@ def test_native_transposed_conv_equals_mindspores(library, c_in, c_out, size, bi
 
 
 def test_depthwise_cell_uses_the_native_kernel_and_falls_back_on_request(library):
-    assert isinstance(NATIVE.depthwise_conv(8, 7).conv, NativeConv2d)
+    assert isinstance(NativeLayers(library=library).depthwise_conv(8, 7).conv, NativeConv2d)
     assert isinstance(DepthwiseConv2d(8, 7).conv, _DepthwiseConv)
     assert type(REFERENCE.depthwise_conv(8, 7)) is nn.Conv2d
 
@@ -159,16 +159,17 @@ def test_library_is_compiled_once_into_the_cache(fresh_build):
 
 def test_missing_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=build.__name__):
+    with caplog.at_level(logging.WARNING, logger=runtime.__name__):
         assert native_library() is None
         assert native_library() is None
-        assert isinstance(NATIVE.depthwise_conv(8, 7).conv, _DepthwiseConv)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == build.__name__]
+        assert runtime.resolve_implementation.__wrapped__("CPU") == "fallback"  # uncached: as a new process
+        assert isinstance(FallbackLayers().depthwise_conv(8, 7).conv, _DepthwiseConv)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == runtime.__name__]
     assert len(warnings) == 1 and "install g++" in warnings[0]
 
 
 def test_env_setting_forces_the_fallback(fresh_build, monkeypatch):
-    monkeypatch.setenv(build.DISABLE_ENV, "0")
+    monkeypatch.setenv(runtime.NATIVE_KERNELS_ENV, "0")
     assert native_library() is None
     assert not list(fresh_build.iterdir()), "nothing compiled"
 
@@ -218,7 +219,7 @@ MID_ATTENTION = (112, 7)
 @pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
 @pytest.mark.parametrize("offset", [0.0, 20.0])  # a large mean: a cancelling variance or gradient would show
 def test_native_channel_layer_norm_equals_mindspores(library, channels, size, offset):
-    fast, ref = ChannelLayerNorm(NATIVE, channels), ChannelLayerNorm(REFERENCE, channels)
+    fast, ref = ChannelLayerNorm(NativeLayers(library=library), channels), ChannelLayerNorm(REFERENCE, channels)
     assert isinstance(fast.normalize, NativeChannelLayerNorm)
     x = np.random.default_rng(channels).standard_normal((BATCH, channels, size, size)) * 3 + offset
     assert_same_function(fast, ref, x)
@@ -226,14 +227,14 @@ def test_native_channel_layer_norm_equals_mindspores(library, channels, size, of
 
 @pytest.mark.parametrize("channels, size", NETWORK_ATTENTION)
 def test_native_linear_attention_equals_mindspores(library, channels, size):
-    fast, ref = LinearAttention(NATIVE, channels), LinearAttention(REFERENCE, channels)
+    fast, ref = LinearAttention(NativeLayers(library=library), channels), LinearAttention(REFERENCE, channels)
     assert isinstance(fast.attend, NativeAttentionCore)
     assert_same_function(fast, ref, (BATCH, channels, size, size))
 
 
 def test_native_full_attention_equals_mindspores(library):
     channels, size = MID_ATTENTION
-    fast, ref = Attention(NATIVE, channels), Attention(REFERENCE, channels)
+    fast, ref = Attention(NativeLayers(library=library), channels), Attention(REFERENCE, channels)
     assert isinstance(fast.attend, NativeAttentionCore)
     assert_same_function(fast, ref, (BATCH, channels, size, size))
 

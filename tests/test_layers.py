@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from ddpm.layers import GELU, LayerGroupNorm
-from ddpm.unet import Unet
+from ddpm import runtime
+from ddpm.config import ModelConfig
+from ddpm.layers import GELU, LAYERS, FallbackLayers, LayerGroupNorm, Layers, NativeLayers, make_layers
+from ddpm.unet import Unet, build_unet
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -55,11 +57,14 @@ def test_group_norm_equals_mindspores_with_gradients(shape):
         assert_close(a, b)
 
 
-@pytest.mark.parametrize("dim, dim_mults", [(8, (1, 2)), (28, (1, 2, 4))])
-def test_native_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults):
+@pytest.mark.parametrize(
+    "dim, dim_mults, implementation",
+    [(8, (1, 2), None), (28, (1, 2, 4), None), (8, (1, 2), "fallback")],  # None: this process's, native on the CPU
+)
+def test_fast_unet_equals_reference_unet_outputs_and_gradients(dim, dim_mults, implementation):
     ms.set_seed(0)
-    fast = Unet(dim, 1, dim_mults, native=True)
-    ref = Unet(dim, 1, dim_mults, native=False)
+    fast = Unet(dim, 1, dim_mults, implementation=implementation)
+    ref = Unet(dim, 1, dim_mults, implementation="mindspore")
     fast_names = [p.name for p in fast.trainable_params()]
     assert fast_names == [p.name for p in ref.trainable_params()], "checkpoints must load into either"
     ms.load_param_into_net(
@@ -86,3 +91,31 @@ def test_the_training_network_uses_the_fast_formulations():
     assert {LayerGroupNorm, DepthwiseConv2d} <= kinds
     assert kinds & {GELU, NativeGELU}  # NativeGELU where ddpm/kernels builds (tests/test_kernels.py)
     assert not kinds & {nn.GELU, nn.GroupNorm}
+
+
+def test_each_implementation_has_one_layer_factory():
+    assert set(LAYERS) == set(runtime.IMPLEMENTATIONS)
+    assert all(factory.implementation == name for name, factory in LAYERS.items())
+    assert type(make_layers("mindspore")) is Layers and type(make_layers("fallback")) is FallbackLayers
+
+
+@pytest.mark.parametrize("implementation", ["mindspore", "fallback"])
+def test_bf16_is_refused_off_the_native_kernels(implementation):
+    with pytest.raises(ValueError, match="bf16"):
+        make_layers(implementation, "bf16")
+
+
+def test_native_layers_without_the_library_say_so(monkeypatch):
+    monkeypatch.setattr(runtime, "native_library", lambda: None)
+    with pytest.raises(RuntimeError, match="ddpm/kernels"):
+        NativeLayers()
+
+
+def test_a_network_build_looks_the_library_up_once(monkeypatch):
+    """The implementation is decided once per process; a build asks for the library at most once, not per layer."""
+    implementation = runtime.backend("fp32").implementation  # resolved before, as Trainer does
+    looked_up = []
+    resolved = runtime.native_library
+    monkeypatch.setattr(runtime, "native_library", lambda: looked_up.append(1) or resolved())
+    build_unet(ModelConfig(dim=8, dim_mults=(1, 2)), "fp32")
+    assert len(looked_up) == (1 if implementation == "native" else 0)

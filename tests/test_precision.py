@@ -17,8 +17,8 @@ from mindspore import nn
 
 from ddpm import runtime
 from ddpm.config import Config, ConfigError, Precision, config_from_dict, load_config
-from ddpm.kernels.build import native_library
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
+from ddpm.runtime import native_library
 from ddpm.train import Trainer
 from ddpm.unet import Unet
 

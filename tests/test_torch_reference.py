@@ -34,7 +34,7 @@ def test_reference_with_our_weights_computes_our_networks_output():
     from ddpm.unet import Unet
 
     ms.set_seed(0)
-    ours = Unet(8, 1, (1, 2), native=False)  # MindSpore's own cells, the reference of ddpm/unet.py
+    ours = Unet(8, 1, (1, 2), implementation="mindspore")  # MindSpore's own cells, the reference of ddpm/unet.py
     ours.set_train(False)
     twin = build_unet(UnetConfig(dim=8, dim_mults=(1, 2))).eval()
     pairs = list(zip(ours.trainable_params(), twin.parameters(), strict=True))  # same definition order

@@ -2,17 +2,16 @@
 
 The shared library is keyed by a hash of everything that goes into it (the source, MindSpore's
 version and its libdnnl path, the headers' version, the compiler flags), written atomically under
-a file lock so concurrent processes build it once. When it cannot be built, `native_library()` logs
-one warning naming the fix and returns None, and the layers fall back to MindSpore's own
-operators (the same math, slower). DDPM_NATIVE_KERNELS=0 forces that fallback. The operators are
-CPU code: `ddpm.runtime.resolve_backend` asks for them on the CPU only.
+a file lock so concurrent processes build it once. When it cannot be built, `build` and
+`find_toolchain` raise KernelUnavailable naming the fix. This module decides nothing and imports
+nothing of ddpm's but files.py: `ddpm.runtime.native_library` calls it (on the CPU only, unless
+DDPM_NATIVE_KERNELS=0), warns once on failure and falls back to MindSpore's own operators.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm.files import atomic_path
-from ddpm.runtime import NATIVE_KERNELS_ENV, lower_isa_cap, native_kernels_allowed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,6 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc", HERE / "pool.cc")
 HEADERS = (HERE / "runtime.h", HERE / "vector_math.h")
 LIBRARY_STEM = "ddpm_kernels"
-DISABLE_ENV = NATIVE_KERNELS_ENV  # "0" forces MindSpore's own operators
 HEADERS_PACKAGE = "onednn-devel"
 LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
 # -fno-trapping-math: without it GCC keeps a float compare (FastExp's clamp) as a branch, for the FP
@@ -60,24 +57,6 @@ class Toolchain:
     include_dir: Path  # holds oneapi/dnnl/dnnl.hpp
     libdnnl: Path
     mindspore_version: str
-
-
-@functools.cache
-def native_library() -> Path | None:
-    """The compiled operator library, or None (warned once) when MindSpore's own operators must do."""
-    if not native_kernels_allowed():
-        log.info("%s=0: using MindSpore's own operators", DISABLE_ENV)
-        return None
-    try:
-        return build(find_toolchain())
-    except KernelUnavailable as err:
-        log.warning(
-            "native kernels (ddpm/kernels) unavailable, using MindSpore's own operators (same results, "
-            "slower training): %s",
-            err,
-        )
-        lower_isa_cap()
-        return None
 
 
 def find_toolchain() -> Toolchain:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ddpm.checkpoint_sampler import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.config import Config
-from ddpm.runtime import effective_isa, runtime_settings, select_device
+from ddpm.runtime import backend, effective_isa, runtime_settings, select_device
 from ddpm.train import Trainer
 
 TARGET_SECONDS = 4.0  # each timed repeat runs about this long
@@ -151,7 +151,6 @@ def run_benchmark(
 ) -> list[dict]:
     """One JSON-ready record per measurement, each carrying the settings in force."""
     select_device(config.train.device)
-    from ddpm.layers import network_layers
     from ddpm.unet import build_unet, count_parameters
 
     settings = {
@@ -162,7 +161,7 @@ def run_benchmark(
         "params": count_parameters(build_unet(config.model, config.train.precision)),
         "model": config.to_dict()["model"],
         "precision_setting": config.train.precision,
-        "precision": network_layers(config.train.precision).precision,
+        "precision": backend(config.train.precision).precision,
     }
     records = [bench_train(config, b, repeats, warmup) for b in train_batches]
     records.append(bench_sample(config, sample_batch, repeats, warmup))

@@ -1,10 +1,10 @@
 """An exponential moving average of the weights, the copy that samples (Ho et al., 2020, appendix B).
 
 The shadows live in one flat float32 buffer, updated by one expression over all parameters: a
-concatenation of the weights, two products, a sum and an assignment, where one update per
-parameter tensor launched four kernels each and made MindSpore copy every weight twice (see
-docs/performance.md, "Kernels per training step"). Each element is computed as before,
-shadow * decay + param * (1 - decay) in float32, so the averages are the same bit for bit.
+concatenation of the weights, two products, a sum and an assignment, six kernels where one update
+per parameter tensor launched four each (docs/performance.md, "Kernels per training step"). Each
+element is computed as before, shadow * decay + param * (1 - decay) in float32, so the averages
+are the same bit for bit.
 Checkpoints still hold one tensor per parameter (`ema.<name>`), split out of the buffer.
 """
 
@@ -41,7 +41,7 @@ class EMA(nn.Cell):
         """The averages as one Parameter per weight (`ema.<name>`, copies): what a checkpoint holds."""
         flat = self.flat.asnumpy()
         return [
-            ms.Parameter(ms.Tensor(flat[a:b].reshape(shape)), name, requires_grad=False)
+            ms.Parameter(ms.Tensor(flat[a:b].reshape(shape).copy()), name, requires_grad=False)  # not views
             for name, shape, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True)
         ]
 

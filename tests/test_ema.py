@@ -83,7 +83,11 @@ def test_shadows_split_the_buffer_and_load_rebuilds_it():
     ema = EMA(params)
     shadows = ema.shadows()
     assert [(s.name, s.shape) for s in shadows] == [("ema.a.weight", (2, 3)), ("ema.a.bias", (2,))]
-    np.testing.assert_array_equal(shadows[0].asnumpy(), params[0].asnumpy())
+    original = params[0].asnumpy().copy()
+    params[0].set_data(ms.Tensor(original * 10))
+    ema(params, ms.Tensor(0.0, ms.float32))  # assigns the buffer in place: the shadows are the new weights
+    np.testing.assert_array_equal(ema.flat.asnumpy(), np.array([0, 10, 20, 30, 40, 50, 7, 8], np.float32))
+    np.testing.assert_array_equal(shadows[0].asnumpy(), original)  # copies, not views of the buffer
     loaded = {s.name: ms.Tensor(s.asnumpy() * 2) for s in shadows}
     ema.load(loaded)
     np.testing.assert_array_equal(ema.flat.asnumpy(), np.array([0, 2, 4, 6, 8, 10, 14, 16], np.float32))

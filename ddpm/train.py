@@ -93,7 +93,7 @@ class Trainer:
     def parameters(self) -> list[ms.Parameter]:
         """Everything a resume needs: weights, Adam moments and step, EMA shadows (deduplicated)."""
         params = {p.name: p for p in self.optimizer.get_parameters()}
-        params.update({p.name: p for p in self.ema.shadow} if self.ema is not None else {})
+        params.update({p.name: p for p in self.ema.shadows()} if self.ema is not None else {})  # copies
         params.pop(LR_PARAM)  # derived from the config, which may extend the run
         return list(params.values())
 
@@ -107,8 +107,11 @@ class Trainer:
         missing = [p.name for p in self.parameters() if p.name not in state.params]
         if missing:
             raise ckpt.CheckpointError(f"{state.path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        for p in self.parameters():
-            p.set_data(state.params[p.name].value())
+        for p in self.optimizer.get_parameters():
+            if p.name != LR_PARAM:
+                p.set_data(state.params[p.name].value())
+        if self.ema is not None:
+            self.ema.load(state.params)
 
     def noise_predictor(self):
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""

@@ -29,12 +29,11 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import ONE_PROCESS, World, init_world
 from ddpm.ema import EMA, ema_decay_at
 from ddpm.interrupt import StopRequest, TrainingInterrupted
-from ddpm.layers import network_layers
 from ddpm.loop import check_loss, epoch_bar, make_train_step
 from ddpm.lr_schedules import learning_rates
 from ddpm.resume import Checkpointer, resume_point
 from ddpm.reverse_process import NoisePredictor
-from ddpm.runtime import select_device, set_cpu_threads
+from ddpm.runtime import backend, select_device, set_cpu_threads
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.limit={config.data.limit} gives no full batch of {config.train.batch_size}")
         ms.set_seed(config.train.seed)  # weight init
-        self.precision = network_layers(config.train.precision).precision  # train.precision resolved here
+        self.precision = backend(config.train.precision).precision  # train.precision resolved on this device
         self.net = build_unet(config.model, self.precision)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.lr = learning_rates(config.train, self.steps_per_epoch)

@@ -100,8 +100,10 @@ def test_a_restored_trainer_holds_the_saved_averages(tiny_config):
 
     config = tiny_config(train={"ema_decay": 0.9})
     trained = Trainer(config)
+    assert trained.ema is not None  # ema_decay > 0
     trained.ema.flat.set_data(ms.Tensor(np.linspace(-1, 1, trained.ema.flat.shape[0], dtype=np.float32)))
     path = ckpt.save_checkpoint(config.train.checkpoint_dir, trained.parameters(), config, 1, 4, keep=1)
     fresh = Trainer(config)
     fresh.restore(ckpt.load_checkpoint(path))
+    assert fresh.ema is not None
     np.testing.assert_array_equal(bits(fresh.ema.flat), bits(trained.ema.flat))

@@ -116,6 +116,11 @@ def test_a_network_build_looks_the_library_up_once(monkeypatch):
     implementation = runtime.backend("fp32").implementation  # resolved before, as Trainer does
     looked_up = []
     resolved = runtime.native_library
-    monkeypatch.setattr(runtime, "native_library", lambda: looked_up.append(1) or resolved())
+
+    def native_library():
+        looked_up.append(1)
+        return resolved()
+
+    monkeypatch.setattr(runtime, "native_library", native_library)
     build_unet(ModelConfig(dim=8, dim_mults=(1, 2)), "fp32")
     assert len(looked_up) == (1 if implementation == "native" else 0)

@@ -35,7 +35,7 @@ import yaml
 
 from ddpm.config import Config, params_data
 from ddpm.errors import WorkerError
-from ddpm.files import atomic_path
+from ddpm.files import atomic_path, open_private
 from ddpm.interrupt import Handler, WorkersInterrupted, put_back, take_stop_signals
 from ddpm.runtime import select_device
 
@@ -46,8 +46,6 @@ LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 30  # of a failed worker's log, in the error
 WORKER_LOGS = "worker_logs"  # msrun's logs of the workers, inside train.checkpoint_dir
 WORKER_PARAMS = "worker_params.yaml"  # inside train.checkpoint_dir: the resolved params every worker reads
-# Owner only: the params may hold what a --set gave, a tracking URI with its credentials among them.
-PRIVATE_MODE = 0o600
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 INIT_PID = 1  # an orphan's parent (with no subreaper): its own parent died before it could ask
 # Seconds msrun gets to stop its workers (it SIGKILLs them at once), and they to be gone, before we kill.
@@ -153,11 +151,8 @@ def write_worker_params(directory: Path, config: Config, also: Sequence[Any] = (
     path = directory / WORKER_PARAMS
     directory.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(params_data(config, *also), sort_keys=False)
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
-        os.fchmod(fd, PRIVATE_MODE)  # a leftover temporary keeps its old mode through O_CREAT
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+    with atomic_path(path) as tmp, open_private(tmp, "w") as f:
+        f.write(text)
     return path
 
 

@@ -14,9 +14,11 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
+PRIVATE_MODE = 0o600  # files that may hold a secret (a URL's credentials): their owner reads them, nobody else
 PARTIAL_MARK = ".partial"
 PARTIAL_FILE = re.compile(rf"^\.(?P<stem>.+){re.escape(PARTIAL_MARK)}(?P<suffix>\.[^.]+)?$")
 
@@ -55,6 +57,22 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     except BaseException:
         remove_leftover(tmp)
         raise
+
+
+def open_private(path: str | Path, mode: str) -> IO[str]:
+    """Open a text file as `open(path, mode)` does, readable and writable by its owner only: a new file
+    is created so, and one that was there (a leftover, or made under another umask) is made so."""
+    f = open(path, mode, opener=_private_opener)  # noqa: SIM115 (returned: the caller closes it)
+    try:
+        os.fchmod(f.fileno(), PRIVATE_MODE)  # O_CREAT's mode applies to new files only
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, PRIVATE_MODE)
 
 
 def remove_leftover(path: Path) -> None:

@@ -26,15 +26,13 @@ from pathlib import Path
 from typing import IO
 from uuid import UUID
 
+from ddpm.files import open_private
 from ddpm.logs import redact
 from flows.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".pipeline.lock"
-# The record holds a command line, whose --set values may hold a URL's credentials (redacted, but still):
-# only its owner reads it
-RECORD_MODE = 0o600
 POLL_SECONDS = 1.0  # how often a waiting pipeline tries the lock again
 
 
@@ -72,8 +70,8 @@ def hold_workspace(repo: Path, pipeline: PipelineConfig, flow_run_id: str | None
 def workspace_lock(repo: Path, timeout: float, flow_run_id: str | None = None) -> Iterator[Holder | None]:
     """Hold the workspace lock; yield the previous holder if it died holding it, else None."""
     path = Path(repo) / LOCK_FILE
-    with open(path, "a+", opener=private_opener) as f:
-        os.fchmod(f.fileno(), RECORD_MODE)  # a record made before this mode was set, or by another umask
+    # the record holds a command line, whose --set values may hold a URL's credentials (redacted, but still)
+    with open_private(path, "a+") as f:
         _acquire(f, path, timeout)
         try:
             dead = _read(path)
@@ -91,10 +89,6 @@ def workspace_lock(repo: Path, timeout: float, flow_run_id: str | None = None) -
         finally:
             _write(f, "")  # a clean exit leaves no record: a record means its holder died
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def private_opener(path: str, flags: int) -> int:
-    return os.open(path, flags, RECORD_MODE)
 
 
 def _acquire(f: IO[str], path: Path, timeout: float) -> None:

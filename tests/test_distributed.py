@@ -14,8 +14,8 @@ from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.__main__ import main as ddpm_main
 from ddpm.config import config_from_dict, load_config
-from ddpm.distributed import PRIVATE_MODE, WORKER_PARAMS, write_worker_params
-from ddpm.files import partial_path
+from ddpm.distributed import WORKER_PARAMS, write_worker_params
+from ddpm.files import PRIVATE_MODE, partial_path
 from flows.config import load_params, params_from_dict
 
 # Float32 sums in another order (the all-reduce, half-batch means), amplified a little by Adam's

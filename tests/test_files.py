@@ -1,10 +1,11 @@
 """Atomic file writes and the one temporary name (ddpm.files)."""
 
 import os
+import stat
 
 import pytest
 
-from ddpm.files import atomic_path, final_name, is_partial, partial_path
+from ddpm.files import PRIVATE_MODE, atomic_path, final_name, is_partial, open_private, partial_path
 
 
 def test_a_successful_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -67,3 +68,19 @@ def test_the_temporary_name_and_back(tmp_path, name, temporary):
 @pytest.mark.parametrize("name", ["epoch_0001.partial.ckpt", ".partial", ".hidden.json", "notes.txt"])
 def test_names_that_are_no_temporary(name):
     assert not is_partial(name) and final_name(name) == name
+
+
+def test_a_private_file_is_owner_only_new_or_left_over(tmp_path):
+    old_umask = os.umask(0)  # a umask that would leave a plain open()'s file readable by everyone
+    try:
+        new, leftover = tmp_path / "new.yaml", tmp_path / "leftover.yaml"
+        leftover.write_text("readable by all")
+        leftover.chmod(0o666)
+        with open_private(new, "w") as f:
+            f.write("secret")
+        with open_private(leftover, "a+") as f:
+            f.write(" and more")
+    finally:
+        os.umask(old_umask)
+    assert new.read_text() == "secret" and leftover.read_text() == "readable by all and more"
+    assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(leftover.stat().st_mode) == PRIVATE_MODE == 0o600

@@ -15,11 +15,12 @@ import pytest
 from mlflow import MlflowClient
 
 from ddpm.errors import DataError, describe
+from ddpm.files import PRIVATE_MODE
 from ddpm.logs import redact
 from flows.config import params_from_dict
 from flows.errors import TrackingError
 from flows.tracking import CREDENTIAL_VARS, FAILURE_TAG, connect, end_run_with_failure
-from flows.workspace import LOCK_FILE, RECORD_MODE, workspace_lock
+from flows.workspace import LOCK_FILE, workspace_lock
 from tests import servers
 from tests.faults import EXPERIMENT
 from tests.test_pipeline import run
@@ -69,12 +70,12 @@ def test_the_lock_record_is_its_owners_and_holds_no_credentials(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["flows/pipeline.py", "--set", f"tracking.uri=http://trainer:{SECRET}@host"])
     with workspace_lock(tmp_path, timeout=1):
         record = json.loads((tmp_path / LOCK_FILE).read_text())
-        assert stat.S_IMODE((tmp_path / LOCK_FILE).stat().st_mode) == RECORD_MODE
+        assert stat.S_IMODE((tmp_path / LOCK_FILE).stat().st_mode) == PRIVATE_MODE
     assert record["command"] == "flows/pipeline.py --set tracking.uri=http://***@host"
     new = tmp_path / "new"
     new.mkdir()
     with workspace_lock(new, timeout=1):
-        assert stat.S_IMODE((new / LOCK_FILE).stat().st_mode) == RECORD_MODE
+        assert stat.S_IMODE((new / LOCK_FILE).stat().st_mode) == PRIVATE_MODE
 
 
 def test_the_error_line_and_the_failure_tag_hold_no_credentials(tmp_path, mlflow_state):
@@ -154,7 +155,7 @@ def test_a_stage_trains_with_credentials_in_the_uri_and_shows_them_nowhere(auth_
     assert files_holding(project, SECRET.encode()) == []  # checkpoints, outputs/, the lock record
     assert files_holding(server_dir / "artifacts", SECRET.encode()) == []  # the logged model and sample grids
     assert SECRET.encode() not in (server_dir / "mlflow.db").read_bytes()  # tags, params, metrics
-    assert stat.S_IMODE((project / LOCK_FILE).stat().st_mode) == RECORD_MODE
+    assert stat.S_IMODE((project / LOCK_FILE).stat().st_mode) == PRIVATE_MODE
 
 
 @pytest.mark.integration

@@ -1,6 +1,6 @@
-"""PyTorch (CPU) reference timings of our U-Net: eager, torch.compile, and bf16 mixed precision.
+"""PyTorch (CPU) reference timings of our U-Net: eager or torch.compile, in fp32 or bf16 mixed precision.
 
-    uv run --with torch==2.13.0 python benchmarks/torch_reference.py --impl eager|compile|bf16 \
+    uv run --with torch==2.13.0 python benchmarks/torch_reference.py --impl eager|compile|bf16|compile_bf16 \
         --what train|fwd|sample|ddim [--batch 16,128] [--threads N] [--repeats R] [--warmup W]
 
 One JSON line per (what, batch), timed as `ddpm benchmark` times ours (ddpm/benchmark.py: the same
@@ -11,6 +11,15 @@ ancestral DDPM step; `ddim` the wall time of a whole DDIM run (`sample.steps` st
 params.yaml) for `batch` images. The network is the tutorial's, as `ddpm benchmark`'s, unless
 `--params` names a file. `--impl bf16` is PyTorch's usual CPU mixed precision: fp32 weights and
 Adam, the forward under torch.autocast("cpu", dtype=torch.bfloat16), channels_last activations.
+`compile` is torch.compile of the loss and the forward in fp32; `compile_bf16` the same of the
+`bf16` arithmetic.
+
+The peer our bf16 figures are compared with is PyTorch's best: at each (what, batch) the faster of
+`bf16` and `compile_bf16`, measured back to back (which one wins depends on the processor, the
+network and the batch, so both are run every time):
+
+    uv run --with torch==2.13.0 python benchmarks/torch_reference.py --impl bf16 --what train,fwd
+    uv run --with torch==2.13.0 python benchmarks/torch_reference.py --impl compile_bf16 --what train,fwd
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +51,22 @@ TUTORIAL_BETAS = (1e-4, 0.02)  # linear; the timings do not depend on the schedu
 LR = 1e-4
 DEFAULT_BATCHES = {"train": "16,128", "fwd": "64", "sample": "64", "ddim": "64"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides oneDNN's fast paths
+
+
+@dataclass(frozen=True)
+class Impl:
+    """How one --impl runs the network: the only place that tells the impls apart."""
+
+    compiled: bool  # torch.compile of the loss and the forward
+    bf16: bool  # the forward under bf16 autocast with channels_last activations; weights and Adam stay fp32
+
+
+IMPLS = {
+    "eager": Impl(compiled=False, bf16=False),
+    "compile": Impl(compiled=True, bf16=False),
+    "bf16": Impl(compiled=False, bf16=True),
+    "compile_bf16": Impl(compiled=True, bf16=True),
+}
 
 
 def cpu_busy_seconds() -> float:
@@ -124,14 +150,16 @@ class Reference:
         self.net = build_unet(model)
         self.params = count_parameters(self.net)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=LR)
-        if impl == "bf16":
+        how = IMPLS[impl]
+        self.bf16 = how.bf16
+        if how.bf16:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.predict = torch.compile(self._predict) if impl == "compile" else self._predict
-        self.loss = torch.compile(self._loss) if impl == "compile" else self._loss
+        self.predict = torch.compile(self._predict) if how.compiled else self._predict
+        self.loss = torch.compile(self._loss) if how.compiled else self._loss
 
     def _predict(self, x_t, t):
         """(B, C, H, W) float32, (B,) int64 -> predicted noise (B, C, H, W) float32."""
-        if self.impl != "bf16":
+        if not self.bf16:
             return self.net(x_t, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return self.net(x_t.contiguous(memory_format=torch.channels_last), t).float()
@@ -239,7 +267,7 @@ def bench(ref: Reference, what: str, batch: int, args: argparse.Namespace, sampl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impl", choices=["eager", "compile", "bf16"], default="eager")
+    p.add_argument("--impl", choices=list(IMPLS), default="eager")
     p.add_argument("--what", default="train", help="comma-separated: train, fwd, sample, ddim")
     p.add_argument("--batch", help=f"comma-separated batch sizes; default per --what {DEFAULT_BATCHES}")
     p.add_argument(

@@ -1,6 +1,7 @@
 import gzip
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,21 @@ def freezer(tmp_path_factory) -> Freezer:
 
 
 def restored_tracking_uri():
-    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which flows.config reads: a
-    test (or a module's fixture) that points MLflow at its server must not point the next module there."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which flows.config reads, and
+    mlflow.set_experiment leaves its experiment id active in the process: a test (or a module's fixture) that
+    points MLflow at its server must not point the next module there, nor have its runs start in an
+    experiment id of another store."""
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    fluent = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
+    experiment = getattr(fluent, "_active_experiment_id", None)
     yield
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if before is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = before
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    if fluent := sys.modules.get("mlflow.tracking.fluent"):
+        fluent._active_experiment_id = experiment
 
 
 module_tracking_uri = pytest.fixture(autouse=True, scope="module", name="module_tracking_uri")(restored_tracking_uri)

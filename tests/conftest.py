@@ -123,8 +123,8 @@ def restored_tracking_uri():
     points MLflow at its server must not point the next module there, nor have its runs start in an
     experiment id of another store."""
     before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    fluent = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
-    experiment = getattr(fluent, "_active_experiment_id", None)
+    fluent: Any = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
+    experiment = fluent._active_experiment_id if fluent else None
     yield
     for key, value in before.items():
         if os.environ.get(key) != value:

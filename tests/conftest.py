@@ -123,16 +123,17 @@ def restored_tracking_uri():
     points MLflow at its server must not point the next module there, nor have its runs start in an
     experiment id of another store."""
     before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    fluent: Any = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
-    experiment = fluent._active_experiment_id if fluent else None
+    fluent = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
+    experiment = getattr(fluent, "_active_experiment_id", None)
     yield
     for key, value in before.items():
         if os.environ.get(key) != value:
             os.environ.pop(key, None)
             if value is not None:
                 os.environ[key] = value
-    if fluent := sys.modules.get("mlflow.tracking.fluent"):
-        fluent._active_experiment_id = experiment
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = experiment  # type: ignore[attr-defined]  # a private global of MLflow's
 
 
 module_tracking_uri = pytest.fixture(autouse=True, scope="module", name="module_tracking_uri")(restored_tracking_uri)

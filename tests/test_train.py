@@ -102,7 +102,9 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
 
 
 class SignalAt(Recorder):
-    """Sends this process `signals` (in turn) after step `step`, as `kill` or Ctrl-C would."""
+    """Sends this process `signals` (in turn) after step `step`, as `kill` or Ctrl-C would. Raised in the
+    main thread, so each signal's handler has run before the next is sent: an os.kill may be taken by
+    another thread, and two SIGINTs pending at once are one."""
 
     def __init__(self, step, *signals):
         super().__init__()
@@ -112,7 +114,7 @@ class SignalAt(Recorder):
         super().on_step_end(global_step, metrics)
         if global_step == self.step:
             for signum in self.signals:
-                os.kill(os.getpid(), signum)
+                signal.raise_signal(signum)
 
 
 def checkpoint_names(directory):

@@ -1,6 +1,7 @@
 import gzip
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,18 @@ def restored_tracking_uri():
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:
         fluent._active_experiment_id = experiment  # type: ignore[attr-defined]  # a private global of MLflow's
+
+
+@pytest.fixture(autouse=True)
+def restored_stop_handlers():
+    """A test that runs an entry point in-process (Prefect's flow engine, the CLI's main) may leave its SIGINT
+    or SIGTERM handler installed: the next test in the worker must find the handlers it started with (a
+    second Ctrl-C reaching a leftover handler, or none, ended an xdist worker)."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in before.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)
 
 
 module_tracking_uri = pytest.fixture(autouse=True, scope="module", name="module_tracking_uri")(restored_tracking_uri)

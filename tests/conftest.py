@@ -11,6 +11,7 @@ import pytest
 import ddpm  # noqa: F401  (sets MindSpore's environment before anything imports it)
 from ddpm.config import config_from_dict
 from ddpm.data import DEBIAN_DATASET_DIR
+from ddpm.interrupt import STOP_SIGNALS, Handler, put_back
 from tests.freeze import Freezer
 
 DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
@@ -142,11 +143,11 @@ def restored_stop_handlers():
     """A test that runs an entry point in-process (Prefect's flow engine, the CLI's main) may leave its SIGINT
     or SIGTERM handler installed: the next test in the worker must find the handlers it started with (a
     second Ctrl-C reaching a leftover handler, or none, ended an xdist worker)."""
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    before: dict[int, Handler] = {
+        signum: handler for signum in STOP_SIGNALS if (handler := signal.getsignal(signum)) is not None
+    }
     yield
-    for signum, handler in before.items():
-        if signal.getsignal(signum) is not handler and handler is not None:
-            signal.signal(signum, handler)
+    put_back(before)
 
 
 module_tracking_uri = pytest.fixture(autouse=True, scope="module", name="module_tracking_uri")(restored_tracking_uri)

@@ -8,6 +8,7 @@ an overlay of params.yaml (ddpm/params_file.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ddpm.params_file import ParamsFile, read_params
 Device = Literal["auto", "CPU", "GPU", "Ascend"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "quadratic", "sigmoid"]
 LossType = Literal["l1", "l2", "huber"]
-LossWeighting = Literal["none", "min_snr"]
+LossWeighting = Literal["none", "min_snr", "sigmoid"]
 Prediction = Literal["eps", "v"]
 LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
@@ -68,12 +69,15 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     loss: LossType = "huber"
-    loss_weighting: LossWeighting = "none"  # min_snr: each t weighted min(SNR, gamma) / SNR (Hang et al., 2023)
+    loss_weighting: LossWeighting = "none"  # min_snr (Hang et al., 2023) | sigmoid (Kingma & Gao, 2023)
     min_snr_gamma: float = 5.0
+    sigmoid_bias: float = 2.0  # sigmoid: w(log SNR) = sigmoid(bias - log SNR), high-noise timesteps weigh most
     prediction: Prediction = "eps"  # the network's output: the noise, or v = sqrt(ab) noise - sqrt(1 - ab) x0
 
     def check(self) -> list[str]:
         errors = _at_least(self, timesteps=2)
+        if not math.isfinite(self.sigmoid_bias):
+            errors.append(f"diffusion.sigmoid_bias: must be a finite number, got {self.sigmoid_bias}")
         if not self.min_snr_gamma > 0:
             errors.append(f"diffusion.min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -94,6 +98,7 @@ class TrainConfig:
     # at the schedule's last rate, fewer stop part-way, and a resume may extend train.epochs either way.
     lr_epochs: int = 0
     warmup_steps: int = 0
+    adam_beta2: float = 0.999  # Adam's second-moment decay: 0.99 forgets stale gradient scales 10x sooner
     ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
     seed: int = 0
     device: Device = "auto"
@@ -143,6 +148,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             errors.append(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            errors.append(f"train.adam_beta2: must be in (0, 1), got {self.adam_beta2}")
         return errors
 
 

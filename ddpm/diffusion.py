@@ -60,6 +60,25 @@ def min_snr_weights(s: NoiseSchedule, gamma: float, prediction: str = "eps") -> 
     return np.minimum(snr, gamma) / (snr + 1.0 if prediction == "v" else snr)
 
 
+def sigmoid_weights(s: NoiseSchedule, bias: float, prediction: str = "eps") -> np.ndarray:
+    """Kingma & Gao (2023)'s sigmoid weighting w(lambda) = sigmoid(bias - lambda), lambda = log SNR, as a
+    weight on the epsilon or v loss at uniformly drawn t, float64 (T,) with mean 1. Their weighted loss is
+    E_t[w(lambda_t) |d lambda / dt| ||eps - eps_hat||^2]: the plain loss weighs by how densely the schedule
+    packs lambda, so the weight is w times |d lambda / dt|; v's loss is (SNR + 1) / SNR times epsilon's."""
+    snr = s.alphas_cumprod / (1.0 - s.alphas_cumprod)
+    log_snr = np.log(snr)
+    weights = np.abs(np.gradient(log_snr)) / (1.0 + np.exp(log_snr - bias))  # sigmoid(b - l) = 1 / (1 + e^(l - b))
+    if prediction == "v":
+        weights = weights * snr / (snr + 1.0)
+    return weights / weights.mean()
+
+
+LOSS_WEIGHTS = {
+    "min_snr": lambda s, diffusion: min_snr_weights(s, diffusion.min_snr_gamma, diffusion.prediction),
+    "sigmoid": lambda s, diffusion: sigmoid_weights(s, diffusion.sigmoid_bias, diffusion.prediction),
+}  # diffusion.loss_weighting -> (T,) weights; "none" is the plain mean
+
+
 class GaussianDiffusion:
     """q(x_t | x0) and the simple loss between the network's output and its target (noise or v)."""
 
@@ -87,11 +106,8 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, diffusion) -> GaussianDiffusion:
         schedule = NoiseSchedule.from_config(diffusion)
-        weights = (
-            min_snr_weights(schedule, diffusion.min_snr_gamma, diffusion.prediction)
-            if diffusion.loss_weighting == "min_snr"
-            else None
-        )
+        weighting = LOSS_WEIGHTS.get(diffusion.loss_weighting)
+        weights = None if weighting is None else weighting(schedule, diffusion)
         return cls(schedule, diffusion.loss, weights, diffusion.prediction)
 
     def q_sample(self, x0, t, noise):

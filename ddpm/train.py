@@ -74,7 +74,9 @@ class Trainer:
         self.net = build_unet(config.model, self.precision)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.lr = learning_rates(config.train, self.steps_per_epoch)
-        self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=ms.Tensor(self.lr))
+        self.optimizer = nn.Adam(
+            self.net.trainable_params(), learning_rate=ms.Tensor(self.lr), beta2=config.train.adam_beta2
+        )
         self.ema = EMA(self.net.trainable_params()) if config.train.ema_decay > 0 else None
 
         def loss_fn(x0, t, noise):

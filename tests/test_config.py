@@ -54,6 +54,8 @@ def test_exponent_without_a_dot_is_a_float():
         ({"train": {"epochs": 0}}, {}, "train.epochs: must be >= 1"),
         ({"train": {"lr": 2.0}}, {}, "train.lr: must be in (0, 1)"),
         ({"train": {"bogus": 1}}, {}, "train.bogus: unknown key"),
+        ({"train": {"adam_beta2": 1.0}}, {}, "train.adam_beta2: must be in (0, 1)"),
+        ({"diffusion": {"sigmoid_bias": float("nan")}}, {}, "diffusion.sigmoid_bias: must be a finite number"),
         ({"nosuch": {}}, {}, "nosuch: unknown section"),
         ({"train": {"epochs": "ten"}}, {}, "train.epochs: expected int"),
         ({"train": {"epochs": True}}, {}, "train.epochs: expected int"),

@@ -5,7 +5,7 @@ import pytest
 from ddpm import reverse_process
 from ddpm.checkpoint_sampler import make_noise_predictor
 from ddpm.config import ConfigError, DiffusionConfig, config_from_dict
-from ddpm.diffusion import GaussianDiffusion, min_snr_weights
+from ddpm.diffusion import GaussianDiffusion, min_snr_weights, sigmoid_weights
 from ddpm.schedule import NoiseSchedule, make_betas
 from ddpm.unet import Unet
 
@@ -239,6 +239,32 @@ def test_min_snr_weights_for_v_are_min_snr_gamma_over_snr_plus_one(diffusion):
     w = min_snr_weights(s, 5.0, "v")
     np.testing.assert_allclose(w, np.minimum(snr, 5.0) / (snr + 1), rtol=1e-12)
     assert np.all(w <= 1.0) and w[0] < 0.01
+
+
+def test_sigmoid_weights_turn_the_cosine_schedules_plain_loss_into_the_sigmoid_weighting():
+    """Kingma & Gao (2023): the plain epsilon loss at uniform t under the cosine schedule weighs log SNR by
+    sech(lambda / 2); times these weights it weighs it by sigmoid(bias - lambda), up to a constant."""
+    s = NoiseSchedule.from_config(DiffusionConfig(timesteps=1000, schedule="cosine"))
+    log_snr = np.log(s.alphas_cumprod / (1 - s.alphas_cumprod))
+    w = sigmoid_weights(s, 2.0)
+    implied = w / np.cosh(log_snr / 2) / (1 / (1 + np.exp(log_snr - 2.0)))  # w * sech / sigmoid: constant
+    inner = slice(50, 950)  # away from the schedule's clipped ends
+    np.testing.assert_allclose(implied[inner], implied[inner].mean(), rtol=0.02)
+    assert w.mean() == pytest.approx(1.0) and (w > 0).all()
+
+
+def test_sigmoid_weights_for_v_are_epsilons_times_alpha_bar(diffusion):
+    """v's loss is (SNR + 1) / SNR = 1 / alpha_bar times epsilon's: the same weighting weighs it alpha_bar as much."""
+    s = diffusion.schedule
+    eps, v = sigmoid_weights(s, 1.0), sigmoid_weights(s, 1.0, "v")
+    ratio = v / (eps * s.alphas_cumprod)
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
+    assert v.mean() == pytest.approx(1.0)
+    config = DiffusionConfig(
+        timesteps=200, schedule="scaled_linear", loss_weighting="sigmoid", sigmoid_bias=1.0, prediction="v"
+    )
+    weighted = GaussianDiffusion.from_config(config)
+    np.testing.assert_allclose(weighted.weights.asnumpy(), v.astype(np.float32))
 
 
 def test_a_v_network_is_sampled_through_the_noise_its_output_implies(diffusion):

@@ -311,6 +311,24 @@ def test_epoch_callback_draws_samples(tiny_config):
     np.testing.assert_array_equal(images, recorder.epochs[0].draw_samples(3, 0))
 
 
+def test_adam_beta2_is_the_second_moments_decay(tiny_config):
+    """After one step Adam's second moment is (1 - beta2) g^2: the same gradient, beta2 0.5 against 0.999,
+    gives 500 times the moment in every element the gradient reaches."""
+    moments = []
+    for beta2 in (0.5, 0.999):
+        trainer = train_module.Trainer(tiny_config(train={"adam_beta2": beta2}))
+        rng = np.random.default_rng(0)
+        x0 = rng.uniform(-1, 1, (16, 1, 28, 28)).astype(np.float32)
+        noise = rng.standard_normal(x0.shape).astype(np.float32)
+        t = rng.integers(0, 50, 16).astype(np.int32)
+        trainer.train_step(ms.Tensor(x0), ms.Tensor(t), ms.Tensor(noise), 0.0)
+        moments.append(np.concatenate([m.asnumpy().ravel() for m in trainer.optimizer.moment2]))
+    fast, default = moments
+    reached = default > 1e-20
+    np.testing.assert_allclose(fast[reached] / default[reached], 500.0, rtol=1e-3)
+    assert reached.mean() > 0.9
+
+
 def test_tutorial_lr_schedule_values():
     lr = learning_rates(TrainConfig(epochs=10, lr=1e-4, min_lr=1e-7, lr_schedule="tutorial_cosine"), 3)
     per_epoch = lr[::3]

@@ -94,9 +94,10 @@ def tiny_config(fashion_root, tmp_path):
     return make
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
-    """For the fault tests: a project with its data fetched through DVC once; tests work on copies."""
+    """For the fault tests: a project with its data fetched through DVC once per test process (~13 s);
+    tests work on copies."""
     from flows.data import fetch_data  # MLflow, Prefect and DVC load only for the modules that use it
     from tests.test_pipeline import make_project
 

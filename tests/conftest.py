@@ -32,7 +32,6 @@ LONGEST_FIRST = (
     "test_classifier",
     "test_train",
     "test_cli",
-    "test_boundary",
 )
 
 

@@ -22,7 +22,7 @@ from mindspore import nn, ops
 
 from ddpm.checkpoint import CheckpointError, read_ckpt, write_ckpt
 from ddpm.config import ClassifierConfig, Config, config_from_dict
-from ddpm.data import TEST_SIZE, build_dataset, labelled_batches, steps_per_epoch, verify_dataset
+from ddpm.data import TEST_SIZE, build_dataset, steps_per_epoch, verify_dataset
 from ddpm.layers import Layers, network_layers
 from ddpm.logs import progress_bar
 from ddpm.loop import epoch_losses, make_train_step
@@ -125,10 +125,19 @@ def train_classifier(config: Config, progress: bool = True) -> FeatureNetwork:
     started = time.perf_counter()
     for epoch in range(c.epochs):
         net.set_train(True)
-        batches = labelled_batches(config.data.root, c.batch_size, c.seed, epoch, c.limit)
+        dataset = build_dataset(
+            config.data.root,
+            c.batch_size,
+            c.seed,
+            epoch,
+            c.limit,
+            flip=False,
+            num_workers=config.data.num_workers,
+            labels=True,
+        )
         losses = list(
             epoch_losses(
-                ((ms.Tensor(x), ms.Tensor(labels)) for x, labels in batches),
+                dataset.create_tuple_iterator(num_epochs=1),
                 step,
                 epoch=epoch,
                 epochs=c.epochs,

@@ -10,8 +10,6 @@ from ddpm.data import (
     build_dataset,
     flip_horizontally,
     install_dataset,
-    labelled_batches,
-    read_idx,
     shard_order,
     verify_dataset,
 )
@@ -92,22 +90,3 @@ def test_flip_mirrors_exactly_the_chosen_images():
     np.testing.assert_array_equal(out[0], x0[0][..., ::-1])
     np.testing.assert_array_equal(out[1], x0[1])
     np.testing.assert_array_equal(out[2, 0, :, 0], x0[2, 0, :, -1])
-
-
-@pytest.mark.parametrize("epoch", [0, 1])
-def test_the_classifiers_numpy_batches_are_the_pipelines_bit_for_bit(fashion_root, epoch):
-    ours = list(labelled_batches(fashion_root, 128, seed=3, epoch=epoch, limit=1000))
-    pipeline = build_dataset(fashion_root, 128, seed=3, epoch=epoch, limit=1000, labels=True)
-    theirs = list(pipeline.create_tuple_iterator(output_numpy=True, num_epochs=1))
-    assert len(ours) == len(theirs) == 1000 // 128  # the remainder dropped
-    for (x0, labels), (x0_pipeline, labels_pipeline) in zip(ours, theirs, strict=True):
-        assert x0.dtype == x0_pipeline.dtype == np.float32 and labels.dtype == labels_pipeline.dtype == np.int32
-        np.testing.assert_array_equal(x0.view(np.uint32), x0_pipeline.view(np.uint32))  # every bit
-        np.testing.assert_array_equal(labels, labels_pipeline)
-
-
-def test_a_file_that_is_no_idx_of_bytes_is_named(tmp_path):
-    path = tmp_path / "train-images-idx3-ubyte"
-    path.write_bytes(b"\0\0\x0d\x03" + bytes(12))  # type code 0x0d: floats
-    with pytest.raises(DataError, match="not an IDX file of unsigned bytes"):
-        read_idx(path)

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(project, tmp_path, freezer):
+def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_crashed(
+    project, tmp_path, freezer, references
+):
     set_params(project, train={"epochs": EPOCHS})
     env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}  # the ephemeral API's database survives the kill
     job = [sys.executable, "-m", "flows.pipeline"]
@@ -42,7 +44,7 @@ def test_kill_9_of_the_main_job_then_rerun_resumes_and_marks_the_dead_flow_run_c
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
     assert f"marked Prefect flow run {killed_flow_run} Crashed" in rerun.stderr
     assert flow_run_state(killed_flow_run, project, env) == "CRASHED"
-    run_id = assert_resumed_exactly(project, tmp_path, store(project))
+    run_id = assert_resumed_exactly(project, references, store(project))
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["run_id"] == run_id
     [version] = store(project).search_model_versions()

@@ -1,3 +1,4 @@
+import functools
 import gzip
 import os
 import shutil
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 import ddpm  # noqa: F401  (sets MindSpore's environment before anything imports it)
-from ddpm.config import config_from_dict
+from ddpm.config import Config, config_from_dict
 from ddpm.data import DEBIAN_DATASET_DIR
 from ddpm.interrupt import STOP_SIGNALS, Handler, put_back
 from tests.freeze import Freezer
@@ -32,7 +33,6 @@ LONGEST_FIRST = (
     "test_classifier",
     "test_train",
     "test_cli",
-    "test_boundary",
 )
 
 
@@ -49,9 +49,9 @@ def free_compiled_graphs():
     """Free the graphs MindSpore compiled for a module's tests: each jitted step or forward keeps its
     network's weights and optimizer state alive, so one pytest process otherwise grows past 10 GB."""
     yield
-    import mindspore as ms
-
-    ms.ms_memory_recycle()
+    ms = sys.modules.get("mindspore")  # a module that never loaded it has nothing to free (importing it: ~4 s)
+    if ms is not None:
+        ms.ms_memory_recycle()
 
 
 @pytest.fixture(scope="session")
@@ -66,37 +66,39 @@ def fashion_root(tmp_path_factory) -> Path:
     return root
 
 
+def make_tiny_config(fashion_root: Path, tmp: Path, **sections) -> Config:
+    """A small, fast configuration over real images, writing under `tmp`; keyword overrides as {"section": {...}}."""
+    raw: dict[str, dict[str, Any]] = {
+        "data": {"root": str(fashion_root), "limit": 64, "num_workers": 1},
+        "model": dict(TINY_MODEL),
+        "diffusion": {"timesteps": 50, "schedule": "scaled_linear"},
+        "train": {
+            "epochs": 1,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "lr_schedule": "constant",
+            "device": "CPU",
+            "checkpoint_dir": str(tmp / "ckpt"),
+        },
+        "sample": {"steps": 5, "num": 4, "batch_size": 4},
+        "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
+        "classifier": {**TINY_CLASSIFIER, "checkpoint": str(tmp / "classifier.ckpt")},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return config_from_dict(raw)
+
+
 @pytest.fixture
 def tiny_config(fashion_root, tmp_path):
-    """A small, fast configuration over real images; keyword overrides as {"section": {...}}."""
-
-    def make(**sections):
-        raw: dict[str, dict[str, Any]] = {
-            "data": {"root": str(fashion_root), "limit": 64, "num_workers": 1},
-            "model": dict(TINY_MODEL),
-            "diffusion": {"timesteps": 50, "schedule": "scaled_linear"},
-            "train": {
-                "epochs": 1,
-                "batch_size": 16,
-                "lr": 1e-3,
-                "lr_schedule": "constant",
-                "device": "CPU",
-                "checkpoint_dir": str(tmp_path / "ckpt"),
-            },
-            "sample": {"steps": 5, "num": 4, "batch_size": 4},
-            "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
-            "classifier": {**TINY_CLASSIFIER, "checkpoint": str(tmp_path / "classifier.ckpt")},
-        }
-        for name, values in sections.items():
-            raw[name] = {**raw.get(name, {}), **values}
-        return config_from_dict(raw)
-
-    return make
+    """`make_tiny_config` in the test's tmp_path."""
+    return functools.partial(make_tiny_config, fashion_root, tmp_path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
-    """For the fault tests: a project with its data fetched through DVC once; tests work on copies."""
+    """For the fault tests: a project with its data fetched through DVC once per test process (~13 s);
+    tests work on copies."""
     from flows.data import fetch_data  # MLflow, Prefect and DVC load only for the modules that use it
     from tests.test_pipeline import make_project
 
@@ -104,6 +106,16 @@ def template(tmp_path_factory) -> Path:
     repo = make_project(tmp)
     fetch_data(repo, "data/fashion-mnist", (DEBIAN_DATASET_DIR,))
     return repo
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory, worker_id) -> Path:
+    """Where the fault tests' uninterrupted reference trainings are kept (tests/faults.py): one directory
+    for the whole session, shared by its pytest-xdist workers."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root if worker_id == "master" else root.parent) / "reference-trainings"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture

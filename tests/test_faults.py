@@ -38,7 +38,7 @@ QUEUE_DEADLINE = 1200  # seconds for DVC's queue worker to run one tiny experime
 
 
 @pytest.mark.slow
-def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp_path, freezer):
+def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp_path, freezer, references):
     set_params(project, train={"epochs": EPOCHS})
     repro = [sys.executable, "-m", "dvc", "repro", "train"]
     kill_after_first_epoch(repro, project, {}, tmp_path / "killed.log", freezer)
@@ -48,7 +48,7 @@ def test_kill_9_during_dvc_repro_then_rerun_resumes_in_the_same_run(project, tmp
     rerun = run(repro, project, {})
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "left RUNNING by a process that died" in rerun.stderr and "resuming from" in rerun.stderr
-    assert_resumed_exactly(project, tmp_path, client)
+    assert_resumed_exactly(project, references, client)
 
 
 STOP_STEP = 6  # SIGTERM lands in this step: 2 of the 4 steps of epoch 2, so the stop checkpoints mid-epoch
@@ -57,7 +57,7 @@ LOSS_CSV_OPENS = 1 + STOP_STEP  # loss.csv is opened once at the start, then onc
 
 @pytest.mark.slow
 def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_and_a_rerun_resumes(
-    project, tmp_path, freezer
+    project, tmp_path, freezer, references
 ):
     """SIGTERM reaches `python -m flows.stages train` while it is stopped in step 6 (at its append to
     loss.csv), so it cannot finish the epoch first; continued, it ends that step, checkpoints there,
@@ -96,7 +96,7 @@ def test_sigterm_to_the_train_stage_checkpoints_at_the_step_ends_the_run_killed_
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "epoch_0002_step_000002.ckpt: 1 epochs done, 2 steps into the next" in rerun.stderr
     assert "died" not in rerun.stderr  # it ended its own run and lock: nothing to clean up after it
-    assert assert_resumed_exactly(project, tmp_path, client) == killed.info.run_id
+    assert assert_resumed_exactly(project, references, client) == killed.info.run_id
 
 
 def test_nan_loss_fails_the_run_with_the_reason_and_registers_nothing(project, monkeypatch, mlflow_state, caplog):

@@ -86,7 +86,7 @@ def wait_for_holder(repo: Path, flow_run_id: str, timeout: float = 300) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(deployment):
+def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(deployment, references):
     repo, env, client, tmp, freezer = deployment
     freezer.arm(FIRST_EPOCH_DONE)
     try:
@@ -100,7 +100,7 @@ def test_kill_9_of_a_deployment_flow_run_then_rerun_resumes_in_the_same_run(depl
 
     rerun = trigger(repo, env)
     assert wait_final(rerun, repo, env) == "COMPLETED", (tmp / "worker.log").read_text()[-5000:]
-    run_id = assert_resumed_exactly(repo, tmp, client)
+    run_id = assert_resumed_exactly(repo, references, client)
     assert client.get_run(run_id).data.tags["prefect_flow_run_id"] == rerun
     [version] = client.search_model_versions("name='ddpm-fashion-mnist'")
     assert version.run_id == run_id

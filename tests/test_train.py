@@ -14,6 +14,7 @@ from ddpm.interrupt import TrainingInterrupted
 from ddpm.layers import network_layers
 from ddpm.lr_schedules import learning_rates
 from ddpm.train import fit, resume_conflicts
+from tests.conftest import make_tiny_config
 
 
 class Recorder(Callback):
@@ -74,9 +75,19 @@ def test_a_v_prediction_model_learns_too(tiny_config):
     assert last < 0.85 * first, (first, last)  # measured: 0.333 -> 0.262
 
 
-def test_resume_equals_uninterrupted(tiny_config, tmp_path):
-    straight = tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "a")})
-    fit(straight, progress=False)
+RESUMED = {"epochs": 2, "ema_decay": 0.9}  # the training the resume tests interrupt
+
+
+@pytest.fixture(scope="module")
+def straight(fashion_root, tmp_path_factory) -> tuple[Recorder, ckpt.Checkpoint]:
+    """The training the resume tests interrupt, in one go: what its callbacks saw, and its last checkpoint."""
+    tmp = tmp_path_factory.mktemp("straight")
+    recorder = Recorder()
+    result = fit(make_tiny_config(fashion_root, tmp, train=RESUMED), [recorder], progress=False)
+    return recorder, ckpt.load_checkpoint(result.checkpoint)
+
+
+def test_resume_equals_uninterrupted(tiny_config, tmp_path, straight):
     first_half = tiny_config(train={"epochs": 1, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / "b")})
     first = GridRecorder()
     fit(first_half, [first], progress=False)
@@ -91,7 +102,7 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     last = recorder.resumed[0]  # callbacks may catch up on the epoch a crash kept them from reporting
     assert len(recorder.resumed) == 1 and last.epoch == 0 and last.metrics == first.epochs[0].metrics
     np.testing.assert_allclose(recorder.grids[0], first.grids[0], atol=1e-5)  # the same weights, restored
-    a = ckpt.load_checkpoint(tmp_path / "a" / "epoch_0002.ckpt")
+    _, a = straight
     b = ckpt.load_checkpoint(resumed.checkpoint)
     assert a.global_step == b.global_step == 8
     assert set(a.params) == set(b.params) and any(k.startswith("ema.") for k in a.params)
@@ -121,15 +132,14 @@ def checkpoint_names(directory):
     return [p.name for p in ckpt.list_checkpoints(directory)]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_config, tmp_path):
+def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_config, tmp_path, straight):
     """Stopped by SIGTERM inside epoch 1 and again inside epoch 2, resumed each time: the per-step
     losses, epoch metrics and every tensor (net, Adam, EMA) equal an uninterrupted run."""
 
     def config(directory):
-        return tiny_config(train={"epochs": 2, "ema_decay": 0.9, "checkpoint_dir": str(tmp_path / directory)})
+        return tiny_config(train={**RESUMED, "checkpoint_dir": str(tmp_path / directory)})
 
-    straight = Recorder()
-    fit(config("a"), [straight], progress=False)
+    recorded, reference = straight
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     pieces: list[Recorder] = []
     for stop_after, names in (
@@ -151,12 +161,12 @@ def test_sigterm_mid_epoch_checkpoints_and_the_resume_equals_uninterrupted(tiny_
     assert last.resumed == []  # epoch 1 was reported before any checkpoint inside epoch 2 existed
     assert checkpoint_names(tmp_path / "b") == ["epoch_0001.ckpt", "epoch_0002.ckpt"]  # superseded ones gone
     losses = pieces[0].losses + pieces[1].losses + last.losses  # steps 1-2, 3-6, 7-8
-    np.testing.assert_allclose(losses, straight.losses, rtol=1e-5)
+    np.testing.assert_allclose(losses, recorded.losses, rtol=1e-5)
     assert [e.epoch for e in pieces[1].epochs + last.epochs] == [0, 1]
-    for a, b in zip(straight.epochs, pieces[1].epochs + last.epochs, strict=True):
+    for a, b in zip(recorded.epochs, pieces[1].epochs + last.epochs, strict=True):
         assert a.global_step == b.global_step
         assert a.metrics["train_loss_epoch"] == pytest.approx(b.metrics["train_loss_epoch"], rel=1e-5)
-    a = ckpt.load_checkpoint(tmp_path / "a" / "epoch_0002.ckpt")
+    a = reference
     b = ckpt.load_checkpoint(resumed.checkpoint)
     assert a.global_step == b.global_step == 8 and set(a.params) == set(b.params)
     for name in a.params:

@@ -71,7 +71,7 @@ class DiffusionConfig:
     loss: LossType = "huber"
     loss_weighting: LossWeighting = "none"  # min_snr (Hang et al., 2023) | sigmoid (Kingma & Gao, 2023)
     min_snr_gamma: float = 5.0
-    sigmoid_bias: float = 2.0  # sigmoid: w(log SNR) = sigmoid(bias - log SNR), high-noise timesteps weigh most
+    sigmoid_bias: float = 2.0  # sigmoid: w(log SNR) = sigmoid(bias - log SNR): timesteps noisier than bias weigh fully
     prediction: Prediction = "eps"  # the network's output: the noise, or v = sqrt(ab) noise - sqrt(1 - ab) x0
 
     def check(self) -> list[str]:

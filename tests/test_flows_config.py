@@ -149,6 +149,7 @@ QUICKSTART_CHANGES = {
     "train.ema_decay",
     "diffusion.prediction",  # v wins at 30,000 images; after an hour it trades FID for class balance
     "diffusion.loss_weighting",  # sigmoid: measured at the quick start's budget only
+    "diffusion.sigmoid_bias",  # 1: the best of -1 to 3 at the quick start's budget
     "sample.sampler",
     "sample.steps",
     "evaluate.fid_samples",

@@ -31,6 +31,10 @@ LONGEST_FIRST = (
     "test_faults",
     "test_faults_deployment",
     "test_classifier",
+    "test_tracking_outage",  # these four are slow-only modules of 3-4 minutes: before the short ones, so
+    "test_workers_stop",  # that the slow run does not end on one of them while the other worker idles
+    "test_serving",
+    "test_prefect_restart",
     "test_train",
     "test_cli",
 )

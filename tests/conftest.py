@@ -19,6 +19,7 @@ DEBIAN_DATASET = Path(DEBIAN_DATASET_DIR)
 TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "image_size": 28, "channels": 1}
 # ~3 s on 2 cores, about 50% test accuracy: enough to tell images apart, not to judge them finely
 TINY_CLASSIFIER = {"channels": [8, 16], "features": 32, "epochs": 1, "batch_size": 16, "limit": 512}
+MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")  # what MLflow keeps in os.environ
 
 
 # The modules that take longest (measured: their module fixtures run a whole pipeline, or they run
@@ -136,14 +137,19 @@ def freezer(tmp_path_factory) -> Freezer:
 
 
 def restored_tracking_uri():
-    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which flows.config reads, and
-    mlflow.set_experiment leaves its experiment id active in the process: a test (or a module's fixture) that
-    points MLflow at its server must not point the next module there, nor have its runs start in an
-    experiment id of another store."""
-    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    fluent = sys.modules.get("mlflow.tracking.fluent")  # only if MLflow is loaded: most tests never load it
+    """mlflow.set_tracking_uri sets the process's tracking URI and MLFLOW_TRACKING_URI in os.environ, which
+    flows.config reads, and mlflow.set_experiment leaves its experiment id active in the process: a test (or
+    a module's fixture) that points MLflow at its server must not point the next module there, nor have its
+    runs start in an experiment id of another store."""
+    before = {key: os.environ.get(key) for key in MLFLOW_VARIABLES}
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")  # only if MLflow is loaded: most
+    fluent = sys.modules.get("mlflow.tracking.fluent")  # tests never load it
+    uri = getattr(service, "_tracking_uri", None)  # private globals of MLflow's
     experiment = getattr(fluent, "_active_experiment_id", None)
     yield
+    service = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if service is not None and service._tracking_uri != uri:  # type: ignore[attr-defined]
+        service.set_tracking_uri(uri)  # None unsets it
     for key, value in before.items():
         if os.environ.get(key) != value:
             os.environ.pop(key, None)
@@ -151,7 +157,7 @@ def restored_tracking_uri():
                 os.environ[key] = value
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:
-        fluent._active_experiment_id = experiment  # type: ignore[attr-defined]  # a private global of MLflow's
+        fluent._active_experiment_id = experiment  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
@@ -172,16 +178,10 @@ per_test_tracking_uri = pytest.fixture(autouse=True, name="per_test_tracking_uri
 
 @pytest.fixture
 def mlflow_state(monkeypatch):
-    """Leave MLflow's process-wide tracking URI and active experiment (both set by
-    `flows.tracking.connect`, the experiment also in os.environ) as they were."""
-    import mlflow
+    """Start with no tracking URI or experiment in os.environ and none active in the process (a test of
+    `flows.tracking.connect`, which sets them); the autouse fixtures above put back what was there."""
     from mlflow.tracking import fluent
 
-    saved = {key: os.environ.pop(key, None) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    for key in MLFLOW_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    yield
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
-    for key, value in saved.items():
-        os.environ.pop(key, None)
-        if value is not None:
-            os.environ[key] = value

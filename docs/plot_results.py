@@ -21,9 +21,10 @@ from matplotlib import ticker
 
 DOCS = Path(__file__).resolve().parent
 MARKERS = {"200": "o", "250": "s", "1000": "^", "2000": "D"}  # evaluation N -> marker
-FIGSIZE = (12, 4.8)  # inches: two panels side by side
-X_MARGIN = (0.8, 6.0)  # log-axis room left of the first point and right of the last, for the labels
+FIGSIZE = (12, 5.4)  # inches: two panels side by side, the legend below
+X_MARGIN = (0.12, 6.0)  # log-axis room left of the first point and right of the last, for the labels
 DPI = 110
+LEGEND_HEIGHT = 0.11  # of the figure, below the panels
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -73,13 +74,20 @@ def draw(rows: list[dict[str, str]], out: Path) -> Path:
                 alpha=0.8,
             )
         seen = set()
+        first = min(float(r[column]) for r in rows if r[column])
         for r in rows:
             key = (r["label"], r["n"], r[column])
             if r[column] and key not in seen:  # one label per recipe, N and x, at its lowest ratio's side
                 seen.add(key)
                 text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
+                left = float(r[column]) == first  # the first budget's labels go left, clear of the next one's
                 ax.annotate(
-                    text, (float(r[column]), float(r["ratio"])), fontsize=7, xytext=(5, -3), textcoords="offset points"
+                    text,
+                    (float(r[column]), float(r["ratio"])),
+                    fontsize=7,
+                    xytext=(-5 if left else 5, -3),
+                    textcoords="offset points",
+                    ha="right" if left else "left",
                 )
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
@@ -87,9 +95,10 @@ def draw(rows: list[dict[str, str]], out: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("FID / floor (1 = as good as real images)")
-    axes[0].legend(title="evaluation N")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="evaluation N", loc="lower center", ncol=len(MARKERS))  # below, clear of points
     fig.suptitle("FID ratio against training budget (docs/results.csv)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, LEGEND_HEIGHT, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

@@ -23,9 +23,8 @@ HANDSHAKE_TIMEOUT = 120  # seconds a promotion thread waits for the other; only 
 def client(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for flows.promote, which connects itself
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient()
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
+    mlflow.set_tracking_uri(uri)  # put back after the test by tests/conftest.py's autouse fixture
+    return MlflowClient()
 
 
 def record(client, version: str) -> dict[str, str]:

@@ -21,9 +21,8 @@ REGISTRY = RegistryConfig(model_name="gate-test")
 
 @pytest.fixture
 def client(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield MlflowClient()
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it; mlflow's annotation omits that
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # put back after the test (tests/conftest.py)
+    return MlflowClient()
 
 
 def add_version(client, fid=None, metric="fid") -> str:

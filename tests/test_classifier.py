@@ -43,14 +43,15 @@ def test_damaged_or_missing_checkpoint_is_named(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_classifier_reaches_91_percent_test_accuracy(fashion_root, tmp_path):
-    """The params.yaml recipe on all 60,000 training images (measured: 92.1% in 6 min on 2 cores)."""
+def test_one_epoch_of_the_default_classifier_reaches_88_percent_test_accuracy(fashion_root, tmp_path):
+    """params.yaml's recipe on all 60,000 training images, one epoch of its four (its cosine decay to 0
+    within that epoch): measured 89.4% in 35 s on 2 idle cores; the four reach 92% (the quick start's log)."""
     config = config_from_dict(
         {
             "data": {"root": str(fashion_root)},
             "train": {"device": "CPU"},
-            "classifier": {"checkpoint": str(tmp_path / "classifier.ckpt")},
+            "classifier": {"checkpoint": str(tmp_path / "classifier.ckpt"), "epochs": 1},
         }
     )
-    assert config.classifier.limit == 0 and config.classifier.epochs == 4
-    assert train_classifier(config, progress=False).test_accuracy >= 0.91
+    assert config.classifier.limit == 0 and config.classifier.channels == (32, 64)
+    assert train_classifier(config, progress=False).test_accuracy >= 0.88

@@ -1,5 +1,6 @@
-"""Faults in the Prefect flow run as the main job (ephemeral API): kill -9, NaN loss, a kill during
-evaluation and a failure after registration, each in a temporary project (tests/faults.py)."""
+"""Faults in the Prefect flow run as the main job (ephemeral API): kill -9 in training, NaN loss, and
+a kill during evaluation followed by a failure after registration, each in a temporary project
+(tests/faults.py)."""
 
 from __future__ import annotations
 
@@ -80,30 +81,6 @@ def test_nan_loss_through_the_prefect_flow_fails_it_and_registers_nothing(projec
     assert client.search_model_versions() == [] and not (project / "outputs" / "registered.json").exists()
 
 
-@pytest.mark.slow
-def test_kill_9_during_evaluate_then_rerun_scores_and_registers_the_same_training(project, tmp_path, freezer):
-    """A failure after training costs the evaluation, not the training: the rerun of the main job
-    takes up the finished training (one MLflow run, no new epoch) and registers it once."""
-    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    job = [sys.executable, "-m", "flows.pipeline"]
-    metrics_written = str(partial_path("outputs/metrics.json"))  # scored, not recorded yet
-    kill_at(job, project, env, tmp_path / "killed.log", freezer, metrics_written)
-    client = store(project)
-    [trained] = runs_of(client)
-    assert trained.info.status == "FINISHED" and client.search_model_versions() == []
-    steps_before = len(client.get_metric_history(trained.info.run_id, "train_loss"))
-
-    rerun = run(job, project, env)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    assert "finished training" in rerun.stderr and "continuing with it" in rerun.stderr
-    [again] = runs_of(client)
-    assert again.info.run_id == trained.info.run_id and "fid" in again.data.metrics
-    assert len(client.get_metric_history(trained.info.run_id, "train_loss")) == steps_before  # not retrained
-    [version] = client.search_model_versions()
-    assert version.run_id == trained.info.run_id
-    assert json.loads(rerun.stdout.strip().splitlines()[-1])["version"] == str(version.version)
-
-
 PUBLISH_FAILS = """
 import sys
 import flows.pipeline
@@ -117,30 +94,41 @@ sys.exit(flows.pipeline.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_failure_after_register_then_rerun_publishes_the_same_training_without_retraining(
-    project, tmp_path, monkeypatch, caplog, mlflow_state
+def test_kill_9_during_evaluate_then_a_failure_after_register_then_reruns_finish_the_same_training(
+    project, tmp_path, freezer, monkeypatch, caplog, mlflow_state
 ):
-    """The flow fails after it registered the model (in publish_summary: simulated): its rerun takes up
-    the registered training (no step trained again, not scored again, still one version) and
-    publishes; the flow's train step after that run, which went to its end, trains anew."""
+    """A failure after training costs what came after it, never the training. The main job killed while
+    it evaluates; its rerun takes up the finished training (one MLflow run, no step trained again),
+    scores and registers it, then fails publishing the summary (simulated); the next rerun takes up
+    the registered training (not trained or scored again, still one version) and publishes. The flow's
+    train step after that run, which went to its end, trains anew."""
     env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
-    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
+    job = [sys.executable, "-m", "flows.pipeline"]
+    metrics_written = str(partial_path("outputs/metrics.json"))  # scored, not recorded yet
+    kill_at(job, project, env, tmp_path / "killed.log", freezer, metrics_written)
     client = store(project)
     [trained] = runs_of(client)
-    [version] = client.search_model_versions()
-    assert trained.info.status == "FINISHED" and version.run_id == trained.info.run_id
     run_id = trained.info.run_id
-    steps_before = len(client.get_metric_history(run_id, "train_loss"))
+    assert trained.info.status == "FINISHED" and client.search_model_versions() == []
+    steps = len(client.get_metric_history(run_id, "train_loss"))
 
-    rerun = run([sys.executable, "-m", "flows.pipeline"], project, env)
+    failed = run([sys.executable, "-c", PUBLISH_FAILS], project, env)
+    assert failed.returncode != 0 and "simulated: the Prefect API refused" in failed.stderr, failed.stderr[-3000:]
+    assert "finished training" in failed.stderr and "continuing with it" in failed.stderr
+    [again] = runs_of(client)
+    assert again.info.run_id == run_id and again.info.status == "FINISHED" and "fid" in again.data.metrics
+    assert len(client.get_metric_history(run_id, "train_loss")) == steps  # not trained again
+    [version] = client.search_model_versions()
+    assert version.run_id == run_id
+
+    rerun = run(job, project, env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
     assert "no run of the flow took to its end; continuing with it" in rerun.stderr
     assert [r.info.run_id for r in runs_of(client)] == [run_id]
-    assert len(client.get_metric_history(run_id, "train_loss")) == steps_before  # not trained again
+    assert len(client.get_metric_history(run_id, "train_loss")) == steps  # not trained again
     assert len(client.get_metric_history(run_id, "fid")) == 1  # not scored again
-    [again] = client.search_model_versions()
-    assert again.version == version.version
+    [same] = client.search_model_versions()
+    assert same.version == version.version
     result = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert result["run_id"] == run_id and result["version"] == str(version.version)
     assert not (project / "checkpoints" / "flow_unfinished").exists()

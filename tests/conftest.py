@@ -101,6 +101,15 @@ def tiny_config(fashion_root, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(fashion_root, tmp_path_factory) -> Path:
+    """A tiny model trained by `ddpm train` (T = 20; tests/test_cli.py `train_tiny`), once per test process,
+    for the tests that only sample from one."""
+    from tests.test_cli import train_tiny
+
+    return train_tiny(fashion_root, tmp_path_factory.mktemp("tiny-checkpoint"), timesteps=20)
+
+
+@pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:
     """For the fault tests: a project with its data fetched through DVC once per test process (~13 s);
     tests work on copies."""

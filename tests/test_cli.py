@@ -88,12 +88,6 @@ def test_train_then_sample_a_grid(fashion_root, tmp_path):
     assert grid.size == (3 * 30 + 2, 3 * 30 + 2) and grid.mode == "L"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(fashion_root, tmp_path_factory) -> Path:
-    """A tiny trained checkpoint (T = 20) for the sample command."""
-    return train_tiny(fashion_root, tmp_path_factory.mktemp("sample"), timesteps=20)
-
-
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -105,15 +99,15 @@ def checkpoint(fashion_root, tmp_path_factory) -> Path:
         ),
     ],
 )
-def test_sample_refuses_bad_values_in_one_line(checkpoint, tmp_path, args, named):
-    result = ddpm("sample", "--checkpoint", str(checkpoint), *args, "--out", "x.npz", cwd=tmp_path)
+def test_sample_refuses_bad_values_in_one_line(tiny_checkpoint, tmp_path, args, named):
+    result = ddpm("sample", "--checkpoint", str(tiny_checkpoint), *args, "--out", "x.npz", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(named)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_sample_writes_arrays_with_their_settings(checkpoint, tmp_path):
-    common = ["--checkpoint", str(checkpoint), "--num", "10", "--steps", "3", "--seed", "5", "--batch-size", "4"]
+def test_sample_writes_arrays_with_their_settings(tiny_checkpoint, tmp_path):
+    common = ["--checkpoint", str(tiny_checkpoint), "--num", "10", "--steps", "3", "--seed", "5", "--batch-size", "4"]
     for out in ("s.npz", "s.npy"):
         result = ddpm("sample", *common, "--out", out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -129,7 +123,7 @@ def test_sample_writes_arrays_with_their_settings(checkpoint, tmp_path):
         "steps": 3,
         "eta": 1.0,
         "batch_size": 4,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(tiny_checkpoint),
         "weights": "ema",
     }
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), images)  # same request, same images

@@ -91,16 +91,15 @@ def test_smoothing_starts_at_the_first_value_and_follows_a_constant():
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "ddpm"])
-def test_the_final_grid_is_drawn_with_each_sampler_as_the_evaluation_draws(fashion_root, tmp_path, sampler):
+def test_the_final_grid_is_drawn_with_each_sampler_as_the_evaluation_draws(tiny_checkpoint, sampler):
     """The quick start evaluates with dpmpp_2m, which takes no eta: the grid's request must be filled
     in from the sample section as the evaluation's is, not pass every field of it."""
     from ddpm.config import load_config
     from flows.report import GRID_SAMPLES, sample_grid
-    from tests.test_cli import ROOT, train_tiny
+    from tests.test_cli import ROOT
 
-    checkpoint = train_tiny(fashion_root, tmp_path, timesteps=20)
     sets = {"diffusion.timesteps": 20, "sample.sampler": sampler, "sample.steps": 4, "sample.eta": 1.0}
     sets |= {"model.dim": 8, "model.dim_mults": [1, 2]}
-    grid, how = sample_grid(str(checkpoint), load_config(ROOT / "params.yaml", sets))
+    grid, how = sample_grid(str(tiny_checkpoint), load_config(ROOT / "params.yaml", sets))
     assert grid.ndim == 2 and grid.size > 28 * 28 * (GRID_SAMPLES - 1)  # every sample tiled into one image
     assert how.startswith({"ddim": "DDIM-4", "dpmpp_2m": "DPM-Solver++(2M)-4", "ddpm": "DDPM-20"}[sampler]), how

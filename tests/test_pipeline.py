@@ -227,6 +227,16 @@ def test_a_run_is_watchable_in_prefect_and_its_report_pictured(workspace, first_
     )
     assert Path(logged).read_bytes() == report
     summary = artifacts["ddpm-summary"]["data"]
+    version = first_run["version"]
+    assert f"| MLflow run | [{run_.info.run_id}](" in summary
+    assert (
+        f'This version, v{version}:\n\n```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist/{version}"' in summary
+    )
+    assert "The champion, `@champion` (none yet" in summary  # as it was when this run published
+    assert (
+        '```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist@champion"\n```\n\n'
+        "Either answers POST requests at http://127.0.0.1:5001/invocations"
+    ) in summary
     embedded = re.search(r"!\[report\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary)
     assert embedded is not None and base64.b64decode(embedded[1]) == report
     for prefix in ("class_frac_", "real_class_frac_"):  # the histograms of its class panel, in the run too

@@ -229,9 +229,8 @@ def test_a_run_is_watchable_in_prefect_and_its_report_pictured(workspace, first_
     summary = artifacts["ddpm-summary"]["data"]
     version = first_run["version"]
     assert f"| MLflow run | [{run_.info.run_id}](" in summary
-    assert (
-        f'This version, v{version}:\n\n```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist/{version}"' in summary
-    )
+    serve_this = f'uv run ddpm serve -m "models:/ddpm-fashion-mnist/{version}"'
+    assert f"This version, v{version}:\n\n```bash\n{serve_this}\n```" in summary
     assert "The champion, `@champion` (none yet" in summary  # as it was when this run published
     assert (
         '```bash\nuv run ddpm serve -m "models:/ddpm-fashion-mnist@champion"\n```\n\n'

@@ -76,6 +76,8 @@ NATIVE = {
     "GeluBackward": NATIVE_POINTWISE,
     "ChannelNormForward": NATIVE_POINTWISE,
     "ChannelNormBackward": NATIVE_POINTWISE,
+    "AdamStep": ADAM,
+    "EmaUpdate": EMA,
 }
 MATMULS = {"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "MatMul", "BatchMatMul", "Conv2DTranspose"}
 MOVE_OPS = {"TensorMove", "Transpose", "Cast", "Reshape", "Concat", "Slice", "StridedSlice", "StridedSliceGrad"}

@@ -1,4 +1,5 @@
-"""Every layer the U-Net uses, built in one place: one layer factory per implementation.
+"""Every layer the U-Net uses, and its training step's Adam and EMA, built in one place: one
+factory per implementation.
 
 MindSpore 2.10's CPU kernels for GroupNorm and GeLU (and their gradients) are scalar loops, and
 it hands convolutions to oneDNN in a layout that leaves only slow kernels (docs/performance.md
@@ -16,6 +17,7 @@ and gradients to the reference. `network_layers` builds the factory of this proc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -26,8 +28,10 @@ from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
 
 from ddpm import runtime
+from ddpm.ema import EMA
 from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
+from ddpm.kernels.optim import NativeAdam
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.kernels.pool import NativeMaxPool2x2
 from ddpm.runtime import Implementation
@@ -208,10 +212,10 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class Layers:
-    """The U-Net's layer factory, one per implementation: each method builds its layer with no choice
-    left to make. This base builds MindSpore's own cells ("mindspore"): the reference the others are
-    tested against, and the GPU's and Ascend's layers. `make_layers` builds the implementation asked for,
-    `network_layers` this process's.
+    """The U-Net's layer factory, one per implementation: each method builds its layer (or the
+    training step's Adam and EMA) with no choice left to make. This base builds MindSpore's own cells
+    ("mindspore"): the reference the others are tested against, and the GPU's and Ascend's layers.
+    `make_layers` builds the implementation asked for, `network_layers` this process's.
 
     `precision`: "bf16" (NativeLayers only) runs every dense convolution's products in bfloat16 (f32
     tensors in and out, f32 accumulation, f32 weight gradients; the weights stay f32); the depthwise
@@ -278,6 +282,14 @@ class Layers:
     def full_attention(self, heads: int, scale: float) -> nn.Cell:
         """The core of softmax attention, qkv (B, 3 heads d, H, W) -> (B, heads d, H, W)."""
         return _FullAttention(heads, scale)
+
+    def adam(self, params: Sequence[ms.Parameter], learning_rate: ms.Tensor, beta2: float) -> nn.Adam:
+        """The training step's Adam over `params` (MindSpore's: one kernel per parameter tensor)."""
+        return nn.Adam(params, learning_rate=learning_rate, beta2=beta2)
+
+    def ema(self, params: Sequence[ms.Parameter]) -> EMA:
+        """The training step's EMA of `params`."""
+        return EMA(params)
 
 
 @dataclass(frozen=True)
@@ -359,6 +371,12 @@ class NativeLayers(Layers):
 
     def full_attention(self, heads: int, scale: float) -> nn.Cell:
         return full_attention_core(self.library, heads, scale)
+
+    def adam(self, params: Sequence[ms.Parameter], learning_rate: ms.Tensor, beta2: float) -> nn.Adam:
+        return NativeAdam(self.library, params, learning_rate, beta2)
+
+    def ema(self, params: Sequence[ms.Parameter]) -> EMA:
+        return EMA(params, self.library)
 
 
 LAYERS: dict[Implementation, type[Layers]] = {"mindspore": Layers, "fallback": FallbackLayers, "native": NativeLayers}

@@ -1,5 +1,5 @@
-"""ddpm.ema's flat EMA against what it replaced (one update per parameter tensor): the same
-training, bit for bit, and the same checkpoint layout."""
+"""ddpm.ema's flat EMA (ddpm/kernels' EmaUpdate where it runs) against what it replaced (one update
+per parameter tensor): the same training, bit for bit, and the same checkpoint layout."""
 
 import mindspore as ms
 import numpy as np
@@ -8,6 +8,7 @@ from mindspore import nn, ops
 
 from ddpm.checkpoint import EMA_PREFIX
 from ddpm.ema import EMA, ema_decay_at
+from ddpm.layers import network_layers
 from ddpm.train import Trainer
 
 
@@ -30,8 +31,10 @@ def _update(decay, shadow, param):
 
 
 def reference_step(trainer: Trainer):
-    """The step as it was: nn.Adam, then the per-parameter EMA reading the updated parameters."""
-    optimizer = nn.Adam(trainer.net.trainable_params(), learning_rate=ms.Tensor(trainer.lr))
+    """The step as it was: the same Adam (tests/test_optim.py holds the native one to nn.Adam), then
+    the per-parameter EMA reading the updated parameters."""
+    layers = network_layers(trainer.config.train.precision)
+    optimizer = layers.adam(trainer.net.trainable_params(), ms.Tensor(trainer.lr), trainer.config.train.adam_beta2)
     ema = PerParameterEMA(trainer.net.trainable_params())
 
     def loss_fn(x0, t, noise):

@@ -30,14 +30,25 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 # compiled into one library
-SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc", HERE / "pool.cc")
+SOURCES = (HERE / "dnnl_conv.cc", HERE / "pointwise.cc", HERE / "attention.cc", HERE / "pool.cc", HERE / "optim.cc")
 HEADERS = (HERE / "runtime.h", HERE / "vector_math.h")
 LIBRARY_STEM = "ddpm_kernels"
 HEADERS_PACKAGE = "onednn-devel"
 LIBDNNL = "libdnnl.so.3"  # the oneDNN MindSpore's CPU wheel ships in mindspore/lib
 # -fno-trapping-math: without it GCC keeps a float compare (FastExp's clamp) as a branch, for the FP
 # exception flags a vector compare might raise, and no loop over FastExp vectorises; we never read them.
-CXX_FLAGS = ("-O3", "-std=c++17", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-Wl,-z,defs")
+# -fno-math-errno: sqrt compiles to the instruction, and vectorises (optim.cc's Adam); the same correctly
+# rounded result, without setting errno for negative inputs, which nothing reads.
+CXX_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+    "-Wl,-z,defs",
+)
 # MindSpore's libdnnl is built for the threadpool runtime, the headers' config for SYCL; the config
 # must say threadpool so that the C++ API exposes the threadpool stream we run on.
 RUNTIME_CONFIG = {

@@ -100,6 +100,17 @@ def tiny_config(fashion_root, tmp_path):
     return functools.partial(make_tiny_config, fashion_root, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def library() -> Path:
+    """ddpm/kernels' compiled library, for the tests of its operators; they skip where it cannot be built."""
+    from ddpm.runtime import native_library
+
+    path = native_library()
+    if path is None:
+        pytest.skip("ddpm/kernels unavailable here (the warning names why)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(fashion_root, tmp_path_factory) -> Path:
     """A tiny model trained by `ddpm train` (T = 20; tests/test_cli.py `train_tiny`), once per test process,

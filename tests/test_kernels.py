@@ -50,14 +50,6 @@ REFERENCE = Layers()  # MindSpore's own cells
 NETWORK_DEPTHWISE = [(18, 28), (28, 28), (28, 14), (56, 14), (56, 7), (112, 7), (224, 7), (112, 14)]
 
 
-@pytest.fixture(scope="module")
-def library():
-    path = native_library()
-    if path is None:
-        pytest.skip("oneDNN conv kernels unavailable here (the warning names why)")
-    return path
-
-
 def jitted_value_and_grads(cell: nn.Cell, x, projection):
     """cell(x) and the gradients of <cell(x), projection> w.r.t. x and each weight, under @ms.jit."""
 

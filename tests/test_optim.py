@@ -3,24 +3,14 @@ EMA's own expression: the same updates, written into the parameters themselves."
 
 import mindspore as ms
 import numpy as np
-import pytest
 from mindspore import nn
 
 from ddpm.ema import EMA
 from ddpm.kernels.optim import NativeAdam
 from ddpm.loop import make_train_step
-from ddpm.runtime import native_library
 
 SHAPES = [(13,), (3, 7), (1,), (2, 4, 5, 5)]  # sizes off the 8-float vector width and the threads' halves
 LR = 0.05
-
-
-@pytest.fixture(scope="module")
-def library():
-    path = native_library()
-    if path is None:
-        pytest.skip("ddpm/kernels unavailable here (the warning names why)")
-    return path
 
 
 def make_params(seed: int = 0) -> list[ms.Parameter]:

@@ -18,7 +18,6 @@ from mindspore import nn
 from ddpm import runtime
 from ddpm.config import Config, ConfigError, Precision, config_from_dict, load_config
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
-from ddpm.runtime import native_library
 from ddpm.train import Trainer
 from ddpm.unet import Unet
 
@@ -32,13 +31,11 @@ AVX2_ONLY = frozenset({"fpu", "sse4_1", "avx", "avx2", "fma"})
 
 
 @pytest.fixture(scope="module")
-def library():
-    path = native_library()
-    if path is None:
-        pytest.skip("native kernels unavailable here: bf16 runs on them only")
+def library(library):
+    """conftest's library (bf16 runs on it only), where this process's precision resolves to bf16."""
     if runtime.resolve_precision("auto", "CPU") != "bf16":
         pytest.skip("no bf16 convs here: the processor lacks bf16 units or ONEDNN_MAX_CPU_ISA caps oneDNN below them")
-    return path
+    return library
 
 
 # ---- detection and settings ----

@@ -52,8 +52,9 @@ void EmaRange(float decay, float one_minus_decay, const float *w, float *ema, in
   for (int64_t i = begin; i < end; ++i) ema[i] = ema[i] * decay + w[i] * one_minus_decay;
 }
 
-// Calls fn(k, begin, end) for the parts of tensors k = 0..n-1 (sizes[k] elements each) that fall in
-// each thread's share of their concatenation: every thread gets an equal number of elements.
+// Calls fn(k, offset, begin, end) for the parts [begin, end) of tensors k = 0..n-1 (sizes[k] elements
+// each, starting at `offset` in their concatenation) that fall in each thread's share of the
+// concatenation: every thread gets an equal number of elements.
 template <typename Fn>
 void OverAllTensors(const std::vector<int64_t> &sizes, Fn fn) {
   std::vector<int64_t> offsets(sizes.size() + 1, 0);
@@ -61,7 +62,7 @@ void OverAllTensors(const std::vector<int64_t> &sizes, Fn fn) {
   ParallelRange(offsets.back(), [&](int64_t begin, int64_t end) {
     for (size_t k = 0; k < sizes.size(); ++k) {
       const int64_t a = std::max(begin, offsets[k]), b = std::min(end, offsets[k + 1]);
-      if (a < b) fn(k, a - offsets[k], b - offsets[k]);
+      if (a < b) fn(k, offsets[k], a - offsets[k], b - offsets[k]);
     }
   });
 }
@@ -96,7 +97,7 @@ extern "C" int AdamStep(int nparam, void **params, int *ndims, int64_t **shapes,
     const float beta1 = Scalar(params, 3), beta2 = Scalar(params, 4), eps = Scalar(params, 5);
     const AdamConstants c{lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power), 1.0f - beta1, 1.0f - beta2, eps};
     auto tensor = [&](int group, int k) { return static_cast<float *>(params[kAdamScalars + group * n + k]); };
-    OverAllTensors(sizes, [&](size_t k, int64_t begin, int64_t end) {
+    OverAllTensors(sizes, [&](size_t k, int64_t /*offset*/, int64_t begin, int64_t end) {
       AdamRange(c, tensor(0, k), tensor(1, k), tensor(2, k), tensor(3, k), begin, end);
     });
     *static_cast<float *>(params[nparam - 1]) = 1.0f;
@@ -114,10 +115,8 @@ extern "C" int EmaUpdate(int nparam, void **params, int *ndims, int64_t **shapes
   return Guarded("EmaUpdate", [&] {
     const float decay = Scalar(params, 0), one_minus_decay = 1.0f - decay;
     float *ema = static_cast<float *>(params[1]);
-    std::vector<int64_t> offsets(n, 0);
-    for (int k = 1; k < n; ++k) offsets[k] = offsets[k - 1] + sizes[k - 1];
-    OverAllTensors(sizes, [&](size_t k, int64_t begin, int64_t end) {
-      EmaRange(decay, one_minus_decay, static_cast<const float *>(params[2 + k]), ema + offsets[k], begin, end);
+    OverAllTensors(sizes, [&](size_t k, int64_t offset, int64_t begin, int64_t end) {
+      EmaRange(decay, one_minus_decay, static_cast<const float *>(params[2 + k]), ema + offset, begin, end);
     });
     *static_cast<float *>(params[nparam - 1]) = 1.0f;
   });

@@ -12,14 +12,12 @@ Checkpoints still hold one tensor per parameter (`ema.<name>`), split out of the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
 from ddpm.checkpoint import EMA_PREFIX
-from ddpm.kernels.optim import ema_update_op
 
 EMA_RAMP = 10  # the decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
 FLAT_NAME = EMA_PREFIX + "flat"  # the buffer's own name; never written to a checkpoint
@@ -28,19 +26,20 @@ FLAT_NAME = EMA_PREFIX + "flat"  # the buffer's own name; never written to a che
 class EMA(nn.Cell):
     """Shadow copies of the weights, updated after every optimizer step."""
 
-    def __init__(self, params: Sequence[ms.Parameter], library: Path | None = None):
-        """With the native `library` the update is its EmaUpdate operator, else MindSpore's."""
+    def __init__(self, params: Sequence[ms.Parameter], update: ops.Custom | None = None):
+        """`update`: an operator doing the update in place (ddpm/kernels' EmaUpdate,
+        `Layers.ema_update`), else MindSpore's expression does it."""
         super().__init__()
         self.names = [EMA_PREFIX + p.name for p in params]
         self.shapes = [tuple(p.shape) for p in params]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.offsets = np.cumsum([0, *self.sizes])
         self.flat = ms.Parameter(ms.Tensor(_concat([p.asnumpy() for p in params])), FLAT_NAME, requires_grad=False)
-        self.native_update = ema_update_op(library, len(params)) if library is not None else None
+        self.update = update
 
     def construct(self, params, decay):
-        if self.native_update is not None:
-            return self.native_update(decay, self.flat, *params)
+        if self.update is not None:
+            return self.update(decay, self.flat, *params)
         weights = ops.concat([p.reshape(-1) for p in params])
         return ops.assign(self.flat, self.flat * decay + weights * (1.0 - decay))
 

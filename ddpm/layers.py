@@ -28,10 +28,9 @@ from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops.operations._grad_ops import BiasAddGrad, Conv2DBackpropFilter  # no public equivalents
 
 from ddpm import runtime
-from ddpm.ema import EMA
 from ddpm.kernels.attention import NativeChannelLayerNorm, full_attention_core, linear_attention_core
 from ddpm.kernels.conv import Conv2d, Conv2dTranspose, NativeConv2d
-from ddpm.kernels.optim import NativeAdam
+from ddpm.kernels.optim import NativeAdam, ema_update_op
 from ddpm.kernels.pointwise import NativeGELU, NativeGroupNorm
 from ddpm.kernels.pool import NativeMaxPool2x2
 from ddpm.runtime import Implementation
@@ -287,9 +286,10 @@ class Layers:
         """The training step's Adam over `params` (MindSpore's: one kernel per parameter tensor)."""
         return nn.Adam(params, learning_rate=learning_rate, beta2=beta2)
 
-    def ema(self, params: Sequence[ms.Parameter]) -> EMA:
-        """The training step's EMA of `params`."""
-        return EMA(params)
+    def ema_update(self, n: int) -> ops.Custom | None:
+        """The operator that updates the EMA of n parameter tensors (`ddpm.ema.EMA`), or None for the
+        EMA's own MindSpore expression."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -375,8 +375,8 @@ class NativeLayers(Layers):
     def adam(self, params: Sequence[ms.Parameter], learning_rate: ms.Tensor, beta2: float) -> nn.Adam:
         return NativeAdam(self.library, params, learning_rate, beta2)
 
-    def ema(self, params: Sequence[ms.Parameter]) -> EMA:
-        return EMA(params, self.library)
+    def ema_update(self, n: int) -> ops.Custom | None:
+        return ema_update_op(self.library, n)
 
 
 LAYERS: dict[Implementation, type[Layers]] = {"mindspore": Layers, "fallback": FallbackLayers, "native": NativeLayers}

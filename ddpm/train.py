@@ -27,7 +27,7 @@ from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import ONE_PROCESS, World, init_world
-from ddpm.ema import ema_decay_at
+from ddpm.ema import EMA, ema_decay_at
 from ddpm.interrupt import StopRequest, TrainingInterrupted
 from ddpm.layers import network_layers
 from ddpm.loop import check_loss, epoch_bar, make_train_step
@@ -78,7 +78,7 @@ class Trainer:
         layers = network_layers(config.train.precision)  # Adam and the EMA on the network's backend
         params = self.net.trainable_params()
         self.optimizer = layers.adam(params, ms.Tensor(self.lr), config.train.adam_beta2)
-        self.ema = layers.ema(params) if config.train.ema_decay > 0 else None
+        self.ema = EMA(params, layers.ema_update(len(params))) if config.train.ema_decay > 0 else None
 
         def loss_fn(x0, t, noise):
             return self.diffusion.training_loss(self.net, x0, t, noise)

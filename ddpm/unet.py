@@ -32,7 +32,7 @@ class SinusoidalPositionEmbeddings(nn.Cell):
         self.freqs = ms.Tensor(freqs[None, :], ms.float32)  # (1, dim/2)
 
     def construct(self, t):
-        angles = t.astype(ms.float32)[:, None] * self.freqs  # (B, 1) * (1, dim/2) -> (B, dim/2)
+        angles = t.astype(ms.float32).reshape(-1, 1) * self.freqs  # (B, 1) * (1, dim/2) -> (B, dim/2)
         return ops.cat((ops.sin(angles), ops.cos(angles)), axis=-1)  # (B, dim)
 
 
@@ -57,7 +57,8 @@ class ConvNextBlock(nn.Cell):
     def construct(self, x, time_emb=None):
         h = self.ds_conv(x)
         if self.mlp is not None and time_emb is not None:
-            h = h + self.mlp(time_emb)[:, :, None, None]  # (B, dim) -> (B, dim, 1, 1)
+            cond = self.mlp(time_emb)  # (B, dim)
+            h = h + cond.reshape(cond.shape[0], cond.shape[1], 1, 1)  # a view: [:, :, None, None] is a slice kernel
         h = self.net(h)
         return h + self.res_conv(x)
 

@@ -21,6 +21,7 @@
 
 namespace {
 
+using ddpm::AllFloat32;
 using ddpm::Elements;
 using ddpm::Fail;
 using ddpm::Guarded;
@@ -67,13 +68,6 @@ void OverAllTensors(const std::vector<int64_t> &sizes, Fn fn) {
   });
 }
 
-bool AllFloat32(int first, int count, const char **dtypes) {
-  for (int i = first; i < first + count; ++i) {
-    if (std::string(dtypes[i]) != "float32") return false;
-  }
-  return true;
-}
-
 float Scalar(void **params, int i) { return *static_cast<const float *>(params[i]); }
 
 }  // namespace
@@ -81,7 +75,7 @@ float Scalar(void **params, int i) { return *static_cast<const float *>(params[i
 extern "C" int AdamStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                         void * /*stream*/, void * /*extra*/) {
   const int n = (nparam - kAdamScalars - 1) / kAdamGroups;
-  if (n < 1 || nparam != kAdamScalars + kAdamGroups * n + 1 || !AllFloat32(0, nparam, dtypes)) {
+  if (n < 1 || nparam != kAdamScalars + kAdamGroups * n + 1 || !AllFloat32(nparam, dtypes)) {
     return Fail("AdamStep", "expects float32 scalars (6), then n gradients, weights, first and second moments");
   }
   std::vector<int64_t> sizes(n);
@@ -107,7 +101,7 @@ extern "C" int AdamStep(int nparam, void **params, int *ndims, int64_t **shapes,
 extern "C" int EmaUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void * /*stream*/, void * /*extra*/) {
   const int n = nparam - 3;
-  if (n < 1 || !AllFloat32(0, nparam, dtypes)) return Fail("EmaUpdate", "expects float32 decay, the averages, n weights");
+  if (n < 1 || !AllFloat32(nparam, dtypes)) return Fail("EmaUpdate", "expects float32 decay, the averages, n weights");
   std::vector<int64_t> sizes(n);
   int64_t total = 0;
   for (int k = 0; k < n; ++k) total += sizes[k] = Elements(ndims[2 + k], shapes[2 + k]);

@@ -1,5 +1,5 @@
-"""The `ddpm` command: train, sample, classifier, evaluate, benchmark, fetch-data. Each parses, loads
-config, calls one function."""
+"""The `ddpm` command: train, sample, classifier, evaluate, posthoc-ema, benchmark, fetch-data. Each
+parses, loads config, calls one function."""
 
 from __future__ import annotations
 
@@ -104,6 +104,25 @@ def evaluate(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps(metrics) + "\n")
 
 
+def posthoc_ema(args: argparse.Namespace) -> None:
+    from ddpm.posthoc_ema import write_posthoc
+
+    write_posthoc(args.checkpoint, args.sigma_rel)
+
+
+def sigma_rels(value: str) -> tuple[float, ...]:
+    """--sigma-rel: comma-separated lengths in (0, MAX_SIGMA_REL]."""
+    from ddpm.config import MAX_SIGMA_REL
+
+    try:
+        lengths = tuple(float(item) for item in value.split(","))
+    except ValueError:
+        lengths = ()
+    if not lengths or any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths):
+        raise argparse.ArgumentTypeError(f"must be numbers in (0, {MAX_SIGMA_REL}] separated by commas, got {value!r}")
+    return lengths
+
+
 def benchmark(args: argparse.Namespace) -> None:
     from ddpm.benchmark import run_benchmark
     from ddpm.config import load_config, parse_sets
@@ -195,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--raw-weights", action="store_true", help="score the raw weights, not the EMA")
     p.set_defaults(func=evaluate)
+
+    p = sub.add_parser(
+        "posthoc-ema",
+        help="average the weights over a length chosen after training (train.posthoc_ema's snapshots)",
+        description="Write, for each --sigma-rel, the power-function average of the weights ending at the\n"
+        "checkpoint's step, rebuilt from the post-hoc EMA snapshots beside it, as a checkpoint that\n"
+        "`ddpm evaluate` and `ddpm sample` read: <dir>/posthoc/<checkpoint>_sigma_<length>.ckpt.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `ddpm train` with train.posthoc_ema set")
+    p.add_argument(
+        "--sigma-rel",
+        type=sigma_rels,
+        required=True,
+        help="lengths, comma-separated: the standard deviation of its weighting over the steps, relative to them",
+    )
+    p.set_defaults(func=posthoc_ema)
 
     p = sub.add_parser("benchmark", help="training and sampling throughput as JSON lines")
     p.add_argument("--params", default=None, help="default: the built-in (tutorial) model")

@@ -35,6 +35,7 @@ METRICS_KEY = "metrics_json"  # the epoch's metrics; optional, so older checkpoi
 PROGRESS_KEY = "progress_json"  # a mid-epoch checkpoint's EpochProgress; absent at an epoch's end
 PRECISION_KEY = "precision"  # fp32 | bf16: what train.precision resolved to on the machine that trained last
 EMA_PREFIX = "ema."
+POSTHOC_PREFIX = "posthoc."  # post-hoc EMA profiles (ddpm.posthoc_ema): posthoc.<sigma_rel>.<parameter>
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -251,8 +252,18 @@ def export_weights(path: str | Path, out: str | Path, use_ema: bool = True) -> P
     """Write only the sampling weights (EMA if present and wanted) and the config: a slim
     checkpoint for serving, a third of a training checkpoint's size."""
     state = load_checkpoint(path)
-    weights = [{"name": name, "data": p} for name, p in sampling_weights(state, use_ema).items()]
-    return write_ckpt(out, weights, _meta(state.config, state.epoch, state.global_step, state.precision))
+    return write_sampling_checkpoint(out, sampling_weights(state, use_ema), state)
+
+
+def write_sampling_checkpoint(out: str | Path, weights: dict, state: Checkpoint) -> Path:
+    """`weights` (network parameter name -> array or Parameter) with `state`'s config, epoch and step:
+    a checkpoint `ddpm sample`, `ddpm evaluate` and serving read like a training's."""
+    import mindspore as ms
+
+    tensors = [
+        {"name": name, "data": w if isinstance(w, ms.Parameter) else ms.Tensor(w)} for name, w in weights.items()
+    ]
+    return write_ckpt(out, tensors, _meta(state.config, state.epoch, state.global_step, state.precision))
 
 
 def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
@@ -260,7 +271,7 @@ def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
     checkpoint has one and `use_ema`, else the raw weights."""
     if use_ema and any(name.startswith(EMA_PREFIX) for name in state.params):
         return {name[len(EMA_PREFIX) :]: p for name, p in state.params.items() if name.startswith(EMA_PREFIX)}
-    return {name: p for name, p in state.params.items() if not _is_training_state(name)}
+    return {name: p for name, p in state.params.items() if not is_training_state(name)}
 
 
 def _meta(config: Config, epoch: int, global_step: int, precision: str | None) -> dict:
@@ -275,9 +286,9 @@ def _meta(config: Config, epoch: int, global_step: int, precision: str | None) -
     return meta
 
 
-def _is_training_state(name: str) -> bool:
-    """Adam's moments and counters, and the EMA shadows: not needed to sample."""
-    return name.startswith(EMA_PREFIX) or name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS
+def is_training_state(name: str) -> bool:
+    """Adam's moments and counters, the EMA's and the post-hoc profiles' shadows: not the network."""
+    return name.startswith((EMA_PREFIX, POSTHOC_PREFIX, *OPTIMIZER_PREFIXES)) or name in OPTIMIZER_SCALARS
 
 
 def _scalar(value):

@@ -29,6 +29,7 @@ LrSchedule = Literal["constant", "cosine", "tutorial_cosine"]
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Precision = Literal["auto", "fp32", "bf16"]
 MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
+MAX_SIGMA_REL = 0.28  # a post-hoc EMA's length; a weighting that never falls with age reaches 1/sqrt(12) = 0.289
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class TrainConfig:
     warmup_steps: int = 0
     adam_beta2: float = 0.999  # Adam's second-moment decay: 0.99 forgets stale gradient scales 10x sooner
     ema_decay: float = 0.0  # 0 disables EMA; the decay ramps up as (1+n)/(10+n) up to this value
+    # Post-hoc EMA (ddpm.posthoc_ema): the lengths (sigma_rel) of power-function averages kept beside the
+    # EMA and snapshotted every posthoc_every steps and at each epoch's end; () = none.
+    posthoc_ema: tuple[float, ...] = ()
+    posthoc_every: int = 500
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"  # the convs' products, training and sampling; auto: bf16 where the CPU has bf16 units
@@ -133,7 +138,14 @@ class TrainConfig:
             sample_num=1,
             sample_steps=1,
             sample_seed=0,
+            posthoc_every=1,
         )
+        if any(not 0.0 < s <= MAX_SIGMA_REL for s in self.posthoc_ema) or len(set(self.posthoc_ema)) < len(
+            self.posthoc_ema
+        ):
+            errors.append(
+                f"train.posthoc_ema: must be distinct lengths in (0, {MAX_SIGMA_REL}], got {list(self.posthoc_ema)}"
+            )
         if self.workers >= 1 and self.batch_size % self.workers:
             errors.append(
                 f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}"

@@ -20,21 +20,24 @@ from mindspore import nn, ops
 from ddpm.checkpoint import EMA_PREFIX
 
 EMA_RAMP = 10  # the decay ramps as (1 + n) / (EMA_RAMP + n), so early weights fade fast
-FLAT_NAME = EMA_PREFIX + "flat"  # the buffer's own name; never written to a checkpoint
+FLAT_SUFFIX = "flat"  # the buffer's own name after the prefix; never written to a checkpoint
 
 
 class EMA(nn.Cell):
     """Shadow copies of the weights, updated after every optimizer step."""
 
-    def __init__(self, params: Sequence[ms.Parameter], update: ops.Custom | None = None):
+    def __init__(self, params: Sequence[ms.Parameter], update: ops.Custom | None = None, prefix: str = EMA_PREFIX):
         """`update`: an operator doing the update in place (ddpm/kernels' EmaUpdate,
-        `Layers.ema_update`), else MindSpore's expression does it."""
+        `Layers.ema_update`), else MindSpore's expression does it. `prefix` names the shadows
+        (`ema.<name>`; a post-hoc profile's `posthoc.<sigma_rel>.<name>`)."""
         super().__init__()
-        self.names = [EMA_PREFIX + p.name for p in params]
+        self.names = [prefix + p.name for p in params]
+        self.prefix = prefix
         self.shapes = [tuple(p.shape) for p in params]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.offsets = np.cumsum([0, *self.sizes])
-        self.flat = ms.Parameter(ms.Tensor(_concat([p.asnumpy() for p in params])), FLAT_NAME, requires_grad=False)
+        flat = _concat([p.asnumpy() for p in params])
+        self.flat = ms.Parameter(ms.Tensor(flat), prefix + FLAT_SUFFIX, requires_grad=False)
         self.update = update
 
     def construct(self, params, decay):
@@ -61,8 +64,22 @@ class EMA(nn.Cell):
 
     def copy_to(self, net: nn.Cell) -> None:
         """Load the averaged weights into `net` (another instance of the trained network)."""
-        weights = {s.name.removeprefix(EMA_PREFIX): s for s in self.shadows()}
+        weights = {s.name.removeprefix(self.prefix): s for s in self.shadows()}
         ms.load_param_into_net(net, weights, strict_load=True)
+
+
+class EMAGroup(nn.Cell):
+    """Several averages of the same weights (the EMA, post-hoc profiles), one decay each per step."""
+
+    def __init__(self, averages: Sequence[EMA]):
+        super().__init__()
+        self.averages = nn.CellList(averages)
+
+    def construct(self, params, decays):
+        done = decays
+        for i, average in enumerate(self.averages):  # unrolled when compiled
+            done = ops.depend(done, average(params, decays[i]))
+        return done
 
 
 def _concat(arrays: Sequence[np.ndarray]) -> np.ndarray:

@@ -23,6 +23,22 @@ from ddpm.interrupt import StopRequest
 
 log = logging.getLogger(__name__)
 
+# Settings a resumed run may change: how long it runs and how it reports, never what it learns.
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.lr_epochs",  # as long as the span of the learning-rate schedule stays (resume_conflicts)
+    "train.sample_every",
+    "train.sample_num",
+    "train.sample_steps",
+    "train.sample_seed",
+    "train.device",
+    "train.threads",
+    "train.workers",
+    "train.checkpoint_minutes",
+    "data.num_workers",
+}
+UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
+
 KEEP_CHECKPOINTS = 2  # complete epochs' checkpoints kept on disk (the newest), besides one newer mid-epoch one
 SECONDS_PER_MINUTE = 60
 
@@ -129,3 +145,22 @@ class Checkpointer:
             )
         self.last = time.monotonic()
         return path
+
+
+def resume_conflicts(saved: Config, current: Config) -> list[str]:
+    """Settings that differ between a checkpoint and the current config and forbid resuming it."""
+    a, b = saved.to_dict(), current.to_dict()
+    conflicts = [
+        f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
+        for section in a
+        if section not in UNTRAINED_SECTIONS
+        for key in a[section]
+        if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
+    span = saved.train.lr_span
+    if current.train.lr_schedule != "constant" and current.train.lr_span != span:
+        conflicts.append(
+            f"train.lr_epochs: the learning-rate schedule spans {span} epochs in the checkpoint and "
+            f"{current.train.lr_span} now (set train.lr_epochs={span} to extend this training on its own curve)"
+        )
+    return conflicts

@@ -21,18 +21,19 @@ import numpy as np
 from mindspore import nn
 
 from ddpm import checkpoint as ckpt
+from ddpm import posthoc_ema as posthoc
 from ddpm.callbacks import Callback, EpochEnd, FitResult
 from ddpm.checkpoint_sampler import SampleRequest, make_noise_predictor, sample_batches
 from ddpm.config import Config
 from ddpm.data import build_dataset, flip_horizontally, steps_per_epoch, verify_dataset
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import ONE_PROCESS, World, init_world
-from ddpm.ema import EMA, ema_decay_at
+from ddpm.ema import EMA, EMAGroup, ema_decay_at
 from ddpm.interrupt import StopRequest, TrainingInterrupted
 from ddpm.layers import network_layers
 from ddpm.loop import check_loss, epoch_bar, make_train_step
 from ddpm.lr_schedules import learning_rates
-from ddpm.resume import Checkpointer, resume_point
+from ddpm.resume import Checkpointer, resume_conflicts, resume_point
 from ddpm.reverse_process import NoisePredictor
 from ddpm.runtime import backend, select_device, set_cpu_threads
 from ddpm.unet import build_unet
@@ -44,21 +45,6 @@ PREVIEW_SAMPLER, PREVIEW_ETA = "ddim", 1.0  # the preview grid draws fresh noise
 
 
 LR_PARAM = "learning_rate"  # nn.Adam's per-step learning-rate parameter
-# Settings a resumed run may change: how long it runs and how it reports, never what it learns.
-RESUMABLE_CHANGES = {
-    "train.epochs",
-    "train.lr_epochs",  # as long as the span of the learning-rate schedule stays (resume_conflicts)
-    "train.sample_every",
-    "train.sample_num",
-    "train.sample_steps",
-    "train.sample_seed",
-    "train.device",
-    "train.threads",
-    "train.workers",
-    "train.checkpoint_minutes",
-    "data.num_workers",
-}
-UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns
 
 
 class Trainer:
@@ -79,23 +65,39 @@ class Trainer:
         params = self.net.trainable_params()
         self.optimizer = layers.adam(params, ms.Tensor(self.lr), config.train.adam_beta2)
         self.ema = EMA(params, layers.ema_update(len(params))) if config.train.ema_decay > 0 else None
+        self.profiles = [  # post-hoc EMA's power-function averages, by sigma_rel
+            EMA(params, layers.ema_update(len(params)), posthoc.profile_prefix(s)) for s in config.train.posthoc_ema
+        ]
+        self.gammas = [posthoc.gamma_of(s) for s in config.train.posthoc_ema]
+        averages = ([self.ema] if self.ema is not None else []) + self.profiles
+        self._averages = (
+            None if not averages else averages[0] if len(averages) == 1 and not self.profiles else EMAGroup(averages)
+        )
 
         def loss_fn(x0, t, noise):
             return self.diffusion.training_loss(self.net, x0, t, noise)
 
-        self._train_step = make_train_step(loss_fn, self.optimizer, self.ema, world)
+        self._train_step = make_train_step(loss_fn, self.optimizer, self._averages, world)
         self._sampling_net: nn.Cell | None = None
         self._predict: NoisePredictor | None = None
 
-    def train_step(self, x0: ms.Tensor, t: ms.Tensor, noise: ms.Tensor, ema_decay: float) -> float:
-        """One optimizer step on x0 (B, C, H, W), t (B,), noise (B, C, H, W); the global batch's loss."""
-        decay = (ms.Tensor(ema_decay, ms.float32),) if self.ema is not None else ()
-        return float(self._train_step(x0, t, noise, *decay).asnumpy())
+    def train_step(self, x0: ms.Tensor, t: ms.Tensor, noise: ms.Tensor, ema_decay: float, step: int = 1) -> float:
+        """One optimizer step on x0 (B, C, H, W), t (B,), noise (B, C, H, W), the EMA at `ema_decay`
+        and the post-hoc profiles at their decay for update number `step` (1-based); the global
+        batch's loss."""
+        decays = ([ema_decay] if self.ema is not None else []) + [posthoc.power_decay(step, g) for g in self.gammas]
+        if self.profiles:
+            return float(self._train_step(x0, t, noise, ms.Tensor(decays, ms.float32)).asnumpy())
+        return float(self._train_step(x0, t, noise, *(ms.Tensor(d, ms.float32) for d in decays)).asnumpy())
+
+    def shadows(self) -> list[ms.Parameter]:
+        """The EMA's and the post-hoc profiles' averages, one Parameter per weight each (copies)."""
+        return [s for average in ([self.ema] if self.ema else []) + self.profiles for s in average.shadows()]
 
     def parameters(self) -> list[ms.Parameter]:
-        """Everything a resume needs: weights, Adam moments and step, EMA shadows (deduplicated)."""
+        """Everything a resume needs: weights, Adam moments and step, averages (deduplicated)."""
         params = {p.name: p for p in self.optimizer.get_parameters()}
-        params.update({p.name: p for p in self.ema.shadows()} if self.ema is not None else {})  # copies
+        params.update({p.name: p for p in self.shadows()})
         params.pop(LR_PARAM)  # derived from the config, which may extend the run
         return list(params.values())
 
@@ -112,8 +114,8 @@ class Trainer:
         for p in self.optimizer.get_parameters():
             if p.name != LR_PARAM:
                 p.set_data(state.params[p.name].value())
-        if self.ema is not None:
-            self.ema.load(state.params)
+        for average in ([self.ema] if self.ema else []) + self.profiles:
+            average.load(state.params)
 
     def noise_predictor(self):
         """A jitted inference forward with the weights to sample with: EMA's if on, else the live ones."""
@@ -123,25 +125,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self._sampling_net)
         return self._predict
-
-
-def resume_conflicts(saved: Config, current: Config) -> list[str]:
-    """Settings that differ between a checkpoint and the current config and forbid resuming it."""
-    a, b = saved.to_dict(), current.to_dict()
-    conflicts = [
-        f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}"
-        for section in a
-        if section not in UNTRAINED_SECTIONS
-        for key in a[section]
-        if a[section][key] != b[section][key] and f"{section}.{key}" not in RESUMABLE_CHANGES
-    ]
-    span = saved.train.lr_span
-    if current.train.lr_schedule != "constant" and current.train.lr_span != span:
-        conflicts.append(
-            f"train.lr_epochs: the learning-rate schedule spans {span} epochs in the checkpoint and "
-            f"{current.train.lr_span} now (set train.lr_epochs={span} to extend this training on its own curve)"
-        )
-    return conflicts
 
 
 def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False, progress: bool = True) -> FitResult:
@@ -181,13 +164,16 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
                 flips, t, noise = draw_step(run.rng, trainer)
                 x0 = flip_horizontally(x0, flips[mine])
                 decay = ema_decay_at(global_step, train.ema_decay)
-                loss = trainer.train_step(ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]), decay)
+                loss = trainer.train_step(
+                    ms.Tensor(x0), ms.Tensor(t[mine]), ms.Tensor(noise[mine]), decay, global_step + 1
+                )
                 lr = float(trainer.lr[global_step])  # the rate this step used
                 global_step += 1
                 run.record(loss, global_step)  # a non-finite loss raises here, before anything sees it
                 for cb in callbacks:
                     cb.on_step_end(global_step, {"train_loss": loss, "lr": lr})
                 finished = run.metrics() if run.finished else None
+                snapshot_if_due(trainer, directory, global_step, finished is not None)  # before the step's checkpoint
                 path = saver.save_if_due(epoch, global_step, run.progress(), finished)
                 if finished is not None:
                     assert path is not None  # an epoch's end is always checkpointed
@@ -207,6 +193,15 @@ def fit(config: Config, callbacks: Sequence[Callback] = (), resume: bool = False
     for cb in callbacks:
         cb.on_train_end(result)
     return result
+
+
+def snapshot_if_due(trainer: Trainer, directory: Path, global_step: int, epoch_end: bool) -> None:
+    """Snapshot the post-hoc profiles every train.posthoc_every steps and at each epoch's end. Before
+    the step's checkpoint, so a crash between them replays the step and writes the snapshot again."""
+    every = trainer.config.train.posthoc_every
+    if trainer.profiles and trainer.world.is_main and (epoch_end or global_step % every == 0):
+        shadows = [s for profile in trainer.profiles for s in profile.shadows()]
+        posthoc.write_snapshot(directory, global_step, shadows, trainer.config)
 
 
 def draw_step(rng: np.random.Generator, trainer: Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,7 +13,8 @@ from ddpm.errors import NonFiniteLossError
 from ddpm.interrupt import TrainingInterrupted
 from ddpm.layers import network_layers
 from ddpm.lr_schedules import learning_rates
-from ddpm.train import fit, resume_conflicts
+from ddpm.resume import resume_conflicts
+from ddpm.train import fit
 from tests.conftest import make_tiny_config
 
 

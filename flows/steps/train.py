@@ -175,7 +175,7 @@ def train(
 
 def _unfinished_same_training(finished: Trained, directory: Path, config: Config, pipeline: PipelineConfig) -> bool:
     from ddpm.checkpoint import load_checkpoint
-    from ddpm.train import resume_conflicts
+    from ddpm.resume import resume_conflicts
     from flows.registry import registered_version
 
     if (

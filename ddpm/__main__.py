@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's step, rebuilt from the post-hoc EMA snapshots beside it, as a checkpoint that\n"
         "`ddpm evaluate` and `ddpm sample` read: <dir>/posthoc/<checkpoint>_sigma_<length>.ckpt.",
     )
-    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `ddpm train` with train.posthoc_ema set")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt written by `ddpm train` with train.posthoc_ema set: where the average ends",
+    )
     p.add_argument(
         "--sigma-rel",
         type=sigma_rels,

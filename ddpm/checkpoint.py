@@ -36,6 +36,7 @@ PROGRESS_KEY = "progress_json"  # a mid-epoch checkpoint's EpochProgress; absent
 PRECISION_KEY = "precision"  # fp32 | bf16: what train.precision resolved to on the machine that trained last
 EMA_PREFIX = "ema."
 POSTHOC_PREFIX = "posthoc."  # post-hoc EMA profiles (ddpm.posthoc_ema): posthoc.<sigma_rel>.<parameter>
+POSTHOC_DIR = "posthoc"  # in a checkpoint directory: the profiles' snapshots and the averages built from them
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.")  # nn.Adam's state
 WRITE_PROBE = ".write_probe"  # created and deleted by check_writable
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -123,11 +124,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def written_here(name: str) -> bool:
-    """Whether a file of this name in a checkpoint directory is one this module writes: a checkpoint,
-    its temporary files (ours and MindSpore's), or the writability probe."""
+    """Whether a file of this name in a checkpoint directory is one training writes: a checkpoint, its
+    temporary files (ours and MindSpore's), the writability probe, or the post-hoc EMA's folder."""
     if name.endswith(MINDSPORE_TMP_SUFFIX):  # MindSpore's temporary of the .ckpt it writes
         name = name.removesuffix(MINDSPORE_TMP_SUFFIX) + CHECKPOINT_SUFFIX
-    return name == WRITE_PROBE or bool(CHECKPOINT_FILE.match(final_name(name)))
+    return name in (WRITE_PROBE, POSTHOC_DIR) or bool(CHECKPOINT_FILE.match(final_name(name)))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

@@ -30,7 +30,7 @@ from ddpm.resume import resume_conflicts  # the one definition of "the same trai
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_DIR = "posthoc"  # under train.checkpoint_dir
+SNAPSHOT_DIR = ckpt.POSTHOC_DIR  # under train.checkpoint_dir
 SNAPSHOT_FILE = re.compile(r"^step_(\d{8,})\.ckpt$")
 SNAPSHOT_VERSION = 1
 SNAPSHOT_KEYS = ("format_version", "global_step", "sigma_rels_json", "config_yaml")

@@ -183,7 +183,7 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
     """Two complete trainings in runs/ours: the second deletes the first's checkpoints and markers,
     never a file beside them; a directory holding a file no training wrote is refused, not cleaned."""
     caplog.set_level(logging.INFO, logger="flows")
-    set_params(project, train={"checkpoint_dir": "runs/ours"})
+    set_params(project, train={"checkpoint_dir": "runs/ours", "posthoc_ema": [0.1], "posthoc_every": 2})
     beside = project / "runs" / "notes.txt"
     beside.parent.mkdir()
     beside.write_text("mine")
@@ -192,6 +192,7 @@ def test_the_pipeline_deletes_only_its_own_files(project, monkeypatch, mlflow_st
         assert stages.main(["train"]) == 0, caplog.text
     assert beside.read_text() == "mine" and (project / "params.yaml").is_file()
     assert len(runs_of(store(project))) == 2 and "holds a finished training" in caplog.text
+    assert (project / "runs" / "ours" / "posthoc").is_dir()  # the post-hoc EMA's snapshots are the training's own
 
     inside = project / "runs" / "ours" / "keep.txt"
     inside.write_text("mine too")

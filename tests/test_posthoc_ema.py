@@ -178,3 +178,9 @@ def test_posthoc_ema_refuses_bad_input_in_one_line(trained, tmp_path, tiny_confi
     foreign = ddpm("posthoc-ema", "--checkpoint", str(plain), "--sigma-rel", "0.1", cwd=tmp_path)
     assert foreign.returncode == 2 and "is from another training than" in foreign.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "plain" / posthoc.SNAPSHOT_DIR).glob("epoch_*"))  # nothing written
+
+
+def test_the_pipeline_counts_the_snapshots_as_the_trainings_own(trained):
+    from flows.steps.train import foreign_files
+
+    assert (trained.parent / posthoc.SNAPSHOT_DIR).is_dir() and foreign_files(trained.parent) == []

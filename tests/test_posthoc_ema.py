@@ -72,6 +72,16 @@ def test_a_reconstruction_equals_the_average_tracked_directly(sigma_rel):
     assert np.abs(rebuilt - truth).max() < 0.5 * np.abs(snapshots[0.05][3750] - truth).max()  # not just a profile
 
 
+def test_short_lengths_over_long_trainings_stay_finite():
+    """t^(gamma + 1) alone overflows float64 here (gamma 97 at sigma_rel 0.01): the products must not."""
+    steps = [s for s in range(1000, 13126, 1000) for _ in (0, 1)] + [13125, 13125]
+    gammas = [posthoc.gamma_of(s) for s in (0.05, 0.1)] * 14
+    for sigma_rel in (0.01, 0.005, 0.28):
+        fit = posthoc.solve(steps, gammas, 13125, posthoc.gamma_of(sigma_rel))
+        assert np.isfinite(fit.coefficients).all() and np.isfinite(fit.residual), sigma_rel
+        assert fit.coefficients.sum() == pytest.approx(1.0)
+
+
 def test_bad_lengths_are_config_errors():
     assert TrainConfig(posthoc_ema=(0.05, 0.1)).check() == []
     for bad in ((0.0,), (0.3,), (0.05, 0.05)):

@@ -105,9 +105,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def posthoc_ema(args: argparse.Namespace) -> None:
-    from ddpm.posthoc_ema import write_posthoc
+    from ddpm.config import load_config, parse_sets
+    from ddpm.posthoc_ema import choose
 
-    write_posthoc(args.checkpoint, args.sigma_rel)
+    choice = choose(args.checkpoint, args.sigma_rel, load_config(args.params, parse_sets(args.set)), progress=True)
+    losses = {f"{sigma_rel:.3f}": loss for sigma_rel, loss in choice.losses.items()}
+    record = {"checkpoint": str(choice.checkpoint), "sigma_rel": choice.sigma_rel, "ema_loss": choice.ema_loss}
+    sys.stdout.write(json.dumps({**record, "losses": losses}) + "\n")
 
 
 def sigma_rels(value: str) -> tuple[float, ...]:
@@ -220,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="average the weights over a length chosen after training (train.posthoc_ema's snapshots)",
         description="Write, for each --sigma-rel, the power-function average of the weights ending at the\n"
         "checkpoint's step, rebuilt from the post-hoc EMA snapshots beside it, as a checkpoint that\n"
-        "`ddpm evaluate` and `ddpm sample` read: <dir>/posthoc/<checkpoint>_sigma_<length>.ckpt.",
+        "`ddpm evaluate` and `ddpm sample` read: <dir>/posthoc/<checkpoint>_sigma_<length>.ckpt.\n"
+        "Then score each, and the checkpoint's own EMA, by the held-out denoising loss (the evaluate\n"
+        "section's images, timesteps and seed) and print JSON: the lowest one's checkpoint and\n"
+        "sigma_rel (null: the EMA), the EMA's loss and each length's.",
     )
     p.add_argument(
         "--checkpoint",
@@ -232,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=sigma_rels,
         required=True,
         help="lengths, comma-separated: the standard deviation of its weighting over the steps, relative to them",
+    )
+    p.add_argument("--params", default="params.yaml", help="the evaluate section: how the averages are scored")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.num_images=200"
     )
     p.set_defaults(func=posthoc_ema)
 

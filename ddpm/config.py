@@ -105,6 +105,9 @@ class TrainConfig:
     # EMA and snapshotted every posthoc_every steps and at each epoch's end; () = none.
     posthoc_ema: tuple[float, ...] = ()
     posthoc_every: int = 500
+    # Lengths the pipeline rebuilds after training and chooses among, with the EMA, by held-out
+    # denoising loss: the weights it evaluates and registers. () = the EMA's. Needs posthoc_ema.
+    posthoc_lengths: tuple[float, ...] = ()
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"  # the convs' products, training and sampling; auto: bf16 where the CPU has bf16 units
@@ -140,12 +143,12 @@ class TrainConfig:
             sample_seed=0,
             posthoc_every=1,
         )
-        if any(not 0.0 < s <= MAX_SIGMA_REL for s in self.posthoc_ema) or len(set(self.posthoc_ema)) < len(
-            self.posthoc_ema
-        ):
-            errors.append(
-                f"train.posthoc_ema: must be distinct lengths in (0, {MAX_SIGMA_REL}], got {list(self.posthoc_ema)}"
-            )
+        for key in ("posthoc_ema", "posthoc_lengths"):
+            lengths = getattr(self, key)
+            if any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths) or len(set(lengths)) < len(lengths):
+                errors.append(f"train.{key}: must be distinct lengths in (0, {MAX_SIGMA_REL}], got {list(lengths)}")
+        if self.posthoc_lengths and not self.posthoc_ema:
+            errors.append("train.posthoc_lengths: needs train.posthoc_ema, the profiles they are rebuilt from")
         if self.workers >= 1 and self.batch_size % self.workers:
             errors.append(
                 f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}"

@@ -180,3 +180,33 @@ def write_posthoc(checkpoint: str | Path, sigma_rels: Sequence[float]) -> list[t
         log.info("wrote %s (sigma_rel %.3f, weighting error %.1f%%)", path, sigma_rel, 100 * fit.residual)
         written.append((path, fit))
     return written
+
+
+@dataclass(frozen=True)
+class Choice:
+    checkpoint: Path  # the chosen weights: the training's checkpoint (its EMA) or a post-hoc average's
+    sigma_rel: float | None  # None: the EMA
+    ema_loss: float  # the held-out denoising loss of the training checkpoint's own weights
+    losses: dict[float, float]  # of each length's average
+
+
+def choose(checkpoint: str | Path, sigma_rels: Sequence[float], config: Config, progress: bool = False) -> Choice:
+    """Write the average of each length ending at `checkpoint` (write_posthoc) and pick, among them
+    and the checkpoint's own (EMA) weights, the lowest held-out denoising loss (evaluate.seed fixes
+    the images and the noise, so every candidate is scored on the same ones)."""
+    from ddpm.checkpoint_sampler import load_sampler
+    from ddpm.denoising import denoising_loss
+
+    def loss(path: str | Path) -> float:
+        return denoising_loss(load_sampler(path, config.train.device), config, progress)["eval_loss"]
+
+    written = write_posthoc(checkpoint, sigma_rels)
+    ema_loss = loss(checkpoint)
+    losses = {sigma_rel: loss(path) for sigma_rel, (path, _) in zip(sigma_rels, written, strict=True)}
+    best = min(losses, key=losses.__getitem__)
+    if losses[best] >= ema_loss:
+        log.info("post-hoc EMA: the EMA's held-out loss %.5f is the lowest; sampling with it", ema_loss)
+        return Choice(Path(checkpoint), None, ema_loss, losses)
+    path = written[list(sigma_rels).index(best)][0]
+    log.info("post-hoc EMA: sigma_rel %.3f, held-out loss %.5f against the EMA's %.5f", best, losses[best], ema_loss)
+    return Choice(path, best, ema_loss, losses)

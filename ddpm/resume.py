@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = {
     "train.threads",
     "train.workers",
     "train.checkpoint_minutes",
+    "train.posthoc_lengths",  # chosen among after training
     "data.num_workers",
 }
 UNTRAINED_SECTIONS = {"sample", "evaluate", "classifier"}  # how a model is looked at, not how it learns

@@ -44,11 +44,17 @@ TINY = {
     "evaluate": {"num_images": 100, "t_points": 5, "fid_samples": 64},
     "classifier": TINY_CLASSIFIER,
 }
+POSTHOC = {
+    "posthoc_ema": [0.05, 0.1],
+    "posthoc_every": 2,
+    "posthoc_lengths": [0.07],
+}  # the main job chooses its weights
 QUALITY = ("fid", "fid_floor", "fid_ratio", "class_kl", "class_kl_floor", "sample_seconds")
 
 
-def make_project(tmp: Path) -> Path:
-    """A git repository holding the project's pipeline files, a tiny params.yaml and a local DVC remote."""
+def make_project(tmp: Path, **overrides: dict) -> Path:
+    """A git repository holding the project's pipeline files, a tiny params.yaml (with `overrides` by
+    section) and a local DVC remote."""
     repo = tmp / "project"
     (repo / ".dvc").mkdir(parents=True)
     for name in PROJECT_FILES:
@@ -57,7 +63,7 @@ def make_project(tmp: Path) -> Path:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
-        params[section].update(values)
+        params[section].update(values | overrides.get(section, {}))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".dvc" / "config").write_text(
         f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp / 'dvc-remote'}\n"
@@ -83,7 +89,7 @@ def run(args: list[str], repo: Path, env: dict, timeout: int = 900) -> subproces
 def workspace(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     process, uri = servers.start_mlflow(tmp)
-    yield tmp, make_project(tmp), uri
+    yield tmp, make_project(tmp, train=POSTHOC), uri
     servers.stop(process)
 
 
@@ -162,6 +168,16 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     assert run_.data.tags["precision"] in ("fp32", "bf16")  # what train.precision (auto) resolved to
     assert run_.data.metrics["images_seen"] == 8 * 16
     assert "eval_loss" in run_.data.metrics and all(key in run_.data.metrics for key in QUALITY)
+    # Post-hoc EMA: the EMA and the average of length 0.07 scored; the lower one evaluated and registered.
+    [posthoc] = client.get_metric_history(run_.info.run_id, "posthoc_eval_loss")
+    ema_loss = run_.data.metrics["ema_eval_loss"]
+    chosen = json.loads((repo / "outputs" / "train.json").read_text())["checkpoint"]
+    if posthoc.value < ema_loss:
+        assert run_.data.tags["sampling_weights"] == "posthoc sigma_rel 0.070"
+        assert chosen.endswith("checkpoints/posthoc/epoch_0002_sigma_0.070.ckpt")
+    else:
+        assert run_.data.tags["sampling_weights"] == "ema" and chosen.endswith("checkpoints/epoch_0002.ckpt")
+    assert posthoc.step == 70 and run_.data.metrics["eval_loss"] == pytest.approx(min(posthoc.value, ema_loss))
     assert run_.data.metrics["fid_ratio"] == pytest.approx(run_.data.metrics["fid"] / run_.data.metrics["fid_floor"])
     version = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
     assert version.version == first_run["version"] and version.run_id == run_.info.run_id

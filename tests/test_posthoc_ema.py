@@ -2,6 +2,7 @@
 least-squares reconstruction against a directly tracked average, and the whole path through
 training, a resume and `ddpm posthoc-ema`."""
 
+import json
 import shutil
 import signal
 
@@ -15,7 +16,7 @@ from ddpm.checkpoint_sampler import load_sampler
 from ddpm.config import TrainConfig
 from ddpm.interrupt import TrainingInterrupted
 from ddpm.train import Trainer, fit
-from tests.test_cli import ddpm
+from tests.test_cli import ROOT, ddpm
 from tests.test_train import SignalAt
 
 
@@ -87,6 +88,11 @@ def test_bad_lengths_are_config_errors():
     for bad in ((0.0,), (0.3,), (0.05, 0.05)):
         assert any("train.posthoc_ema" in e for e in TrainConfig(posthoc_ema=bad).check()), bad
     assert any("train.posthoc_every" in e for e in TrainConfig(posthoc_every=0).check())
+    assert TrainConfig(posthoc_ema=(0.05,), posthoc_lengths=(0.02, 0.1)).check() == []
+    assert TrainConfig(posthoc_lengths=(0.02,)).check() == [
+        "train.posthoc_lengths: needs train.posthoc_ema, the profiles they are rebuilt from"
+    ]
+    assert any("train.posthoc_lengths" in e for e in TrainConfig(posthoc_ema=(0.05,), posthoc_lengths=(0.5,)).check())
 
 
 PROFILES = {"ema_decay": 0.9, "posthoc_ema": [0.05, 0.1], "posthoc_every": 3, "epochs": 2}
@@ -147,9 +153,23 @@ def test_a_stopped_and_resumed_training_writes_the_same_snapshots(tiny_config, t
             np.testing.assert_allclose(a[name].asnumpy(), b[name].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_posthoc_ema_writes_checkpoints_that_sample(trained):
-    result = ddpm("posthoc-ema", "--checkpoint", str(trained), "--sigma-rel", "0.1,0.07", cwd=trained.parent)
+def posthoc_cli(fashion_root, checkpoint, lengths, cwd):
+    """`ddpm posthoc-ema`, scoring on 100 test images."""
+    scoring = [f"--set=data.root={fashion_root}", "--set=evaluate.num_images=100"]
+    params = ["--params", str(ROOT / "params.yaml"), *scoring]
+    return ddpm("posthoc-ema", "--checkpoint", str(checkpoint), "--sigma-rel", lengths, *params, cwd=cwd)
+
+
+def test_posthoc_ema_writes_checkpoints_that_sample_and_names_the_lowest_loss(trained, fashion_root):
+    result = posthoc_cli(fashion_root, trained, "0.1,0.07", trained.parent)
     assert result.returncode == 0, result.stderr
+    chosen = json.loads(result.stdout)
+    candidates = {str(trained): chosen["ema_loss"]} | {
+        str(posthoc.posthoc_path(ckpt.load_checkpoint(trained), float(s))): loss for s, loss in chosen["losses"].items()
+    }
+    assert set(chosen["losses"]) == {"0.100", "0.070"} and all(np.isfinite(list(candidates.values())))
+    assert chosen["checkpoint"] == min(candidates, key=candidates.__getitem__)
+    assert chosen["sigma_rel"] == (None if chosen["checkpoint"] == str(trained) else float(chosen["checkpoint"][-9:-5]))
     state = ckpt.load_checkpoint(trained)
     same = ckpt.load_checkpoint(posthoc.posthoc_path(state, 0.1))  # a profile's own length: that profile
     rebuilt = ckpt.load_checkpoint(posthoc.posthoc_path(state, 0.07))
@@ -167,12 +187,12 @@ def test_posthoc_ema_writes_checkpoints_that_sample(trained):
     assert images.shape == (2, 1, 28, 28) and np.isfinite(images).all()
 
 
-def test_posthoc_ema_refuses_bad_input_in_one_line(trained, tmp_path, tiny_config):
-    bad_length = ddpm("posthoc-ema", "--checkpoint", str(trained), "--sigma-rel", "0.5", cwd=tmp_path)
+def test_posthoc_ema_refuses_bad_input_in_one_line(trained, tmp_path, tiny_config, fashion_root):
+    bad_length = posthoc_cli(fashion_root, trained, "0.5", tmp_path)
     assert bad_length.returncode == 2 and "--sigma-rel: must be numbers in (0, 0.28]" in bad_length.stderr
 
     plain = fit(tiny_config(train={"checkpoint_dir": str(tmp_path / "plain")}), progress=False).checkpoint
-    none = ddpm("posthoc-ema", "--checkpoint", str(plain), "--sigma-rel", "0.1", cwd=tmp_path)
+    none = posthoc_cli(fashion_root, plain, "0.1", tmp_path)
     assert none.returncode == 2 and "Traceback" not in none.stderr
     assert (
         none.stderr.strip()
@@ -185,7 +205,7 @@ def test_posthoc_ema_refuses_bad_input_in_one_line(trained, tmp_path, tiny_confi
         tmp_path / "plain" / posthoc.SNAPSHOT_DIR,
         ignore=shutil.ignore_patterns("epoch_*"),
     )
-    foreign = ddpm("posthoc-ema", "--checkpoint", str(plain), "--sigma-rel", "0.1", cwd=tmp_path)
+    foreign = posthoc_cli(fashion_root, plain, "0.1", tmp_path)
     assert foreign.returncode == 2 and "is from another training than" in foreign.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "plain" / posthoc.SNAPSHOT_DIR).glob("epoch_*"))  # nothing written
 

@@ -42,6 +42,8 @@ OWNED_FILES = re.compile(
 )
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
+# Post-hoc EMA's choice (sampling_checkpoint): the candidates' held-out losses and what was chosen
+EMA_EVAL_LOSS, POSTHOC_EVAL_LOSS, SAMPLING_WEIGHTS_TAG = "ema_eval_loss", "posthoc_eval_loss", "sampling_weights"
 
 
 def foreign_files(directory: Path) -> list[Path]:
@@ -249,7 +251,27 @@ def _fit_and_log(
         raise
     try:
         mlflow.log_metric(IMAGES_SEEN, result.global_step * config.train.batch_size, step=result.global_step)
-        model_id = log_sampler_model(str(result.checkpoint), config.model)
+        checkpoint = sampling_checkpoint(config, result.checkpoint, progress)
+        model_id = log_sampler_model(str(checkpoint), config.model)
     finally:
         mlflow.end_run()  # FINISHED: the training succeeded, whatever happened to the model's upload
-    return Trained(run_id, str(result.checkpoint), result.metrics, model_id)
+    return Trained(run_id, str(checkpoint), result.metrics, model_id)
+
+
+def sampling_checkpoint(config: Config, checkpoint: Path, progress: bool) -> Path:
+    """The weights the run's model samples with: the training's EMA, or with train.posthoc_lengths
+    whichever of them and the post-hoc averages of those lengths has the lowest held-out denoising
+    loss, each logged to the active run (posthoc_eval_loss at step 1000 x sigma_rel, ema_eval_loss)."""
+    import mlflow
+
+    from ddpm.posthoc_ema import choose
+
+    if not config.train.posthoc_lengths:
+        return checkpoint
+    choice = choose(checkpoint, config.train.posthoc_lengths, config, progress)
+    mlflow.log_metric(EMA_EVAL_LOSS, choice.ema_loss)
+    for sigma_rel, loss in choice.losses.items():
+        mlflow.log_metric(POSTHOC_EVAL_LOSS, loss, step=round(sigma_rel * 1000))
+    chosen = "ema" if choice.sigma_rel is None else f"posthoc sigma_rel {choice.sigma_rel:.3f}"
+    mlflow.set_tag(SAMPLING_WEIGHTS_TAG, chosen)
+    return choice.checkpoint

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", "data.dvc", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/.gitignore"]
 PROJECT_PACKAGES = ["ddpm", "flows"]  # dvc.yaml's stages depend on the code
-TINY = {
+TINY: dict[str, dict[str, Any]] = {
     "data": {"limit": 64, "num_workers": 1},
     "model": {"dim": 8, "dim_mults": [1, 2]},
     "train": {
@@ -63,7 +64,7 @@ def make_project(tmp: Path, **overrides: dict) -> Path:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
-        params[section].update(values | overrides.get(section, {}))
+        params[section].update({**values, **overrides.get(section, {})})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".dvc" / "config").write_text(
         f"[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = {tmp / 'dvc-remote'}\n"

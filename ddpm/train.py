@@ -69,15 +69,13 @@ class Trainer:
             EMA(params, layers.ema_update(len(params)), posthoc.profile_prefix(s)) for s in config.train.posthoc_ema
         ]
         self.gammas = [posthoc.gamma_of(s) for s in config.train.posthoc_ema]
-        averages = ([self.ema] if self.ema is not None else []) + self.profiles
-        self._averages = (
-            None if not averages else averages[0] if len(averages) == 1 and not self.profiles else EMAGroup(averages)
-        )
+        self.averages = ([self.ema] if self.ema is not None else []) + self.profiles  # in the order of their decays
 
         def loss_fn(x0, t, noise):
             return self.diffusion.training_loss(self.net, x0, t, noise)
 
-        self._train_step = make_train_step(loss_fn, self.optimizer, self._averages, world)
+        updates = EMAGroup(self.averages) if self.profiles else self.ema  # the EMA alone: its graph as before
+        self._train_step = make_train_step(loss_fn, self.optimizer, updates, world)
         self._sampling_net: nn.Cell | None = None
         self._predict: NoisePredictor | None = None
 
@@ -92,7 +90,7 @@ class Trainer:
 
     def shadows(self) -> list[ms.Parameter]:
         """The EMA's and the post-hoc profiles' averages, one Parameter per weight each (copies)."""
-        return [s for average in ([self.ema] if self.ema else []) + self.profiles for s in average.shadows()]
+        return [s for average in self.averages for s in average.shadows()]
 
     def parameters(self) -> list[ms.Parameter]:
         """Everything a resume needs: weights, Adam moments and step, averages (deduplicated)."""
@@ -114,7 +112,7 @@ class Trainer:
         for p in self.optimizer.get_parameters():
             if p.name != LR_PARAM:
                 p.set_data(state.params[p.name].value())
-        for average in ([self.ema] if self.ema else []) + self.profiles:
+        for average in self.averages:
             average.load(state.params)
 
     def noise_predictor(self):

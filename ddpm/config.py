@@ -145,8 +145,11 @@ class TrainConfig:
         )
         for key in ("posthoc_ema", "posthoc_lengths"):
             lengths = getattr(self, key)
-            if any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths) or len(set(lengths)) < len(lengths):
-                errors.append(f"train.{key}: must be distinct lengths in (0, {MAX_SIGMA_REL}], got {list(lengths)}")
+            # distinct to 3 decimals: a length names its profile's tensors and its average's file (0.050)
+            if any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths) or len({f"{s:.3f}" for s in lengths}) < len(lengths):
+                errors.append(
+                    f"train.{key}: must be lengths in (0, {MAX_SIGMA_REL}], distinct to 3 decimals, got {list(lengths)}"
+                )
         if self.posthoc_lengths and not self.posthoc_ema:
             errors.append("train.posthoc_lengths: needs train.posthoc_ema, the profiles they are rebuilt from")
         if self.workers >= 1 and self.batch_size % self.workers:

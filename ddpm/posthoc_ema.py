@@ -47,7 +47,7 @@ def sigma_rel_of(gamma: float) -> float:
 
 
 def gamma_of(sigma_rel: float) -> float:
-    """The exponent whose weighting has relative standard deviation `sigma_rel`: sigma_of(gamma) =
+    """The exponent whose weighting has relative standard deviation `sigma_rel`: sigma_rel_of(gamma) =
     sigma_rel, multiplied out, is the cubic gamma^3 + 7 gamma^2 + (16 - s) gamma + 12 - s = 0 with
     s = sigma_rel^-2; its largest real root is the one with gamma >= 0."""
     s = sigma_rel**-2.0

@@ -85,7 +85,7 @@ def test_short_lengths_over_long_trainings_stay_finite():
 
 def test_bad_lengths_are_config_errors():
     assert TrainConfig(posthoc_ema=(0.05, 0.1)).check() == []
-    for bad in ((0.0,), (0.3,), (0.05, 0.05)):
+    for bad in ((0.0,), (0.3,), (0.05, 0.05), (0.0501, 0.0502)):
         assert any("train.posthoc_ema" in e for e in TrainConfig(posthoc_ema=bad).check()), bad
     assert any("train.posthoc_every" in e for e in TrainConfig(posthoc_every=0).check())
     assert TrainConfig(posthoc_ema=(0.05,), posthoc_lengths=(0.02, 0.1)).check() == []

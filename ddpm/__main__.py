@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write, for each --sigma-rel, the power-function average of the weights ending at the\n"
         "checkpoint's step, rebuilt from the post-hoc EMA snapshots beside it, as a checkpoint that\n"
         "`ddpm evaluate` and `ddpm sample` read: <dir>/posthoc/<checkpoint>_sigma_<length>.ckpt.\n"
-        "Then score each, and the checkpoint's own EMA, by the held-out denoising loss (the evaluate\n"
-        "section's images, timesteps and seed) and print JSON: the lowest one's checkpoint and\n"
-        "sigma_rel (null: the EMA), the EMA's loss and each length's.",
+        "Beside an EMA, the raw weights too, as length 0 (_sigma_0.000.ckpt). Then score each, and\n"
+        "the checkpoint's own weights, by the held-out denoising loss (the evaluate section's\n"
+        "images, timesteps and seed) and print JSON: the lowest one's checkpoint and sigma_rel\n"
+        "(null: the checkpoint's own), the checkpoint's loss (ema_loss) and each length's.",
     )
     p.add_argument(
         "--checkpoint",

@@ -185,28 +185,31 @@ def write_posthoc(checkpoint: str | Path, sigma_rels: Sequence[float]) -> list[t
 @dataclass(frozen=True)
 class Choice:
     checkpoint: Path  # the chosen weights: the training's checkpoint (its EMA) or a post-hoc average's
-    sigma_rel: float | None  # None: the EMA
-    ema_loss: float  # the held-out denoising loss of the training checkpoint's own weights
-    losses: dict[float, float]  # of each length's average
+    sigma_rel: float | None  # None: the checkpoint's own weights (its EMA, if it keeps one); 0: the raw weights
+    ema_loss: float  # the held-out denoising loss of the checkpoint's own weights
+    losses: dict[float, float]  # of each length's average, and of the raw weights (length 0) beside an EMA
 
 
 def choose(checkpoint: str | Path, sigma_rels: Sequence[float], config: Config, progress: bool = False) -> Choice:
-    """Write the average of each length ending at `checkpoint` (write_posthoc) and pick, among them
-    and the checkpoint's own (EMA) weights, the lowest held-out denoising loss (evaluate.seed fixes
-    the images and the noise, so every candidate is scored on the same ones)."""
+    """Write the average of each length ending at `checkpoint` (write_posthoc) and, if the checkpoint
+    keeps an EMA, its raw weights as length 0; pick among them and the checkpoint's own weights the
+    lowest held-out denoising loss (evaluate.seed fixes the images and the noise, so every candidate
+    is scored on the same ones)."""
     from ddpm.checkpoint_sampler import load_sampler
     from ddpm.denoising import denoising_loss
 
     def loss(path: str | Path) -> float:
         return denoising_loss(load_sampler(path, config.train.device), config, progress)["eval_loss"]
 
-    written = write_posthoc(checkpoint, sigma_rels)
+    candidates = {s: path for s, (path, _) in zip(sigma_rels, write_posthoc(checkpoint, sigma_rels), strict=True)}
+    state = ckpt.load_checkpoint(checkpoint)
+    if any(name.startswith(ckpt.EMA_PREFIX) for name in state.params):  # no average at all
+        candidates[0.0] = ckpt.export_weights(checkpoint, posthoc_path(state, 0.0), use_ema=False)
     ema_loss = loss(checkpoint)
-    losses = {sigma_rel: loss(path) for sigma_rel, (path, _) in zip(sigma_rels, written, strict=True)}
+    losses = {sigma_rel: loss(path) for sigma_rel, path in candidates.items()}
     best = min(losses, key=losses.__getitem__)
     if losses[best] >= ema_loss:
-        log.info("post-hoc EMA: the EMA's held-out loss %.5f is the lowest; sampling with it", ema_loss)
+        log.info("post-hoc EMA: the checkpoint's weights have the lowest held-out loss, %.5f", ema_loss)
         return Choice(Path(checkpoint), None, ema_loss, losses)
-    path = written[list(sigma_rels).index(best)][0]
     log.info("post-hoc EMA: sigma_rel %.3f, held-out loss %.5f against the EMA's %.5f", best, losses[best], ema_loss)
-    return Choice(path, best, ema_loss, losses)
+    return Choice(candidates[best], best, ema_loss, losses)

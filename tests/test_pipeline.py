@@ -169,16 +169,19 @@ def test_main_job_logs_what_a_user_compares_in_the_ui(workspace, first_run):
     assert run_.data.tags["precision"] in ("fp32", "bf16")  # what train.precision (auto) resolved to
     assert run_.data.metrics["images_seen"] == 8 * 16
     assert "eval_loss" in run_.data.metrics and all(key in run_.data.metrics for key in QUALITY)
-    # Post-hoc EMA: the EMA and the average of length 0.07 scored; the lower one evaluated and registered.
-    [posthoc] = client.get_metric_history(run_.info.run_id, "posthoc_eval_loss")
+    # Post-hoc EMA: the EMA, the raw weights (length 0) and the average of length 0.07 scored; the
+    # lowest evaluated and registered.
+    raw, posthoc = sorted(client.get_metric_history(run_.info.run_id, "posthoc_eval_loss"), key=lambda m: m.step)
     ema_loss = run_.data.metrics["ema_eval_loss"]
     chosen = json.loads((repo / "outputs" / "train.json").read_text())["checkpoint"]
-    if posthoc.value < ema_loss:
-        assert run_.data.tags["sampling_weights"] == "posthoc sigma_rel 0.070"
-        assert chosen.endswith("checkpoints/posthoc/epoch_0002_sigma_0.070.ckpt")
-    else:
-        assert run_.data.tags["sampling_weights"] == "ema" and chosen.endswith("checkpoints/epoch_0002.ckpt")
-    assert posthoc.step == 70 and run_.data.metrics["eval_loss"] == pytest.approx(min(posthoc.value, ema_loss))
+    expected = {
+        ema_loss: ("ema", "checkpoints/epoch_0002.ckpt"),
+        raw.value: ("raw", "checkpoints/posthoc/epoch_0002_sigma_0.000.ckpt"),
+        posthoc.value: ("posthoc sigma_rel 0.070", "checkpoints/posthoc/epoch_0002_sigma_0.070.ckpt"),
+    }[min(ema_loss, raw.value, posthoc.value)]
+    assert (run_.data.tags["sampling_weights"], chosen.endswith(expected[1])) == (expected[0], True), chosen
+    assert (raw.step, posthoc.step) == (0, 70)
+    assert run_.data.metrics["eval_loss"] == pytest.approx(min(posthoc.value, ema_loss, raw.value))
     assert run_.data.metrics["fid_ratio"] == pytest.approx(run_.data.metrics["fid"] / run_.data.metrics["fid_floor"])
     version = client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate")
     assert version.version == first_run["version"] and version.run_id == run_.info.run_id

@@ -260,8 +260,9 @@ def _fit_and_log(
 
 def sampling_checkpoint(config: Config, checkpoint: Path, progress: bool) -> Path:
     """The weights the run's model samples with: the training's EMA, or with train.posthoc_lengths
-    whichever of them and the post-hoc averages of those lengths has the lowest held-out denoising
-    loss, each logged to the active run (posthoc_eval_loss at step 1000 x sigma_rel, ema_eval_loss)."""
+    whichever of it, the raw weights and the post-hoc averages of those lengths has the lowest
+    held-out denoising loss, each logged to the active run (posthoc_eval_loss at step 1000 x sigma_rel,
+    the raw weights at step 0; ema_eval_loss)."""
     import mlflow
 
     from ddpm.posthoc_ema import choose
@@ -272,6 +273,9 @@ def sampling_checkpoint(config: Config, checkpoint: Path, progress: bool) -> Pat
     mlflow.log_metric(EMA_EVAL_LOSS, choice.ema_loss)
     for sigma_rel, loss in choice.losses.items():
         mlflow.log_metric(POSTHOC_EVAL_LOSS, loss, step=round(sigma_rel * 1000))
-    chosen = "ema" if choice.sigma_rel is None else f"posthoc sigma_rel {choice.sigma_rel:.3f}"
+    if choice.sigma_rel is None:
+        chosen = "ema"
+    else:
+        chosen = "raw" if choice.sigma_rel == 0.0 else f"posthoc sigma_rel {choice.sigma_rel:.3f}"
     mlflow.set_tag(SAMPLING_WEIGHTS_TAG, chosen)
     return choice.checkpoint

@@ -116,7 +116,7 @@ class Snapshot:
 
 def read_snapshots(directory: str | Path, state: ckpt.Checkpoint) -> list[Snapshot]:
     """The snapshots in `directory`/posthoc of `state`'s training up to its step, oldest first; one
-    of another training (another config, or a later step) is an error naming it."""
+    of another training (another config, or a later step), or none at all, is an error naming it."""
     folder = Path(directory) / SNAPSHOT_DIR
     paths = sorted(p for p in folder.glob("step_*.ckpt") if SNAPSHOT_FILE.match(p.name)) if folder.is_dir() else []
     snapshots = []
@@ -133,18 +133,17 @@ def read_snapshots(directory: str | Path, state: ckpt.Checkpoint) -> list[Snapsh
                 f"move {folder} away or point --checkpoint at that training's checkpoint"
             )
         snapshots.append(Snapshot(int(meta["global_step"]), tuple(json.loads(meta["sigma_rels_json"])), params))
+    if not snapshots:
+        raise ckpt.CheckpointError(
+            f"no post-hoc EMA snapshots in {folder} up to step {state.global_step}; "
+            "train with train.posthoc_ema set (e.g. [0.05, 0.1]) to keep them"
+        )
     return snapshots
 
 
-def reconstruct(directory: str | Path, sigma_rel: float, state: ckpt.Checkpoint) -> tuple[dict, Fit]:
+def reconstruct(snapshots: Sequence[Snapshot], sigma_rel: float, state: ckpt.Checkpoint) -> tuple[dict, Fit]:
     """The power-function average of length `sigma_rel` ending at `state`'s step, by network
-    parameter name, from the snapshots in `directory`; with the fit it comes from."""
-    snapshots = read_snapshots(directory, state)
-    if not snapshots:
-        raise ckpt.CheckpointError(
-            f"no post-hoc EMA snapshots in {Path(directory) / SNAPSHOT_DIR} up to step {state.global_step}; "
-            "train with train.posthoc_ema set (e.g. [0.05, 0.1]) to keep them"
-        )
+    parameter name, from `snapshots` (read_snapshots); with the fit it comes from."""
     bases = [(s, sigma) for s in snapshots for sigma in s.sigma_rels]  # one weighting per snapshot and profile
     fit = solve(
         [s.global_step for s, _ in bases],
@@ -154,7 +153,7 @@ def reconstruct(directory: str | Path, sigma_rel: float, state: ckpt.Checkpoint)
     )
     if not np.isfinite(fit.coefficients).all():
         raise ckpt.CheckpointError(
-            f"the snapshots in {Path(directory) / SNAPSHOT_DIR} give no finite average of length {sigma_rel}; "
+            f"the snapshots in {state.path.parent / SNAPSHOT_DIR} give no finite average of length {sigma_rel}; "
             "try a length between the profiles' (train.posthoc_ema)"
         )
     weights = {}
@@ -169,13 +168,13 @@ def posthoc_path(state: ckpt.Checkpoint, sigma_rel: float) -> Path:
     return state.path.parent / SNAPSHOT_DIR / f"{state.path.stem}_sigma_{sigma_rel:.3f}.ckpt"
 
 
-def write_posthoc(checkpoint: str | Path, sigma_rels: Sequence[float]) -> list[tuple[Path, Fit]]:
-    """For each length, the average ending at `checkpoint`'s step, from the snapshots beside it,
-    written as a sampling checkpoint (posthoc_path); the paths and their fits."""
-    state = ckpt.load_checkpoint(checkpoint)
+def write_posthoc(state: ckpt.Checkpoint, sigma_rels: Sequence[float]) -> list[tuple[Path, Fit]]:
+    """For each length, the average ending at the step of the checkpoint `state`, from the snapshots
+    beside it (read once), written as a sampling checkpoint (posthoc_path); the paths and their fits."""
+    snapshots = read_snapshots(state.path.parent, state)
     written = []
     for sigma_rel in sigma_rels:
-        weights, fit = reconstruct(state.path.parent, sigma_rel, state)
+        weights, fit = reconstruct(snapshots, sigma_rel, state)
         path = ckpt.write_sampling_checkpoint(posthoc_path(state, sigma_rel), weights, state)
         log.info("wrote %s (sigma_rel %.3f, weighting error %.1f%%)", path, sigma_rel, 100 * fit.residual)
         written.append((path, fit))
@@ -201,10 +200,11 @@ def choose(checkpoint: str | Path, sigma_rels: Sequence[float], config: Config, 
     def loss(path: str | Path) -> float:
         return denoising_loss(load_sampler(path, config.train.device), config, progress)["eval_loss"]
 
-    candidates = {s: path for s, (path, _) in zip(sigma_rels, write_posthoc(checkpoint, sigma_rels), strict=True)}
     state = ckpt.load_checkpoint(checkpoint)
+    candidates = {s: path for s, (path, _) in zip(sigma_rels, write_posthoc(state, sigma_rels), strict=True)}
     if any(name.startswith(ckpt.EMA_PREFIX) for name in state.params):  # no average at all
-        candidates[0.0] = ckpt.export_weights(checkpoint, posthoc_path(state, 0.0), use_ema=False)
+        raw = ckpt.sampling_weights(state, use_ema=False)
+        candidates[0.0] = ckpt.write_sampling_checkpoint(posthoc_path(state, 0.0), raw, state)
     ema_loss = loss(checkpoint)
     losses = {sigma_rel: loss(path) for sigma_rel, path in candidates.items()}
     best = min(losses, key=losses.__getitem__)

@@ -116,13 +116,13 @@ def posthoc_ema(args: argparse.Namespace) -> None:
 
 def sigma_rels(value: str) -> tuple[float, ...]:
     """--sigma-rel: comma-separated lengths in (0, MAX_SIGMA_REL]."""
-    from ddpm.config import MAX_SIGMA_REL
+    from ddpm.config import MAX_SIGMA_REL, is_posthoc_length
 
     try:
         lengths = tuple(float(item) for item in value.split(","))
     except ValueError:
         lengths = ()
-    if not lengths or any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths):
+    if not lengths or not all(map(is_posthoc_length, lengths)):
         raise argparse.ArgumentTypeError(f"must be numbers in (0, {MAX_SIGMA_REL}] separated by commas, got {value!r}")
     return lengths
 

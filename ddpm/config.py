@@ -32,6 +32,11 @@ MAX_CLASSIFIER_BLOCKS = 3  # each block halves 28x28: 14, 7, 3
 MAX_SIGMA_REL = 0.28  # a post-hoc EMA's length; a weighting that never falls with age reaches 1/sqrt(12) = 0.289
 
 
+def is_posthoc_length(sigma_rel: float) -> bool:
+    """A post-hoc EMA length (sigma_rel) in (0, MAX_SIGMA_REL]: train.posthoc_* and `ddpm posthoc-ema`."""
+    return 0.0 < sigma_rel <= MAX_SIGMA_REL
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "data/fashion-mnist"  # directory holding the four decompressed IDX files
@@ -105,8 +110,8 @@ class TrainConfig:
     # EMA and snapshotted every posthoc_every steps and at each epoch's end; () = none.
     posthoc_ema: tuple[float, ...] = ()
     posthoc_every: int = 500
-    # Lengths the pipeline rebuilds after training and chooses among, with the EMA, by held-out
-    # denoising loss: the weights it evaluates and registers. () = the EMA's. Needs posthoc_ema.
+    # Lengths the pipeline rebuilds after training and chooses among, with the EMA and the raw weights,
+    # by held-out denoising loss: the weights it evaluates and registers. () = the EMA's. Needs posthoc_ema.
     posthoc_lengths: tuple[float, ...] = ()
     seed: int = 0
     device: Device = "auto"
@@ -146,7 +151,7 @@ class TrainConfig:
         for key in ("posthoc_ema", "posthoc_lengths"):
             lengths = getattr(self, key)
             # distinct to 3 decimals: a length names its profile's tensors and its average's file (0.050)
-            if any(not 0.0 < s <= MAX_SIGMA_REL for s in lengths) or len({f"{s:.3f}" for s in lengths}) < len(lengths):
+            if not all(map(is_posthoc_length, lengths)) or len({f"{s:.3f}" for s in lengths}) < len(lengths):
                 errors.append(
                     f"train.{key}: must be lengths in (0, {MAX_SIGMA_REL}], distinct to 3 decimals, got {list(lengths)}"
                 )

@@ -13,6 +13,7 @@ import pytest
 import flows.steps.train
 from ddpm.files import partial_path
 from flows.config import load_params
+from flows.steps import Trained
 from flows.tracking import connect
 from tests.faults import (
     EPOCHS,
@@ -25,7 +26,7 @@ from tests.faults import (
     set_params,
     store,
 )
-from tests.test_pipeline import run
+from tests.test_pipeline import POSTHOC, run
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +142,30 @@ def test_kill_9_during_evaluate_then_a_failure_after_register_then_reruns_finish
     with caplog.at_level(logging.INFO, logger=flows.steps.train.__name__):
         fresh = flows.steps.train.train(config, pipeline, project, progress=False, continue_finished=True)
     assert "starting a new one" in caplog.text and len(runs_of(client)) == 2 and fresh.run_id != run_id
+
+
+def test_the_flow_takes_up_a_finished_training_only_if_it_chose_among_the_same_posthoc_lengths(
+    project, monkeypatch, caplog, mlflow_state
+):
+    """A finished training that no flow run took to its end is taken up by the next (no retraining), but
+    not once train.posthoc_lengths changed: its weights were chosen among the old lengths, and the
+    new ones are what the params ask for. It then trains anew, as a DVC stage would."""
+    monkeypatch.chdir(project)
+    client = store(project)
+
+    def train_step(lengths: list[float]) -> Trained:
+        set_params(project, train={**POSTHOC, "posthoc_lengths": lengths})
+        config, pipeline = load_params(project / "params.yaml", repo=project)
+        connect(pipeline)
+        return flows.steps.train.train(config, pipeline, project, progress=False, continue_finished=True)
+
+    with caplog.at_level(logging.INFO, logger=flows.steps.train.__name__):
+        first = train_step([0.07])
+        assert train_step([0.07]).run_id == first.run_id  # the same settings: taken up
+        assert "continuing with it" in caplog.text
+        caplog.clear()
+        again = train_step([0.03, 0.07])
+    assert "trained with other settings" in caplog.text and "starting a new one" in caplog.text
+    assert again.run_id != first.run_id and len(runs_of(client)) == 2
+    losses = client.get_metric_history(again.run_id, flows.steps.train.POSTHOC_EVAL_LOSS)
+    assert {m.step for m in losses} >= {30, 70}  # chosen among the new lengths

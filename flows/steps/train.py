@@ -8,7 +8,8 @@ What the checkpoint directory holds decides what a run does:
   deleting only the files a training writes there;
 - a finished training not registered yet, or one a flow run took and did not take to its end (a
   failure after register: FLOW_UNFINISHED): the Prefect flow continues with it if the settings are
-  the same (evaluate and register unless done, no retraining); a DVC train stage, which runs only
+  the same, train.posthoc_lengths included since its weights were chosen among them (evaluate and
+  register unless done, no retraining); a DVC train stage, which runs only
   when one of its inputs changed, trains anew (the previous model stays in MLflow, logged).
 A directory holding any file a training did not write is refused, never cleaned.
 """
@@ -186,7 +187,9 @@ def _unfinished_same_training(finished: Trained, directory: Path, config: Config
     ):
         return False
     saved = load_checkpoint(finished.checkpoint).config
-    if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config):
+    # the post-hoc lengths may change while a training runs (it chooses after), not once it has chosen
+    chose_otherwise = saved.train.posthoc_lengths != config.train.posthoc_lengths
+    if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config) or chose_otherwise:
         log.info(
             "the finished training in %s (run %s, model %s) was trained with other settings; it stays in "
             "MLflow as a logged model",

@@ -107,8 +107,8 @@ def mindspore_convs_are_fast() -> bool:
 def lower_isa_cap() -> None:
     """Back to AVX2 for MindSpore's own convs when ddpm/kernels cannot be built; effective while
     oneDNN has dispatched nothing yet (the network is built before its first step)."""
-    if os.environ.get(ISA_ENV) != FALLBACK_ISA:
-        log.warning(
+    if os.environ.get(ISA_ENV) != FALLBACK_ISA:  # a consequence of the warning that called it: one warning
+        log.info(
             "%s=%s -> %s: MindSpore's own convolutions are slow above it",
             ISA_ENV,
             os.environ.get(ISA_ENV),

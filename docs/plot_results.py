@@ -25,6 +25,7 @@ FIGSIZE = (12, 5.4)  # inches: two panels side by side, the legend below
 X_MARGIN = (0.12, 6.0)  # log-axis room left of the first point and right of the last, for the labels
 DPI = 110
 LEGEND_HEIGHT = 0.11  # of the figure, below the panels
+LABEL_GAP = 8.0  # points between the baselines of labels at one x: a line of 7-point text
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -59,6 +60,36 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def annotate(ax, rows: list[dict[str, str]], column: str) -> None:
+    """One label per recipe, N and x, beside its point; the labels of one x stacked upwards where they
+    would overlap (many recipes share a budget), each as near its point as the stack allows."""
+    seen, stacks = set(), {}
+    first = min(float(r[column]) for r in rows if r[column])
+    for r in rows:
+        key = (r["label"], r["n"], r[column])
+        if r[column] and key not in seen:
+            seen.add(key)
+            text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
+            stacks.setdefault(float(r[column]), []).append((float(r["ratio"]), text))
+    ax.get_ylim()  # settles the autoscaled limits that transData maps through
+    points_per_pixel = 72 / ax.figure.dpi
+    for x, labels in stacks.items():
+        left = x == first  # the first budget's labels go left, clear of the next one's
+        top = -float("inf")  # where the label below ends, in points
+        for y, text in sorted(labels):
+            at = ax.transData.transform((x, y))[1] * points_per_pixel
+            placed = max(at, top + LABEL_GAP)
+            top = placed
+            ax.annotate(
+                text,
+                (x, y),
+                fontsize=7,
+                xytext=(-5 if left else 5, placed - at - 3),
+                textcoords="offset points",
+                ha="right" if left else "left",
+            )
+
+
 def draw(rows: list[dict[str, str]], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
     panels = (("images", "training images"), ("train_minutes", "training minutes on 2 CPU cores"))
@@ -73,22 +104,6 @@ def draw(rows: list[dict[str, str]], out: Path) -> Path:
                 label=f"N = {int(n):,}",
                 alpha=0.8,
             )
-        seen = set()
-        first = min(float(r[column]) for r in rows if r[column])
-        for r in rows:
-            key = (r["label"], r["n"], r[column])
-            if r[column] and key not in seen:  # one label per recipe, N and x, at its lowest ratio's side
-                seen.add(key)
-                text = r["label"] if r["n"] in ("200", "2000") else f"{r['label']}, N = {int(r['n']):,}"
-                left = float(r[column]) == first  # the first budget's labels go left, clear of the next one's
-                ax.annotate(
-                    text,
-                    (float(r[column]), float(r["ratio"])),
-                    fontsize=7,
-                    xytext=(-5 if left else 5, -3),
-                    textcoords="offset points",
-                    ha="right" if left else "left",
-                )
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlim(left=ax.get_xlim()[0] * X_MARGIN[0], right=ax.get_xlim()[1] * X_MARGIN[1])
@@ -99,6 +114,9 @@ def draw(rows: list[dict[str, str]], out: Path) -> Path:
     fig.legend(handles, labels, title="evaluation N", loc="lower center", ncol=len(MARKERS))  # below, clear of points
     fig.suptitle("FID ratio against training budget (docs/results.csv)")
     fig.tight_layout(rect=(0, LEGEND_HEIGHT, 1, 1))
+    for ax, (column, _) in zip(axes, panels, strict=True):
+        annotate(ax, rows, column)  # once the panels have about their final size: labels are spaced in points
+    fig.tight_layout(rect=(0, LEGEND_HEIGHT, 1, 1))  # again, now with room for the labels past the panels
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

@@ -66,6 +66,11 @@ class Checkpoint:
     progress: EpochProgress | None = None  # into the next epoch; None at an epoch's end
     precision: str | None = None  # resolved train.precision of the last training; None before it was recorded
 
+    @property
+    def keeps_ema(self) -> bool:
+        """Whether the checkpoint holds an EMA of the weights (the weights it samples with)."""
+        return any(name.startswith(EMA_PREFIX) for name in self.params)
+
 
 def epoch_path(directory: str | Path, epoch: int) -> Path:
     return Path(directory) / f"epoch_{epoch:04d}.ckpt"
@@ -270,7 +275,7 @@ def write_sampling_checkpoint(out: str | Path, weights: dict, state: Checkpoint)
 def sampling_weights(state: Checkpoint, use_ema: bool = True) -> dict:
     """The network's weights to sample with, by network parameter name: the EMA copy when the
     checkpoint has one and `use_ema`, else the raw weights."""
-    if use_ema and any(name.startswith(EMA_PREFIX) for name in state.params):
+    if use_ema and state.keeps_ema:
         return {name[len(EMA_PREFIX) :]: p for name, p in state.params.items() if name.startswith(EMA_PREFIX)}
     return {name: p for name, p in state.params.items() if not is_training_state(name)}
 

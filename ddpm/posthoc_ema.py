@@ -202,7 +202,7 @@ def choose(checkpoint: str | Path, sigma_rels: Sequence[float], config: Config, 
 
     state = ckpt.load_checkpoint(checkpoint)
     candidates = {s: path for s, (path, _) in zip(sigma_rels, write_posthoc(state, sigma_rels), strict=True)}
-    if any(name.startswith(ckpt.EMA_PREFIX) for name in state.params):  # no average at all
+    if state.keeps_ema:  # then its raw weights, no average at all, are a candidate too
         raw = ckpt.sampling_weights(state, use_ema=False)
         candidates[0.0] = ckpt.write_sampling_checkpoint(posthoc_path(state, 0.0), raw, state)
     ema_loss = loss(checkpoint)

@@ -44,6 +44,9 @@ OWNED_FILES = re.compile(
 OWNED_DIRS = {WORKER_LOGS}
 MAX_LISTED = 5  # foreign files named in the error
 # Post-hoc EMA's choice (sampling_checkpoint): the candidates' held-out losses and what was chosen
+# train settings a resume may change (ddpm.resume.RESUMABLE_CHANGES) but a finished training has settled:
+# how long it trains, and the post-hoc lengths its weights were chosen among after it
+SETTLED_WHEN_FINISHED = ("epochs", "posthoc_lengths")
 EMA_EVAL_LOSS, POSTHOC_EVAL_LOSS, SAMPLING_WEIGHTS_TAG = "ema_eval_loss", "posthoc_eval_loss", "sampling_weights"
 
 
@@ -187,9 +190,8 @@ def _unfinished_same_training(finished: Trained, directory: Path, config: Config
     ):
         return False
     saved = load_checkpoint(finished.checkpoint).config
-    # the post-hoc lengths may change while a training runs (it chooses after), not once it has chosen
-    chose_otherwise = saved.train.posthoc_lengths != config.train.posthoc_lengths
-    if saved.train.epochs != config.train.epochs or resume_conflicts(saved, config) or chose_otherwise:
+    settled = any(getattr(saved.train, key) != getattr(config.train, key) for key in SETTLED_WHEN_FINISHED)
+    if settled or resume_conflicts(saved, config):
         log.info(
             "the finished training in %s (run %s, model %s) was trained with other settings; it stays in "
             "MLflow as a logged model",
